@@ -1,0 +1,27 @@
+# The README's two commands. Each sets up .venv on a fresh machine first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+TORCH_CPU := torch==2.13.0
+
+.PHONY: setup test test-all train clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q $(TORCH_CPU)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+test: setup
+	$(PY) -m pytest -q
+
+test-all: setup
+	$(PY) -m pytest -q -m ''
+
+train: setup
+	XLA_FLAGS="--xla_force_host_platform_device_count=$${DEVICES:-2}" $(PY) -m train vit-digits --parallel pmap --workdir runs/vit-digits
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache *.egg-info

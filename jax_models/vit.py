@@ -1,0 +1,109 @@
+"""Vision Transformers of both sources, in Flax linen: twins of `torch_reference/vit.py`.
+
+Images are NHWC. `__call__(x, train=False)`: dropout is active only with `train=True` and a
+'dropout' rng. `num_classes=0` returns the pooled class-token feature (B, embed_dim).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import flax.linen as nn
+
+from .layers import (LN_EPS, Mlp, PatchEmbedding, TransformerEncoder, TransformerEncoderLayer,
+                     attend, trunc_normal_02)
+
+
+class MultiHeadAttention(nn.Module):
+    """Self-attention with a fused `qkv` projection (no bias): (B, N, C) -> (B, N, C)."""
+    embed_dim: int
+    num_heads: int
+    dropout: float = 0.1
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        B, N, C = x.shape
+        head_dim = self.embed_dim // self.num_heads
+        if head_dim * self.num_heads != self.embed_dim:
+            raise ValueError(f"embed_dim {self.embed_dim} is not divisible by num_heads {self.num_heads}")
+        qkv = nn.Dense(self.embed_dim * 3, use_bias=False, kernel_init=trunc_normal_02, name="qkv")(x)
+        qkv = qkv.reshape(B, N, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        drop = nn.Dropout(self.dropout, deterministic=not train, name="dropout")
+        x = attend(q, k, v, head_dim ** -0.5, dropout=drop)
+        x = x.transpose(0, 2, 1, 3).reshape(B, N, C)
+        return nn.Dense(self.embed_dim, kernel_init=trunc_normal_02, name="proj")(x)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm encoder block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+    embed_dim: int
+    num_heads: int
+    mlp_ratio: float = 4
+    dropout: float = 0.1
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = x + MultiHeadAttention(self.embed_dim, self.num_heads, self.dropout, name="attn")(
+            nn.LayerNorm(epsilon=LN_EPS, name="norm1")(x), train)
+        x = x + Mlp(self.embed_dim, int(self.embed_dim * self.mlp_ratio), dropout=self.dropout,
+                    kernel_init=trunc_normal_02, name="mlp")(
+            nn.LayerNorm(epsilon=LN_EPS, name="norm2")(x), train)
+        return x
+
+
+class VisionTransformer(nn.Module):
+    """The first source's ViT: (B, H, W, C) -> (B, num_classes), or (B, embed_dim) if num_classes=0."""
+    image_size: int = 224
+    patch_size: int = 16
+    in_channels: int = 3
+    num_classes: int = 1000
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4
+    dropout: float = 0.1
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = PatchEmbedding(self.image_size, self.patch_size, self.in_channels, self.embed_dim,
+                           name="patch_embed")(x)
+        num_patches = x.shape[1]
+        pos_embed = self.param("pos_embed", trunc_normal_02, (1, num_patches + 1, self.embed_dim))
+        cls_token = self.param("cls_token", trunc_normal_02, (1, 1, self.embed_dim))
+        x = jnp.concatenate([jnp.broadcast_to(cls_token, (x.shape[0], 1, self.embed_dim)), x], axis=1)
+        x = x + pos_embed
+        for i in range(self.depth):
+            x = TransformerBlock(self.embed_dim, self.num_heads, self.mlp_ratio, self.dropout,
+                                 name=f"blocks_{i}")(x, train)
+        x = nn.LayerNorm(epsilon=LN_EPS, name="norm")(x)
+        if self.num_classes == 0:
+            return x[:, 0]
+        return nn.Dense(self.num_classes, kernel_init=trunc_normal_02, name="head")(x[:, 0])
+
+
+class EncoderViT(nn.Module):
+    """The second source's ViT on a post-norm `TransformerEncoder` (ReLU, feed-forward 4x)."""
+    img_size: int = 224
+    patch_size: int = 16
+    num_classes: int = 1000
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    in_channels: int = 3
+    dropout: float = 0.1
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = PatchEmbedding(self.img_size, self.patch_size, self.in_channels, self.embed_dim,
+                           rearrange=False, name="patch_embed")(x)
+        num_patches = x.shape[1]
+        cls_token = self.param("cls_token", nn.initializers.zeros, (1, 1, self.embed_dim))
+        pos_embed = self.param("pos_embed", nn.initializers.zeros, (1, num_patches + 1, self.embed_dim))
+        x = jnp.concatenate([jnp.broadcast_to(cls_token, (x.shape[0], 1, self.embed_dim)), x], axis=1)
+        x = x + pos_embed
+        layer = TransformerEncoderLayer(self.embed_dim, self.num_heads, self.embed_dim * 4,
+                                        self.dropout, parent=None)
+        x = TransformerEncoder(layer, self.depth, name="transformer")(x, train=train)
+        if self.num_classes == 0:
+            return x[:, 0]
+        return nn.Dense(self.num_classes, name="head")(x[:, 0])

@@ -1,0 +1,84 @@
+"""Named model presets: one table, importing neither framework.
+
+A preset names a family (the module in both `jax_models` and `torch_reference`), a class, the
+constructor arguments shared by both twins, the input it takes, and a default training recipe.
+`jax_models.create_model(name)` and `torch_reference.create_model(name)` build the twins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    name: str
+    family: str                      # module name in jax_models/ and torch_reference/
+    model: str                       # class name, the same in both
+    kwargs: dict[str, Any]           # constructor arguments, the same in both
+    image_size: int
+    in_channels: int
+    task: str = "classification"
+    train: dict[str, Any] = dataclasses.field(default_factory=dict)
+    description: str = ""
+
+    @property
+    def input_shape_nhwc(self) -> tuple[int, int, int]:
+        return (self.image_size, self.image_size, self.in_channels)
+
+    @property
+    def input_shape_nchw(self) -> tuple[int, int, int]:
+        return (self.in_channels, self.image_size, self.image_size)
+
+
+# The recipe of the source's train_vision_transformer (AdamW, lr 3e-4, weight decay 0.3, cosine).
+SOURCE_RECIPE = dict(lr=3e-4, weight_decay=0.3, warmup_steps=10_000, batch_size=4096,
+                     label_smoothing=0.0, grad_clip=1.0)
+DIGITS_RECIPE = dict(lr=1e-3, weight_decay=0.05, warmup_steps=100, batch_size=128, epochs=40,
+                     label_smoothing=0.1, grad_clip=1.0, data="digits")
+
+
+def _vit(name, image_size, patch_size, in_channels, num_classes, embed_dim, depth, num_heads,
+         mlp_ratio=4, dropout=0.1, train=None, description=""):
+    kwargs = dict(image_size=image_size, patch_size=patch_size, in_channels=in_channels,
+                  num_classes=num_classes, embed_dim=embed_dim, depth=depth,
+                  num_heads=num_heads, mlp_ratio=mlp_ratio, dropout=dropout)
+    return Preset(name, "vit", "VisionTransformer", kwargs, image_size, in_channels,
+                  train=dict(train or SOURCE_RECIPE), description=description)
+
+
+def _encoder_vit(name, img_size, patch_size, in_channels, num_classes, embed_dim, depth,
+                 num_heads, dropout=0.1, train=None, description=""):
+    kwargs = dict(img_size=img_size, patch_size=patch_size, in_channels=in_channels,
+                  num_classes=num_classes, embed_dim=embed_dim, depth=depth,
+                  num_heads=num_heads, dropout=dropout)
+    return Preset(name, "vit", "EncoderViT", kwargs, img_size, in_channels,
+                  train=dict(train or SOURCE_RECIPE), description=description)
+
+
+PRESETS: dict[str, Preset] = {p.name: p for p in [
+    _vit("vit-digits", 32, 4, 1, 10, 64, 4, 4, mlp_ratio=2, train=DIGITS_RECIPE,
+         description="pre-norm ViT for 32x32 digits (64 tokens, 4 blocks of width 64)"),
+    _encoder_vit("encoder-vit-digits", 32, 4, 1, 10, 64, 4, 4, train=DIGITS_RECIPE,
+                 description="post-norm nn.TransformerEncoder ViT for 32x32 digits"),
+    _vit("vit-ti16", 224, 16, 3, 1000, 192, 12, 3, description="ViT-Ti/16"),
+    _vit("vit-s16", 224, 16, 3, 1000, 384, 12, 6, description="ViT-S/16"),
+    _vit("vit-b16", 224, 16, 3, 1000, 768, 12, 12,
+         description="ViT-B/16, the source's default VisionTransformer"),
+    _encoder_vit("encoder-vit-b16", 224, 16, 3, 1000, 768, 12, 12,
+                 description="the second source's ViT at its defaults"),
+]}
+
+
+def get_preset(name: str) -> Preset:
+    """The preset called `name`; a KeyError lists the known names otherwise."""
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown preset {name!r}; known presets: {', '.join(PRESETS)}") from None
+
+
+def with_overrides(preset: Preset, **kwargs: Any) -> Preset:
+    """A copy of `preset` whose constructor arguments are updated by `kwargs`."""
+    return dataclasses.replace(preset, kwargs={**preset.kwargs, **kwargs})

@@ -1,0 +1,78 @@
+"""Layers shared by the PyTorch reference models: one patch embedding, one attention, one MLP.
+
+Each has a Flax twin of the same name in `jax_models/layers.py`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def check_images(x: torch.Tensor, image_size: int, in_channels: int, owner: str) -> None:
+    """Raise a ValueError naming what `owner` expects when `x` is not (B, C, H, W) floats."""
+    expected = f"(B, {in_channels}, {image_size}, {image_size}) floating-point images (NCHW)"
+    if x.ndim != 4:
+        raise ValueError(f"{owner} expects {expected}; got a rank-{x.ndim} tensor of shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{owner} expects {expected}; got dtype {x.dtype}")
+    if tuple(x.shape[1:]) != (in_channels, image_size, image_size):
+        raise ValueError(f"{owner} expects {expected}; got shape {tuple(x.shape)}")
+
+
+class FlattenPatches(nn.Module):
+    """`b e h w -> b (h w) e`: the source's einops `Rearrange`, which holds no weights."""
+
+    def forward(self, x):
+        return x.flatten(2).transpose(1, 2)
+
+
+class PatchEmbedding(nn.Module):
+    """Non-overlapping patches -> tokens: (B, C, H, W) -> (B, (H/p)*(W/p), embed_dim).
+
+    `rearrange=True` is the first source's layout (`projection.0` is the conv, followed by a
+    Rearrange); `rearrange=False` is the second's (`projection` is the conv, flattened in forward).
+    """
+
+    def __init__(self, image_size=224, patch_size=16, in_channels=3, embed_dim=768, rearrange=True):
+        super().__init__()
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.in_channels = in_channels
+        self.num_patches = (image_size // patch_size) ** 2
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+        conv = nn.Conv2d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.projection = nn.Sequential(conv, FlattenPatches()) if rearrange else conv
+
+    def forward(self, x):
+        check_images(x, self.image_size, self.in_channels, type(self).__name__)
+        x = self.projection(x)
+        return x if x.ndim == 3 else x.flatten(2).transpose(1, 2)
+
+
+def attend(q, k, v, scale, bias=None, mask=None, dropout=None):
+    """softmax(q k^T * scale + bias) v over (..., N, D) heads; `mask` is True where attention is allowed."""
+    attn = (q @ k.transpose(-2, -1)) * scale
+    if bias is not None:
+        attn = attn + bias
+    if mask is not None:
+        attn = attn.masked_fill(~mask, torch.finfo(attn.dtype).min)
+    attn = F.softmax(attn, dim=-1)
+    if dropout is not None:
+        attn = dropout(attn)
+    return attn @ v
+
+
+class Mlp(nn.Sequential):
+    """Linear -> GELU -> Dropout -> Linear -> Dropout, keyed `0` and `3` like the sources' nn.Sequential."""
+
+    def __init__(self, in_features, hidden_features, out_features=None, dropout=0.0):
+        super().__init__(
+            nn.Linear(in_features, hidden_features),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(hidden_features, out_features or in_features),
+            nn.Dropout(dropout),
+        )

@@ -1,0 +1,127 @@
+"""Vision Transformers of both sources, in PyTorch.
+
+`VisionTransformer`: the first source's pre-norm ViT with its own attention.
+`EncoderViT`: the second source's ViT built on `nn.TransformerEncoder` (post-norm, ReLU).
+State dicts saved by the source code load here with `strict=True`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .layers import Mlp, PatchEmbedding, attend
+
+
+class MultiHeadAttention(nn.Module):
+    """Self-attention with a fused `qkv` projection (no bias): (B, N, C) -> (B, N, C)."""
+
+    def __init__(self, embed_dim, num_heads, dropout=0.1):
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        if self.head_dim * num_heads != embed_dim:
+            raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        self.qkv = nn.Linear(embed_dim, embed_dim * 3, bias=False)
+        self.proj = nn.Linear(embed_dim, embed_dim)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        x = attend(q, k, v, self.head_dim ** -0.5, dropout=self.dropout)
+        x = x.transpose(1, 2).reshape(B, N, C)
+        return self.proj(x)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm encoder block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+
+    def __init__(self, embed_dim, num_heads, mlp_ratio=4, dropout=0.1):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(embed_dim)
+        self.attn = MultiHeadAttention(embed_dim, num_heads, dropout)
+        self.norm2 = nn.LayerNorm(embed_dim)
+        self.mlp = Mlp(embed_dim, int(embed_dim * mlp_ratio), dropout=dropout)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        x = x + self.mlp(self.norm2(x))
+        return x
+
+
+class VisionTransformer(nn.Module):
+    """The first source's ViT: (B, C, H, W) -> (B, num_classes), or the pooled (B, embed_dim)
+    class-token feature when `num_classes=0`."""
+
+    def __init__(self, image_size=224, patch_size=16, in_channels=3, num_classes=1000,
+                 embed_dim=768, depth=12, num_heads=12, mlp_ratio=4, dropout=0.1):
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.num_classes = num_classes
+        self.patch_embed = PatchEmbedding(image_size, patch_size, in_channels, embed_dim)
+        num_patches = self.patch_embed.num_patches
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.blocks = nn.ModuleList([
+            TransformerBlock(embed_dim, num_heads, mlp_ratio, dropout) for _ in range(depth)
+        ])
+        self.norm = nn.LayerNorm(embed_dim)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.init_weights()
+
+    def init_weights(self):
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, m):
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.constant_(m.bias, 0)
+            nn.init.constant_(m.weight, 1.0)
+
+    def forward(self, x):
+        x = self.patch_embed(x)
+        cls_tokens = self.cls_token.expand(x.shape[0], -1, -1)
+        x = torch.cat([cls_tokens, x], dim=1)
+        x = x + self.pos_embed
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        return self.head(x[:, 0])
+
+
+class EncoderViT(nn.Module):
+    """The second source's ViT: conv patches, class token, post-norm `nn.TransformerEncoder`
+    (ReLU, feed-forward 4x), head on the class token. `num_classes=0` returns the (B, embed_dim)
+    feature. `in_channels` and `dropout` are additions (the source fixes 3 and 0.1)."""
+
+    def __init__(self, img_size=224, patch_size=16, num_classes=1000, embed_dim=768, depth=12,
+                 num_heads=12, in_channels=3, dropout=0.1):
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.num_classes = num_classes
+        self.patch_embed = PatchEmbedding(img_size, patch_size, in_channels, embed_dim, rearrange=False)
+        num_patches = self.patch_embed.num_patches
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        encoder_layer = nn.TransformerEncoderLayer(
+            d_model=embed_dim, nhead=num_heads, dim_feedforward=embed_dim * 4, dropout=dropout,
+            batch_first=True)
+        self.transformer = nn.TransformerEncoder(encoder_layer, num_layers=depth,
+                                                 enable_nested_tensor=False)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward(self, x):
+        x = self.patch_embed(x)
+        cls_tokens = self.cls_token.expand(x.shape[0], -1, -1)
+        x = torch.cat([cls_tokens, x], dim=1)
+        x = x + self.pos_embed
+        x = self.transformer(x)
+        return self.head(x[:, 0])
