@@ -1,0 +1,95 @@
+"""python -m train PRESET [options]: train a classification preset with JAX or PyTorch."""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import json
+import sys
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m train",
+        description="Train a classification preset (defaults come from the preset's recipe).")
+    p.add_argument("preset", help="preset name, e.g. vit-digits")
+    p.add_argument("--data", help="digits (default) | imagefolder:DIR | cifar10:DIR")
+    p.add_argument("--backend", choices=("jax", "torch"), default="jax")
+    p.add_argument("--parallel", choices=("jit", "pmap"), default="jit",
+                   help="jax only: jit on one device, or pmap over all local devices")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--steps", type=int, help="total optimizer steps")
+    g.add_argument("--epochs", type=int, help="epochs (whole global batches of the train set)")
+    p.add_argument("--batch-size", type=int, help="global batch size")
+    p.add_argument("--lr", type=float, help="peak learning rate")
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--warmup-steps", type=int)
+    p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--grad-clip", type=float, help="global gradient norm clip (0: off)")
+    p.add_argument("--dropout", type=float, help="the model's dropout rate")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", help="default: runs/PRESET")
+    p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints "
+                   "(default: one epoch; 0: only at the end)")
+    p.add_argument("--keep", type=int, default=3, help="checkpoints kept")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the latest checkpoint in WORKDIR")
+    p.add_argument("--export", metavar="PATH",
+                   help="write the final weights as a safetensors state_dict for torch_reference")
+    p.add_argument("--log-every", type=int, default=10, help="steps between metrics lines")
+    p.add_argument("--eval-every", type=int, help="steps between evaluations (default: epoch)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a model constructor argument, e.g. --set depth=2")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p.parse_args(argv)
+
+
+def _overrides(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"--set wants KEY=VALUE, got {pair!r}")
+        try:
+            out[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            out[key] = value
+    return out
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    from train.train import Config, run
+
+    config = Config(
+        preset=args.preset, data=args.data, backend=args.backend, parallel=args.parallel,
+        steps=args.steps, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps,
+        label_smoothing=args.label_smoothing, grad_clip=args.grad_clip, dropout=args.dropout,
+        seed=args.seed, workdir=args.workdir, checkpoint_every=args.checkpoint_every,
+        keep=args.keep, resume=args.resume, export=args.export, log_every=args.log_every,
+        eval_every=args.eval_every, model_overrides=_overrides(args.set),
+        progress=not args.no_progress)
+    if args.backend == "torch" and args.parallel == "pmap":
+        raise SystemExit("--parallel pmap is for --backend jax")
+    from train.checkpoint import CheckpointError
+    try:
+        s = run(config)
+    except (CheckpointError, ValueError, FileNotFoundError, KeyError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"test accuracy {s['eval_accuracy']:.4f} ({s['eval_examples']} images), "
+          f"final train loss {s['final_loss'] if s['final_loss'] is None else round(s['final_loss'], 4)}, "
+          f"{s['steps']} steps, {s['examples_per_second']:.0f} examples/s, "
+          f"{s['backend']} {s['parallel']} on {s['devices']} device(s), "
+          f"{s['wall_seconds']:.1f} s")
+    print(f"checkpoints: {s['checkpoint_dir']}")
+    print(f"metrics:     {s['metrics']}")
+    print(f"summary:     {s['workdir']}/summary.json")
+    if s["export"]:
+        print(f"exported:    {s['export']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

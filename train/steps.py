@@ -1,0 +1,184 @@
+"""TrainState, optimizer and the pure classification steps, with thin jit and pmap wrappers.
+
+`train_step(state, batch, rng) -> (state, metrics)` knows nothing of devices; given an
+`axis_name` it averages gradients and metrics over that axis with `lax.pmean` and folds the
+device index into the dropout key. `jit_train_step` and `pmap_train_step` wrap it.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from flax.training import train_state
+
+PMAP_AXIS = "batch"
+
+
+class TrainState(train_state.TrainState):
+    """Trainable `params`, optimizer state and step, plus the run's base `rng` (a typed key) and
+    the model's other variable collections (`constants`, e.g. 'buffers'), passed through as is."""
+    rng: jax.Array
+    constants: Any = struct.field(default_factory=dict)
+
+    def variables(self, params=None) -> dict:
+        return {"params": self.params if params is None else params, **self.constants}
+
+
+# ---------------------------------------------------------------------------------------------
+# Recipe: schedule, weight-decay mask, optimizer
+
+
+def warmup_cosine(peak: float, warmup_steps: int, total_steps: int, end: float = 0.0
+                  ) -> Callable[[Any], Any]:
+    """Learning rate of update `count` (0-based): linear from peak/warmup up to `peak` over
+    `warmup_steps`, then half a cosine down to `end` at `total_steps`. Works on ints and arrays,
+    so both backends read their rates from this one function."""
+    warmup_steps = max(int(warmup_steps), 0)
+    decay_steps = max(int(total_steps) - warmup_steps, 1)
+
+    def schedule(count):
+        count = jnp.asarray(count, jnp.float32)
+        warm = peak * (count + 1.0) / max(warmup_steps, 1)
+        t = jnp.clip((count - warmup_steps) / decay_steps, 0.0, 1.0)
+        cosine = end + 0.5 * (peak - end) * (1.0 + jnp.cos(jnp.pi * t))
+        return jnp.where(count < warmup_steps, warm, cosine)
+    return schedule
+
+
+def decay_mask(params) -> Any:
+    """True for the weight matrices of Dense, Conv and Embed layers ('kernel', 'embedding');
+    False for biases, norm scales and free parameters (class token, position table)."""
+    def rule(path, leaf):
+        name = getattr(path[-1], "key", getattr(path[-1], "name", str(path[-1])))
+        return name in ("kernel", "embedding") and np.ndim(leaf) >= 2
+    return jax.tree_util.tree_map_with_path(rule, params)
+
+
+def make_optimizer(schedule: Callable, weight_decay: float, grad_clip: float | None,
+                   params, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8
+                   ) -> optax.GradientTransformation:
+    """AdamW on `schedule` with decoupled weight decay on `decay_mask(params)`, after clipping
+    the global gradient norm to `grad_clip` (none when 0 or None)."""
+    adamw = optax.adamw(schedule, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                        mask=decay_mask(params))
+    if grad_clip:
+        return optax.chain(optax.clip_by_global_norm(grad_clip), adamw)
+    return adamw
+
+
+def create_state(model, variables: dict, tx: optax.GradientTransformation, rng: jax.Array
+                 ) -> TrainState:
+    """A TrainState at step 0 from `model.init` output; only 'params' is trained."""
+    variables = dict(variables)
+    params = variables.pop("params")
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=rng,
+                             constants=variables)
+
+
+# ---------------------------------------------------------------------------------------------
+# The classification task
+
+
+def classification_loss(logits, labels, label_smoothing: float = 0.0, mask=None):
+    """Mean softmax cross-entropy over (B, K) logits and (B,) int labels, and the accuracy.
+
+    With `mask` (B,) of 0/1 weights both are weighted means over the rows that count."""
+    num_classes = logits.shape[-1]
+    targets = jax.nn.one_hot(labels, num_classes)
+    if label_smoothing:
+        targets = optax.smooth_labels(targets, label_smoothing)
+    losses = optax.softmax_cross_entropy(logits, targets)
+    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
+    if mask is None:
+        return losses.mean(), correct.mean()
+    count = jnp.maximum(mask.sum(), 1.0)
+    return (losses * mask).sum() / count, (correct * mask).sum() / count
+
+
+def train_step(state: TrainState, batch: dict, rng: jax.Array, *, label_smoothing: float = 0.0,
+               axis_name: str | None = None) -> tuple[TrainState, dict]:
+    """One AdamW update on `batch` = {'image': (B, H, W, C), 'label': (B,)}.
+
+    Under pmap (`axis_name` set) gradients and metrics are averaged over the axis and each
+    device draws dropout from its own key. Metrics: loss, accuracy, grad_norm."""
+    if axis_name is not None:
+        rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
+
+    def loss_fn(params):
+        logits = state.apply_fn(state.variables(params), batch["image"], train=True,
+                                rngs={"dropout": rng})
+        return classification_loss(logits, batch["label"], label_smoothing)
+
+    (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    metrics = {"loss": loss, "accuracy": accuracy}
+    if axis_name is not None:
+        grads = jax.lax.pmean(grads, axis_name)
+        metrics = jax.lax.pmean(metrics, axis_name)
+    metrics["grad_norm"] = optax.global_norm(grads)
+    return state.apply_gradients(grads=grads), metrics
+
+
+def eval_step(state: TrainState, batch: dict, *, axis_name: str | None = None) -> dict:
+    """Sums over `batch` (with its 'mask' of real rows): loss_sum, correct, count."""
+    logits = state.apply_fn(state.variables(), batch["image"], train=False)
+    mask = batch.get("mask", jnp.ones(batch["label"].shape, jnp.float32))
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
+    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
+    sums = {"loss_sum": (losses * mask).sum(), "correct": (correct * mask).sum(),
+            "count": mask.sum()}
+    if axis_name is not None:
+        sums = jax.lax.psum(sums, axis_name)
+    return sums
+
+
+# ---------------------------------------------------------------------------------------------
+# Wrappers
+
+
+def step_rng(state: TrainState) -> jax.Array:
+    """The key of the update `state.step` would make: a function of the base key and the step."""
+    return jax.random.fold_in(state.rng, state.step)
+
+
+def jit_train_step(step: Callable = train_step, **kwargs) -> Callable:
+    """(state, batch) -> (state, metrics) jitted on one device, the state donated."""
+    def wrapped(state, batch):
+        return step(state, batch, step_rng(state), **kwargs)
+    return jax.jit(wrapped, donate_argnums=0)
+
+
+def pmap_train_step(step: Callable = train_step, axis_name: str = PMAP_AXIS, **kwargs
+                    ) -> Callable:
+    """(replicated state, sharded batch) -> (state, metrics) under pmap over `axis_name`.
+
+    The batch carries a leading axis of local devices (`data.shard`); metrics come back
+    replicated. The state is donated: replicate it with `replicate`, which copies."""
+    def wrapped(state, batch):
+        return step(state, batch, step_rng(state), axis_name=axis_name, **kwargs)
+    return jax.pmap(wrapped, axis_name=axis_name, donate_argnums=0)
+
+
+def jit_eval_step(step: Callable = eval_step) -> Callable:
+    return jax.jit(step)
+
+
+def pmap_eval_step(step: Callable = eval_step, axis_name: str = PMAP_AXIS) -> Callable:
+    return jax.pmap(functools.partial(step, axis_name=axis_name), axis_name=axis_name)
+
+
+def replicate(tree, devices=None):
+    """`tree` stacked on a new leading axis over the local devices (fresh buffers, safe to
+    donate)."""
+    from flax import jax_utils
+    return jax_utils.replicate(tree, devices)
+
+
+def unreplicate(tree):
+    """Device 0's copy of a replicated tree."""
+    return jax.tree_util.tree_map(lambda x: x[0], tree)
