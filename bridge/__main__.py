@@ -1,0 +1,34 @@
+"""`python -m bridge verify PRESET [--batch-size B] [--seed S] [--tol T] [--weights FILE]`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bridge", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    v = sub.add_parser("verify", help="carry torch weights into the Flax twin and diff every layer")
+    v.add_argument("preset")
+    v.add_argument("--batch-size", type=int, default=2)
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--tol", type=float, default=None, help="relative tolerance (default 1e-5)")
+    v.add_argument("--weights", help="a .safetensors or .pt state_dict to verify instead of a fresh init")
+    args = parser.parse_args(argv)
+
+    from presets import PRESETS
+
+    if args.preset not in PRESETS:
+        parser.error(f"unknown preset {args.preset!r}; known presets: {', '.join(PRESETS)}")
+    from .io import load_state_dict
+    from .verify import FORWARD_TOL, verify
+
+    state_dict = load_state_dict(args.weights) if args.weights else None
+    report = verify(args.preset, args.batch_size, args.seed, args.tol or FORWARD_TOL, state_dict)
+    print(report.table())
+    return 0 if report.ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,168 @@
+"""Layer-by-layer comparison of a torch model and its Flax twin on one input.
+
+Torch outputs are captured with forward hooks on every submodule, Flax outputs with
+`capture_intermediates`; modules are matched by name (`blocks_3/mlp/0` <-> `blocks.3.mlp.0`), so
+the tool serves every model that follows the mirroring rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax.traverse_util import flatten_dict
+
+from .convert import flax_module_path_to_torch, to_numpy, torch_to_flax
+
+FORWARD_TOL = 1e-5
+
+
+@dataclasses.dataclass
+class LayerDiff:
+    path: str               # torch module path; "<output>" for the model's output
+    shape: tuple
+    max_abs: float
+    rel: float              # max_abs / max |torch output|
+    over: bool
+
+
+@dataclasses.dataclass
+class Report:
+    layers: list[LayerDiff]   # in the order torch finished computing them; the output last
+    tol: float
+
+    @property
+    def output(self) -> LayerDiff:
+        return self.layers[-1]
+
+    @property
+    def first_divergent(self) -> LayerDiff | None:
+        return next((d for d in self.layers if d.over), None)
+
+    @property
+    def ok(self) -> bool:
+        return not self.output.over
+
+    def table(self) -> str:
+        width = max(len(d.path) for d in self.layers)
+        first = self.first_divergent
+        lines = [f"{'module':<{width}}  {'shape':<18} {'max abs diff':>12} {'rel diff':>10}"]
+        for d in self.layers:
+            mark = "  <- first over tolerance" if d is first else ("  over" if d.over else "")
+            lines.append(f"{d.path:<{width}}  {str(d.shape):<18} {d.max_abs:>12.3e} {d.rel:>10.3e}{mark}")
+        verdict = "PASS" if self.ok else "FAIL"
+        lines.append(f"{verdict}: output rel diff {self.output.rel:.3e} (tolerance {self.tol:g})"
+                     + (f"; first layer over tolerance: {first.path}" if first else ""))
+        return "\n".join(lines)
+
+
+def _first_array(out: Any):
+    if isinstance(out, (tuple, list)):
+        out = out[0] if out else None
+    return out
+
+
+def _diff(path: str, ref: np.ndarray, got: np.ndarray, tol: float) -> LayerDiff | None:
+    if got.ndim == 4 and ref.ndim == 4 and got.shape != ref.shape and \
+            got.transpose(0, 3, 1, 2).shape == ref.shape:
+        got = got.transpose(0, 3, 1, 2)
+    if got.shape != ref.shape:
+        return None
+    ref64, got64 = ref.astype(np.float64), got.astype(np.float64)
+    max_abs = float(np.max(np.abs(ref64 - got64))) if ref.size else 0.0
+    scale = float(np.max(np.abs(ref64))) if ref.size else 0.0
+    rel = max_abs / scale if scale > 0 else max_abs
+    return LayerDiff(path, tuple(ref.shape), max_abs, rel, rel > tol)
+
+
+def compare_layers(torch_model, flax_model, variables, torch_inputs: Sequence, flax_inputs: Sequence,
+                   tol: float = FORWARD_TOL) -> Report:
+    """Run both models in eval mode on the same input and diff every pair of same-named modules."""
+    import torch
+
+    captured: dict[str, np.ndarray] = {}
+    order: list[str] = []
+
+    def hook(name):
+        def fn(module, args, out):
+            out = _first_array(out)
+            if isinstance(out, torch.Tensor) and out.is_floating_point():
+                if name not in captured:
+                    order.append(name)
+                captured[name] = out.detach().cpu().numpy()
+        return fn
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in torch_model.named_modules() if n]
+    was_training = torch_model.training
+    torch_model.eval()
+    try:
+        with torch.no_grad():
+            ref_out = _first_array(torch_model(*torch_inputs))
+    finally:
+        for h in handles:
+            h.remove()
+        torch_model.train(was_training)
+
+    with jax.default_matmul_precision("highest"):
+        out, state = flax_model.apply(variables, *flax_inputs, capture_intermediates=True,
+                                      mutable=["intermediates"])
+    flax_outs = {}
+    for path, value in flatten_dict(state["intermediates"]).items():
+        if path[-1] == "__call__" and len(path) > 1:
+            flax_outs[flax_module_path_to_torch(path[:-1])] = np.asarray(_first_array(value[-1]))
+
+    layers = []
+    for name in order:
+        if name in flax_outs:
+            d = _diff(name, captured[name], flax_outs[name], tol)
+            if d is not None:
+                layers.append(d)
+    d = _diff("<output>", to_numpy(ref_out), np.asarray(_first_array(out)), tol)
+    if d is None:
+        raise ValueError(f"the two models' outputs have different shapes: torch {tuple(ref_out.shape)}, "
+                         f"flax {tuple(np.shape(_first_array(out)))}")
+    layers.append(d)
+    return Report(layers, tol)
+
+
+def example_inputs(preset, batch_size: int = 2, seed: int = 0):
+    """(torch inputs, flax inputs) for a preset: images N(0, 1), NCHW for torch and NHWC for Flax."""
+    import torch
+
+    rs = np.random.RandomState(seed)
+    if preset.task == "classification":
+        x = rs.standard_normal((batch_size, *preset.input_shape_nchw)).astype(np.float32)
+        return (torch.from_numpy(x),), (jax.numpy.asarray(x.transpose(0, 2, 3, 1)),)
+    raise NotImplementedError(f"no example inputs for task {preset.task!r}")
+
+
+def build_twins(preset, seed: int = 0, state_dict=None, batch_size: int = 2):
+    """(torch model, flax model, flax variables, torch inputs, flax inputs) with the same weights."""
+    import torch
+    import jax_models
+    import torch_reference
+
+    torch.manual_seed(seed)
+    torch_model = torch_reference.create_model(preset).eval()
+    if state_dict is not None:
+        torch_model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in state_dict.items()},
+                                    strict=True)
+    flax_model = jax_models.create_model(preset)
+    t_in, f_in = example_inputs(preset, batch_size, seed)
+    variables = torch_to_flax(torch_model.state_dict(), flax_model, *f_in)
+    return torch_model, flax_model, variables, t_in, f_in
+
+
+def verify(preset, batch_size: int = 2, seed: int = 0, tol: float = FORWARD_TOL, state_dict=None) -> Report:
+    """Build both twins of `preset`, carry the torch weights over, and compare them layer by layer."""
+    import torch
+
+    from presets import get_preset
+
+    preset = get_preset(preset) if isinstance(preset, str) else preset
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch_model, flax_model, variables, t_in, f_in = build_twins(preset, seed, state_dict, batch_size)
+    return compare_layers(torch_model, flax_model, variables, t_in, f_in, tol)

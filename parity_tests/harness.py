@@ -1,0 +1,151 @@
+"""The parity harness every family's tests use: forward, gradients and an AdamW trajectory.
+
+Errors are relative to the largest magnitude of the reference (torch) value, per leaf.
+Gradients and weights are compared in torch key names: Flax trees go through
+`bridge.flax_to_torch`, so the fused and transposed layouts are handled by the same rules.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import torch
+
+import bridge
+
+FORWARD_TOL = 1e-5
+GRAD_TOL = 1e-4
+TRAJECTORY_TOL = 1e-4
+
+
+def rel_err(ref, got) -> float:
+    ref = np.asarray(ref, dtype=np.float64)
+    got = np.asarray(got, dtype=np.float64)
+    assert ref.shape == got.shape, f"shapes differ: {ref.shape} vs {got.shape}"
+    scale = np.max(np.abs(ref)) if ref.size else 0.0
+    err = np.max(np.abs(ref - got)) if ref.size else 0.0
+    return float(err / scale) if scale > 0 else float(err)
+
+
+def worst_leaf(ref: Mapping[str, np.ndarray], got: Mapping[str, np.ndarray]) -> tuple[str, float]:
+    """(key, relative error) of the worst leaf; the key sets must be equal."""
+    assert set(ref) == set(got), f"key sets differ: {sorted(set(ref) ^ set(got))}"
+    errs = {k: rel_err(ref[k], got[k]) for k in ref}
+    key = max(errs, key=errs.get)
+    return key, errs[key]
+
+
+def torch_params(model: torch.nn.Module) -> dict[str, np.ndarray]:
+    return {k: p.detach().cpu().numpy().copy() for k, p in model.named_parameters()}
+
+
+def flax_params_as_torch(params) -> dict[str, np.ndarray]:
+    return bridge.flax_to_torch({"params": params})
+
+
+def forward_error(torch_model, flax_model, variables, torch_inputs: Sequence, flax_inputs: Sequence,
+                  to_numpy: Callable = lambda y: y) -> float:
+    torch_model.eval()
+    with torch.no_grad():
+        ref = torch_model(*torch_inputs)
+    got = flax_model.apply(variables, *flax_inputs)
+    refs, gots = jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(got)
+    return max(rel_err(to_numpy(r.numpy()), np.asarray(g)) for r, g in zip(refs, gots))
+
+
+def gradient_errors(torch_model, flax_model, variables, torch_loss: Callable, flax_loss: Callable,
+                    torch_batch, flax_batch):
+    """Per-leaf relative gradient errors, and the two losses.
+
+    `torch_loss(model, batch) -> scalar tensor`; `flax_loss(params, variables, batch) -> scalar`.
+    """
+    torch_model.train()
+    torch_model.zero_grad()
+    loss_t = torch_loss(torch_model, torch_batch)
+    loss_t.backward()
+    ref = {k: p.grad.detach().numpy() for k, p in torch_model.named_parameters()}
+    loss_f, grads = jax.value_and_grad(flax_loss)(variables["params"], variables, flax_batch)
+    got = flax_params_as_torch(grads)
+    assert set(ref) == set(got), f"gradient keys differ: {sorted(set(ref) ^ set(got))}"
+    return {k: rel_err(ref[k], got[k]) for k in ref}, loss_t.item(), float(loss_f)
+
+
+def adamw_trajectories(torch_model, flax_model, variables, torch_loss: Callable, flax_loss: Callable,
+                       torch_batches: Sequence, flax_batches: Sequence, lr=1e-3, betas=(0.9, 0.999),
+                       eps=1e-8, weight_decay=0.05, float64=False):
+    """Train both twins with AdamW on the same batches: (torch losses, flax losses, final torch
+    weights, final flax weights in torch keys).
+
+    `float64=True` runs both frameworks in double precision. Adam divides each gradient by its
+    own running RMS, so in float32 a leaf whose true gradient is zero or below ~100 eps (the key
+    bias of attention, whose gradient softmax cancels exactly) moves by rounding noise scaled up
+    to the learning rate, differently in every implementation (torch float32 against torch
+    float64 differs as much). Final weights are therefore held to the tolerance in float64,
+    where that noise is gone and any difference in the model or the optimizer remains.
+    """
+    if float64:
+        torch_model = torch_model.double()
+        torch_batches = [tuple(t.double() if t.is_floating_point() else t for t in b) for b in torch_batches]
+    torch_model.train()
+    opt = torch.optim.AdamW(torch_model.parameters(), lr=lr, betas=betas, eps=eps,
+                            weight_decay=weight_decay)
+    losses_t = []
+    for batch in torch_batches:
+        opt.zero_grad()
+        loss = torch_loss(torch_model, batch)
+        loss.backward()
+        opt.step()
+        losses_t.append(loss.item())
+
+    with jax.enable_x64(float64):
+        if float64:
+            to64 = lambda t: jnp.asarray(t, jnp.float64) if jnp.issubdtype(t.dtype, jnp.floating) else t
+            variables = jax.tree_util.tree_map(to64, variables)
+            flax_batches = [jax.tree_util.tree_map(to64, b) for b in flax_batches]
+        tx = optax.adamw(lr, b1=betas[0], b2=betas[1], eps=eps, weight_decay=weight_decay)
+        params = variables["params"]
+        opt_state = tx.init(params)
+
+        @jax.jit
+        def step(params, opt_state, batch):
+            loss, grads = jax.value_and_grad(flax_loss)(params, variables, batch)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state, loss
+
+        losses_f = []
+        for batch in flax_batches:
+            params, opt_state, loss = step(params, opt_state, batch)
+            losses_f.append(float(loss))
+        final_f = flax_params_as_torch(params)
+    return np.array(losses_t), np.array(losses_f), torch_params(torch_model), final_f
+
+
+def classification_losses(flax_model):
+    """Cross-entropy of a classifier in both frameworks; batches are (images, integer labels)."""
+
+    def torch_loss(model, batch):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(model(x), y)
+
+    def flax_loss(params, variables, batch):
+        x, y = batch
+        logits = flax_model.apply({**variables, "params": params}, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    return torch_loss, flax_loss
+
+
+def image_batches(n, batch_size, nchw_shape, num_classes, seed=0):
+    """`n` batches of N(0,1) images and random labels: (torch batches NCHW, flax batches NHWC)."""
+    rs = np.random.RandomState(seed)
+    tb, fb = [], []
+    for _ in range(n):
+        x = rs.standard_normal((batch_size, *nchw_shape)).astype(np.float32)
+        y = rs.randint(0, num_classes, size=batch_size)
+        tb.append((torch.from_numpy(x), torch.from_numpy(y)))
+        fb.append((jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(y)))
+    return tb, fb

@@ -1,0 +1,164 @@
+"""The first source document's classes, verbatim from `000_50c2328d4519ad3a.txt`.
+
+The specification as code: the tests load state dicts saved by these classes into
+`torch_reference` with `strict=True`. Not part of the library.
+"""
+
+import math
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange, repeat
+from einops.layers.torch import Rearrange
+
+
+# --- Vision Transformer (ViT) ---
+
+class PatchEmbedding(nn.Module):
+    """Convert image to sequence of patches."""
+    
+    def __init__(self, image_size=224, patch_size=16, in_channels=3, embed_dim=768):
+        super().__init__()
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.num_patches = (image_size // patch_size) ** 2
+        
+        self.projection = nn.Sequential(
+            nn.Conv2d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size),
+            Rearrange('b e h w -> b (h w) e')
+        )
+    
+    def forward(self, x):
+        return self.projection(x)
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head self-attention mechanism."""
+    
+    def __init__(self, embed_dim, num_heads, dropout=0.1):
+        super().__init__()
+        self.embed_dim = embed_dim
+        self.num_heads = num_heads
+        self.head_dim = embed_dim // num_heads
+        
+        assert self.head_dim * num_heads == embed_dim
+        
+        self.qkv = nn.Linear(embed_dim, embed_dim * 3, bias=False)
+        self.proj = nn.Linear(embed_dim, embed_dim)
+        self.dropout = nn.Dropout(dropout)
+        
+    def forward(self, x):
+        B, N, C = x.shape
+        
+        # Generate Q, K, V
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim)
+        qkv = qkv.permute(2, 0, 3, 1, 4)  # (3, B, num_heads, N, head_dim)
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        
+        # Attention computation
+        attn = (q @ k.transpose(-2, -1)) * (self.head_dim ** -0.5)
+        attn = F.softmax(attn, dim=-1)
+        attn = self.dropout(attn)
+        
+        # Apply attention to values
+        x = (attn @ v).transpose(1, 2).reshape(B, N, C)
+        x = self.proj(x)
+        
+        return x
+
+class TransformerBlock(nn.Module):
+    """Transformer encoder block."""
+    
+    def __init__(self, embed_dim, num_heads, mlp_ratio=4, dropout=0.1):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(embed_dim)
+        self.attn = MultiHeadAttention(embed_dim, num_heads, dropout)
+        self.norm2 = nn.LayerNorm(embed_dim)
+        
+        mlp_hidden_dim = int(embed_dim * mlp_ratio)
+        self.mlp = nn.Sequential(
+            nn.Linear(embed_dim, mlp_hidden_dim),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(mlp_hidden_dim, embed_dim),
+            nn.Dropout(dropout)
+        )
+    
+    def forward(self, x):
+        # Self-attention with residual connection
+        x = x + self.attn(self.norm1(x))
+        
+        # MLP with residual connection
+        x = x + self.mlp(self.norm2(x))
+        
+        return x
+
+class VisionTransformer(nn.Module):
+    """Vision Transformer implementation."""
+    
+    def __init__(self, image_size=224, patch_size=16, in_channels=3, 
+                 num_classes=1000, embed_dim=768, depth=12, num_heads=12,
+                 mlp_ratio=4, dropout=0.1):
+        super().__init__()
+        
+        # Patch embedding
+        self.patch_embed = PatchEmbedding(image_size, patch_size, in_channels, embed_dim)
+        num_patches = self.patch_embed.num_patches
+        
+        # Learnable position embedding
+        self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
+        
+        # Class token
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        
+        # Transformer blocks
+        self.blocks = nn.ModuleList([
+            TransformerBlock(embed_dim, num_heads, mlp_ratio, dropout)
+            for _ in range(depth)
+        ])
+        
+        # Classification head
+        self.norm = nn.LayerNorm(embed_dim)
+        self.head = nn.Linear(embed_dim, num_classes)
+        
+        # Initialize weights
+        self.init_weights()
+    
+    def init_weights(self):
+        """Initialize model weights."""
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.cls_token, std=0.02)
+        self.apply(self._init_weights)
+    
+    def _init_weights(self, m):
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.constant_(m.bias, 0)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.constant_(m.bias, 0)
+            nn.init.constant_(m.weight, 1.0)
+    
+    def forward(self, x):
+        B = x.shape[0]
+        
+        # Patch embedding
+        x = self.patch_embed(x)  # (B, num_patches, embed_dim)
+        
+        # Add class token
+        cls_tokens = self.cls_token.expand(B, -1, -1)
+        x = torch.cat([cls_tokens, x], dim=1)
+        
+        # Add position embedding
+        x = x + self.pos_embed
+        
+        # Apply transformer blocks
+        for block in self.blocks:
+            x = block(x)
+        
+        # Classification
+        x = self.norm(x)
+        cls_token_final = x[:, 0]  # Use class token for classification
+        
+        return self.head(cls_token_final)

@@ -1,0 +1,248 @@
+"""Parity of the two ViT variants: forward, gradients, an AdamW trajectory, and the bridge."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import bridge
+import jax
+import jax.numpy as jnp
+import jax_models
+import torch_reference
+from parity_tests import harness, source_000, source_004
+from presets import get_preset, with_overrides
+
+TINY = ["vit-digits", "encoder-vit-digits"]
+FULL = [pytest.param(p, marks=pytest.mark.slow) for p in ["vit-b16", "encoder-vit-b16"]]
+
+
+def twins(name, batch_size=2, seed=0, **overrides):
+    preset = with_overrides(get_preset(name), **overrides)
+    torch.manual_seed(seed)
+    tm = torch_reference.create_model(preset)
+    fm = jax_models.create_model(preset)
+    tb, fb = harness.image_batches(1, batch_size, preset.input_shape_nchw, max(1, preset.kwargs["num_classes"]), seed)
+    variables = bridge.torch_to_flax(tm.state_dict(), fm, fb[0][0])
+    return preset, tm, fm, variables, tb[0], fb[0]
+
+
+@pytest.mark.parametrize("name", TINY + FULL)
+def test_forward(name):
+    _, tm, fm, variables, (xt, _), (xf, _) = twins(name, batch_size=4)
+    err = harness.forward_error(tm, fm, variables, [xt], [xf])
+    assert err <= harness.FORWARD_TOL, f"{name}: forward rel err {err:.3e}"
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_forward_pooled_features(name):
+    """num_classes=0: the pooled class-token feature, width embed_dim (the CLIP image tower)."""
+    preset, tm, fm, variables, (xt, _), (xf, _) = twins(name, num_classes=0)
+    assert tm.embed_dim == fm.embed_dim == preset.kwargs["embed_dim"]
+    assert not any(k.startswith("head") for k in tm.state_dict())
+    assert fm.apply(variables, xf).shape == (2, preset.kwargs["embed_dim"])
+    assert harness.forward_error(tm, fm, variables, [xt], [xf]) <= harness.FORWARD_TOL
+
+
+@pytest.mark.parametrize("name", TINY + FULL)
+def test_gradients(name):
+    _, tm, fm, variables, tbatch, fbatch = twins(name, batch_size=4, dropout=0.0)
+    torch_loss, flax_loss = harness.classification_losses(fm)
+    errs, loss_t, loss_f = harness.gradient_errors(tm, fm, variables, torch_loss, flax_loss, tbatch, fbatch)
+    worst = max(errs, key=errs.get)
+    assert abs(loss_t - loss_f) <= harness.FORWARD_TOL * abs(loss_t)
+    assert errs[worst] <= harness.GRAD_TOL, f"{name}: gradient of {worst} rel err {errs[worst]:.3e}"
+
+
+@pytest.mark.parametrize("float64", [False, True], ids=["float32", "float64"])
+@pytest.mark.parametrize("name", TINY + FULL)
+def test_adamw_trajectory(name, float64):
+    """20 steps of torch AdamW and optax.adamw from the same weights on the same batches: the
+    losses agree in float32, and the final weights too in float64 (see `adamw_trajectories`)."""
+    preset, tm, fm, variables, _, _ = twins(name, dropout=0.0)
+    batch = 8 if name in TINY else 2
+    tb, fb = harness.image_batches(20, batch, preset.input_shape_nchw, preset.kwargs["num_classes"], seed=1)
+    torch_loss, flax_loss = harness.classification_losses(fm)
+    losses_t, losses_f, w_t, w_f = harness.adamw_trajectories(
+        tm, fm, variables, torch_loss, flax_loss, tb, fb, lr=preset.train["lr"],
+        weight_decay=preset.train["weight_decay"], float64=float64)
+    loss_err = np.max(np.abs(losses_t - losses_f) / np.abs(losses_t))
+    assert losses_t[-1] < losses_t[0], "20 steps on fixed batches should lower the loss"
+    assert loss_err <= harness.TRAJECTORY_TOL, f"{name}: loss rel err {loss_err:.3e}"
+    if float64:
+        key, w_err = harness.worst_leaf(w_t, w_f)
+        assert w_err <= harness.TRAJECTORY_TOL, f"{name}: final weight {key} rel err {w_err:.3e}"
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_round_trip_is_bit_exact(name):
+    _, tm, _, variables, _, _ = twins(name)
+    sd = {k: v.numpy() for k, v in tm.state_dict().items()}
+    back = bridge.flax_to_torch(variables)
+    assert set(back) == set(sd)
+    for k in sd:
+        assert back[k].dtype == sd[k].dtype and back[k].shape == sd[k].shape, k
+        assert np.array_equal(back[k], sd[k]), k
+    # and the torch tensors themselves are accepted as they are
+    again = bridge.torch_to_flax(tm.state_dict(), jax_models.create_model(name), jnp.zeros((1, 32, 32, 1)))
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(variables),
+                                                     jax.tree_util.tree_leaves(again)))
+
+
+def test_source_state_dicts_load_strictly():
+    """State dicts saved by the sources' own classes load with strict=True and give the same outputs."""
+    x = torch.randn(2, 1, 32, 32)
+    src = source_000.VisionTransformer(image_size=32, patch_size=4, in_channels=1, num_classes=10,
+                                       embed_dim=64, depth=2, num_heads=4, mlp_ratio=2).eval()
+    ours = torch_reference.create_model("vit-digits", depth=2).eval()
+    ours.load_state_dict(src.state_dict(), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), src(x), rtol=0, atol=0)
+
+    x3 = torch.randn(2, 3, 32, 32)
+    src = source_004.VisionTransformer(img_size=32, patch_size=4, num_classes=10, embed_dim=64,
+                                       depth=2, num_heads=4).eval()
+    ours = torch_reference.create_model("encoder-vit-digits", depth=2, in_channels=3).eval()
+    ours.load_state_dict(src.state_dict(), strict=True)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x3), src(x3), rtol=0, atol=0)
+
+
+def test_converter_names_every_broken_key():
+    _, tm, fm, _, _, (xf, _) = twins("vit-digits")
+    sd = dict(tm.state_dict())
+    del sd["blocks.1.attn.qkv.weight"]
+    sd["blocks.0.attn.extra"] = torch.zeros(3)
+    sd["head.weight"] = torch.zeros(7, 64)
+    with pytest.raises(bridge.WeightMismatchError) as info:
+        bridge.torch_to_flax(sd, fm, xf)
+    msg = str(info.value)
+    assert "Missing key(s): params:blocks_1/attn/qkv/kernel" in msg
+    assert "Unexpected key(s): blocks.0.attn.extra" in msg
+    assert "head.weight: torch (7, 64)" in msg and "the Flax model has (64, 10)" in msg
+
+
+@pytest.mark.parametrize("shape, expect", [
+    ((2, 28, 28, 1), "got shape (2, 28, 28, 1)"),
+    ((2, 32, 32, 3), "got shape (2, 32, 32, 3)"),
+    ((2, 1, 32, 32), "NCHW input? Flax models take NHWC"),
+    ((32, 32, 1), "got a rank-3 array"),
+])
+@pytest.mark.parametrize("name", TINY)
+def test_flax_rejects_wrong_images(name, shape, expect):
+    fm = jax_models.create_model(name)
+    variables = fm.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))
+    with pytest.raises(ValueError, match="expects \\(B, 32, 32, 1\\) floating-point images \\(NHWC\\)") as info:
+        fm.apply(variables, jnp.zeros(shape))
+    assert expect in str(info.value)
+
+
+def test_flax_and_torch_reject_integer_images():
+    fm = jax_models.create_model("vit-digits")
+    variables = fm.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))
+    with pytest.raises(ValueError, match="got dtype int32"):
+        fm.apply(variables, jnp.zeros((1, 32, 32, 1), jnp.int32))
+    with pytest.raises(ValueError, match="expects \\(B, 1, 32, 32\\) .* got dtype torch.uint8"):
+        torch_reference.create_model("vit-digits")(torch.zeros(1, 1, 32, 32, dtype=torch.uint8))
+
+
+def test_dropout_only_in_training_with_rng():
+    fm = jax_models.create_model("vit-digits", dropout=0.5)
+    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 1))
+    variables = fm.init(jax.random.key(0), x)
+    np.testing.assert_array_equal(fm.apply(variables, x), fm.apply(variables, x, train=False))
+    a = fm.apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)})
+    b = fm.apply(variables, x, train=True, rngs={"dropout": jax.random.key(1)})
+    c = fm.apply(variables, x, train=True, rngs={"dropout": jax.random.key(2)})
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
+    with pytest.raises(Exception, match="dropout"):
+        fm.apply(variables, x, train=True)
+
+
+def test_training_dropout_statistics_match():
+    """Dropout draws differ across frameworks, so compare their statistics: the share of attention
+    weights dropped and the mean of the kept ones (scaled by 1/(1-p)) agree with each other."""
+    p = 0.3
+    _, tm, fm, variables, (xt, _), (xf, _) = twins("vit-digits", batch_size=8, dropout=p)
+    seen = {}
+    tm.blocks[0].attn.dropout.register_forward_hook(lambda m, i, o: seen.update(t=o.detach().numpy()))
+    tm.train()
+    tm(xt)
+    _, state = fm.apply(variables, xf, train=True, rngs={"dropout": jax.random.key(0)},
+                        capture_intermediates=True, mutable=["intermediates"])
+    f = np.asarray(state["intermediates"]["blocks_0"]["attn"]["dropout"]["__call__"][0])
+    t = seen["t"]
+    n = t.size
+    sigma = np.sqrt(p * (1 - p) / n)
+    for arr in (t, f):
+        assert abs(np.mean(arr == 0) - p) < 5 * sigma
+        assert abs(arr.sum(-1).mean() - 1.0) < 0.05  # rows of kept weights still sum to 1 on average
+
+
+def test_safetensors_export_loads_into_torch(tmp_path):
+    from safetensors.torch import load_file
+
+    fm = jax_models.create_model("encoder-vit-digits")
+    x = jax.random.normal(jax.random.key(1), (2, 32, 32, 1))
+    variables = fm.init(jax.random.key(0), x)
+    path = tmp_path / "w.safetensors"
+    bridge.save_safetensors(bridge.flax_to_torch(variables), path)
+    tm = torch_reference.create_model("encoder-vit-digits").eval()
+    tm.load_state_dict(load_file(path), strict=True)
+    with torch.no_grad():
+        ref = tm(torch.from_numpy(np.array(x).transpose(0, 3, 1, 2))).numpy()
+    assert harness.rel_err(ref, fm.apply(variables, x)) <= harness.FORWARD_TOL
+    assert set(bridge.load_safetensors(path)) == set(tm.state_dict())
+
+
+class _PickledConfig:
+    """An arbitrary object: unpickling it would run code from the file."""
+
+
+def test_damaged_or_unsafe_weight_files_are_refused(tmp_path):
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        bridge.load_safetensors(bad)
+    pickled = tmp_path / "model.pt"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "config": _PickledConfig()}, pickled)
+    with pytest.raises(ValueError, match="weights_only=True"):
+        bridge.load_state_dict(pickled)
+    good = tmp_path / "good.pt"
+    torch.save(torch_reference.create_model("vit-digits").state_dict(), good)
+    assert "head.weight" in bridge.load_state_dict(good)
+
+
+def test_verify_cli_passes(capsys):
+    from bridge.__main__ import main
+
+    assert main(["verify", "vit-digits", "--batch-size", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "blocks.3.mlp.0" in out and "PASS" in out
+
+
+def test_verify_names_the_first_divergent_layer(monkeypatch, capsys):
+    """A twin with a wrong GELU (flax's tanh default, a classic trap) fails at the first MLP."""
+    import flax.linen as nn
+
+    from bridge.__main__ import main
+
+    monkeypatch.setattr(jax_models.layers, "gelu", lambda x: nn.gelu(x, approximate=True))
+    assert main(["verify", "vit-digits"]) == 1
+    out = capsys.readouterr().out
+    assert "first layer over tolerance: blocks.0.mlp.3" in out
+    assert "FAIL" in out
+
+
+def test_verify_finds_a_perturbed_weight():
+    from bridge.verify import build_twins, compare_layers
+
+    tm, fm, variables, t_in, f_in = build_twins(get_preset("encoder-vit-digits"))
+    bias = variables["params"]["transformer"]["layers_2"]["linear1"]["bias"]
+    variables["params"]["transformer"]["layers_2"]["linear1"]["bias"] = bias.at[0].add(0.05)
+    report = compare_layers(tm, fm, variables, t_in, f_in)
+    assert report.first_divergent.path == "transformer.layers.2.linear1"
+    assert all(not d.over for d in report.layers[:[d.path for d in report.layers].index(
+        "transformer.layers.2.linear1")])
