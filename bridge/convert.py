@@ -75,15 +75,19 @@ def kernel_to_torch(k: np.ndarray) -> np.ndarray:
 
 
 def _resolve(tree: Mapping, segments: list[str]) -> list[tuple[str, ...]]:
-    """Every Flax module path in `tree` that the torch module path `segments` may name."""
+    """Every Flax module path in `tree` that the torch module path `segments` may name.
+
+    `encoder.0.1` may be `encoder_0_1` (nested lists), `encoder_0/1` or `encoder/0/1`.
+    """
     if not segments:
         return [()]
     head, rest = segments[0], segments[1:]
     found = []
-    if rest and rest[0].isdigit():
-        name = f"{head}_{rest[0]}"
+    name, n = head, 0
+    while n < len(rest) and rest[n].isdigit():
+        name, n = f"{name}_{rest[n]}", n + 1
         if isinstance(tree.get(name), Mapping):
-            found += [(name,) + p for p in _resolve(tree[name], rest[1:])]
+            found += [(name,) + p for p in _resolve(tree[name], rest[n:])]
     if isinstance(tree.get(head), Mapping):
         found += [(head,) + p for p in _resolve(tree[head], rest)]
     return found
@@ -178,8 +182,12 @@ def torch_to_flax(state_dict: Mapping[str, Any], flax_model, *example_inputs, rn
 def _torch_module_path(path: tuple[str, ...]) -> list[str]:
     out = []
     for s in path:
+        indices = []
         m = _LIST_ENTRY.match(s)
-        out.extend([m.group(1), m.group(2)] if m else [s])
+        while m:
+            s, indices = m.group(1), [m.group(2)] + indices
+            m = _LIST_ENTRY.match(s)
+        out.extend([s] + indices)
     return out
 
 
