@@ -71,6 +71,35 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
 ]}
 
 
+def _clip(name, image_size, patch_size, in_channels, vision_width, vision_layers, vision_heads,
+          vocab_size, context_length, text_width, text_layers, text_heads, embed_dim, mlp_ratio=4,
+          dropout=0.0, train=None, description=""):
+    kwargs = dict(image_size=image_size, patch_size=patch_size, in_channels=in_channels,
+                  vision_width=vision_width, vision_layers=vision_layers, vision_heads=vision_heads,
+                  vocab_size=vocab_size, context_length=context_length, text_width=text_width,
+                  text_layers=text_layers, text_heads=text_heads, embed_dim=embed_dim,
+                  mlp_ratio=mlp_ratio, dropout=dropout)
+    return Preset(name, "clip", "CLIP", kwargs, image_size, in_channels, task="contrastive",
+                  train=dict(train or CLIP_RECIPE), description=description)
+
+
+# CLIP's recipe (Radford et al. 2021): AdamW lr 5e-4, weight decay 0.2, batch 32768, 2000 warm-up
+# steps, no clipping. The digits recipe trains captions drawn from templates in a few minutes.
+CLIP_RECIPE = dict(lr=5e-4, weight_decay=0.2, warmup_steps=2000, batch_size=32768,
+                   label_smoothing=0.0, grad_clip=0.0)
+CLIP_DIGITS_RECIPE = dict(lr=1e-3, weight_decay=0.05, warmup_steps=50, batch_size=128, epochs=30,
+                          label_smoothing=0.0, grad_clip=1.0, data="digits")
+
+PRESETS.update({p.name: p for p in [
+    _clip("clip-digits", 32, 4, 1, 64, 3, 4, 64, 16, 64, 2, 4, 64, train=CLIP_DIGITS_RECIPE,
+          description="CLIP for 32x32 digits and captions: ViT 64 wide x 3, text 64 wide x 2, "
+                      "context 16, embedding 64"),
+    _clip("clip-b16", 224, 16, 3, 768, 12, 12, 49408, 77, 512, 12, 8, 512,
+          description="CLIP ViT-B/16's layout: 224/16 image tower 768 wide, text 512 wide x 12 "
+                      "(8 heads, context 77), embedding 512"),
+]})
+
+
 def get_preset(name: str) -> Preset:
     """The preset called `name`; a KeyError lists the known names otherwise."""
     try:

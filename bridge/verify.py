@@ -135,7 +135,20 @@ def example_inputs(preset, batch_size: int = 2, seed: int = 0):
     if preset.task == "classification":
         x = rs.standard_normal((batch_size, *preset.input_shape_nchw)).astype(np.float32)
         return (torch.from_numpy(x),), (jax.numpy.asarray(x.transpose(0, 2, 3, 1)),)
+    if preset.task == "contrastive":
+        x = rs.standard_normal((batch_size, *preset.input_shape_nchw)).astype(np.float32)
+        tokens = random_tokens(rs, batch_size, preset.kwargs["vocab_size"], preset.kwargs["context_length"])
+        return ((torch.from_numpy(x), torch.from_numpy(tokens)),
+                (jax.numpy.asarray(x.transpose(0, 2, 3, 1)), jax.numpy.asarray(tokens, np.int32)))
     raise NotImplementedError(f"no example inputs for task {preset.task!r}")
+
+
+def random_tokens(rs: np.random.RandomState, batch_size: int, vocab_size: int, length: int) -> np.ndarray:
+    """(B, length) int64 ids below `vocab_size - 1`, with the end-of-text id `vocab_size - 1` (the
+    largest, where CLIP's text tower pools) at a random position of each row."""
+    tokens = rs.randint(0, vocab_size - 1, size=(batch_size, length)).astype(np.int64)
+    tokens[np.arange(batch_size), rs.randint(1, length, size=batch_size)] = vocab_size - 1
+    return tokens
 
 
 def build_twins(preset, seed: int = 0, state_dict=None, batch_size: int = 2):

@@ -14,13 +14,14 @@ from .layers import (LN_EPS, Mlp, PatchEmbedding, TransformerEncoder, Transforme
 
 
 class MultiHeadAttention(nn.Module):
-    """Self-attention with a fused `qkv` projection (no bias): (B, N, C) -> (B, N, C)."""
+    """Self-attention with a fused `qkv` projection (no bias): (B, N, C) -> (B, N, C).
+    `mask` (N, N) or (B, 1, N, N) bool is True where attention is allowed (causal text tower)."""
     embed_dim: int
     num_heads: int
     dropout: float = 0.1
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, mask=None):
         B, N, C = x.shape
         head_dim = self.embed_dim // self.num_heads
         if head_dim * self.num_heads != self.embed_dim:
@@ -29,7 +30,7 @@ class MultiHeadAttention(nn.Module):
         qkv = qkv.reshape(B, N, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
         drop = nn.Dropout(self.dropout, deterministic=not train, name="dropout")
-        x = attend(q, k, v, head_dim ** -0.5, dropout=drop)
+        x = attend(q, k, v, head_dim ** -0.5, mask=mask, dropout=drop)
         x = x.transpose(0, 2, 1, 3).reshape(B, N, C)
         return nn.Dense(self.embed_dim, kernel_init=trunc_normal_02, name="proj")(x)
 
@@ -42,9 +43,9 @@ class TransformerBlock(nn.Module):
     dropout: float = 0.1
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, train: bool = False, mask=None):
         x = x + MultiHeadAttention(self.embed_dim, self.num_heads, self.dropout, name="attn")(
-            nn.LayerNorm(epsilon=LN_EPS, name="norm1")(x), train)
+            nn.LayerNorm(epsilon=LN_EPS, name="norm1")(x), train, mask)
         x = x + Mlp(self.embed_dim, int(self.embed_dim * self.mlp_ratio), dropout=self.dropout,
                     kernel_init=trunc_normal_02, name="mlp")(
             nn.LayerNorm(epsilon=LN_EPS, name="norm2")(x), train)
@@ -62,6 +63,11 @@ class VisionTransformer(nn.Module):
     num_heads: int = 12
     mlp_ratio: float = 4
     dropout: float = 0.1
+
+    @property
+    def output_dim(self) -> int:
+        """The second source's name for the feature width (its CLIPFromScratch reads it)."""
+        return self.embed_dim if self.num_classes == 0 else self.num_classes
 
     @nn.compact
     def __call__(self, x, train: bool = False):

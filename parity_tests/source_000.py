@@ -162,3 +162,61 @@ class VisionTransformer(nn.Module):
         cls_token_final = x[:, 0]  # Use class token for classification
         
         return self.head(cls_token_final)
+
+
+# --- CLIP-style Contrastive Learning ---
+
+class CLIPModel(nn.Module):
+    """CLIP-style multimodal model."""
+    
+    def __init__(self, image_encoder, text_encoder, embed_dim=512, temperature=0.07):
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder
+        self.temperature = temperature
+        
+        # Projection heads
+        self.image_projection = nn.Linear(image_encoder.embed_dim, embed_dim)
+        self.text_projection = nn.Linear(text_encoder.embed_dim, embed_dim)
+        
+        # Learnable temperature parameter
+        self.logit_scale = nn.Parameter(torch.ones([]) * np.log(1 / temperature))
+        
+    def encode_image(self, image):
+        """Encode image to embedding space."""
+        image_features = self.image_encoder(image)
+        image_features = self.image_projection(image_features)
+        return F.normalize(image_features, dim=-1)
+    
+    def encode_text(self, text):
+        """Encode text to embedding space."""
+        text_features = self.text_encoder(text)
+        text_features = self.text_projection(text_features)
+        return F.normalize(text_features, dim=-1)
+    
+    def forward(self, image, text):
+        """Forward pass with contrastive loss."""
+        # Get embeddings
+        image_features = self.encode_image(image)
+        text_features = self.encode_text(text)
+        
+        # Compute logits
+        logit_scale = self.logit_scale.exp()
+        logits_per_image = logit_scale * image_features @ text_features.t()
+        logits_per_text = logits_per_image.t()
+        
+        return logits_per_image, logits_per_text
+    
+    def contrastive_loss(self, image, text):
+        """Compute contrastive loss."""
+        logits_per_image, logits_per_text = self(image, text)
+        
+        # Ground truth: diagonal entries should be high
+        batch_size = image.shape[0]
+        labels = torch.arange(batch_size).to(image.device)
+        
+        # Symmetric loss
+        loss_img = F.cross_entropy(logits_per_image, labels)
+        loss_txt = F.cross_entropy(logits_per_text, labels)
+        
+        return (loss_img + loss_txt) / 2

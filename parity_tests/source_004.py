@@ -86,3 +86,87 @@ class VisionTransformer(nn.Module):
         logits = self.head(cls_output)
         
         return logits
+
+
+# --- CLIP Implementation (the transformers import dropped; zero_shot_classify feeds raw strings) ---
+
+class CLIPFromScratch(nn.Module):
+    def __init__(self, image_encoder, text_encoder, embed_dim=512):
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder
+        
+        # Projection heads
+        self.image_projection = nn.Linear(image_encoder.output_dim, embed_dim)
+        self.text_projection = nn.Linear(text_encoder.output_dim, embed_dim)
+        
+        # Learnable temperature
+        self.logit_scale = nn.Parameter(torch.ones([]) * np.log(1 / 0.07))
+    
+    def encode_image(self, images):
+        """Encode images to embeddings."""
+        image_features = self.image_encoder(images)
+        image_embeds = self.image_projection(image_features)
+        image_embeds = F.normalize(image_embeds, dim=-1)
+        return image_embeds
+    
+    def encode_text(self, text):
+        """Encode text to embeddings."""
+        text_features = self.text_encoder(text)
+        text_embeds = self.text_projection(text_features)
+        text_embeds = F.normalize(text_embeds, dim=-1)
+        return text_embeds
+    
+    def forward(self, images, text):
+        """Compute contrastive loss."""
+        image_embeds = self.encode_image(images)
+        text_embeds = self.encode_text(text)
+        
+        # Cosine similarity
+        logit_scale = self.logit_scale.exp()
+        logits_per_image = logit_scale * image_embeds @ text_embeds.T
+        logits_per_text = logits_per_image.T
+        
+        # Contrastive loss
+        batch_size = images.shape[0]
+        labels = torch.arange(batch_size, device=images.device)
+        
+        loss_i = F.cross_entropy(logits_per_image, labels)
+        loss_t = F.cross_entropy(logits_per_text, labels)
+        loss = (loss_i + loss_t) / 2
+        
+        return loss
+
+# Training loop
+def train_clip(model, dataloader, optimizer, epochs=10):
+    model.train()
+    
+    for epoch in range(epochs):
+        total_loss = 0
+        
+        for images, texts in dataloader:
+            optimizer.zero_grad()
+            
+            loss = model(images, texts)
+            loss.backward()
+            optimizer.step()
+            
+            total_loss += loss.item()
+        
+        print(f"Epoch {epoch}: Loss = {total_loss / len(dataloader):.4f}")
+
+# Zero-shot classification
+def zero_shot_classify(model, image, class_names):
+    """Classify image using text prompts."""
+    # Encode image
+    image_embed = model.encode_image(image.unsqueeze(0))
+    
+    # Encode class names
+    text_prompts = [f"a photo of a {name}" for name in class_names]
+    text_embeds = model.encode_text(text_prompts)
+    
+    # Compute similarities
+    similarities = (image_embed @ text_embeds.T).squeeze(0)
+    probs = F.softmax(similarities, dim=0)
+    
+    return probs

@@ -14,7 +14,8 @@ from .layers import Mlp, PatchEmbedding, attend
 
 
 class MultiHeadAttention(nn.Module):
-    """Self-attention with a fused `qkv` projection (no bias): (B, N, C) -> (B, N, C)."""
+    """Self-attention with a fused `qkv` projection (no bias): (B, N, C) -> (B, N, C).
+    `mask` (N, N) or (B, 1, N, N) bool is True where attention is allowed (causal text tower)."""
 
     def __init__(self, embed_dim, num_heads, dropout=0.1):
         super().__init__()
@@ -27,11 +28,11 @@ class MultiHeadAttention(nn.Module):
         self.proj = nn.Linear(embed_dim, embed_dim)
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x):
+    def forward(self, x, mask=None):
         B, N, C = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        x = attend(q, k, v, self.head_dim ** -0.5, dropout=self.dropout)
+        x = attend(q, k, v, self.head_dim ** -0.5, mask=mask, dropout=self.dropout)
         x = x.transpose(1, 2).reshape(B, N, C)
         return self.proj(x)
 
@@ -46,8 +47,8 @@ class TransformerBlock(nn.Module):
         self.norm2 = nn.LayerNorm(embed_dim)
         self.mlp = Mlp(embed_dim, int(embed_dim * mlp_ratio), dropout=dropout)
 
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
+    def forward(self, x, mask=None):
+        x = x + self.attn(self.norm1(x), mask)
         x = x + self.mlp(self.norm2(x))
         return x
 
@@ -71,6 +72,11 @@ class VisionTransformer(nn.Module):
         self.norm = nn.LayerNorm(embed_dim)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
         self.init_weights()
+
+    @property
+    def output_dim(self):
+        """The second source's name for the feature width (its CLIPFromScratch reads it)."""
+        return self.embed_dim if self.num_classes == 0 else self.num_classes
 
     def init_weights(self):
         nn.init.trunc_normal_(self.pos_embed, std=0.02)

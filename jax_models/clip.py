@@ -1,0 +1,157 @@
+"""CLIP in Flax linen: twins of `torch_reference/clip.py`, and the contrastive loss over a device
+axis (features gathered with `lax.all_gather`, so every image meets every caption of the global
+batch as a negative).
+
+Images are NHWC, tokens (B, L) int ids. `CLIPModel.__call__(images, tokens, train=False)` ->
+(logits_per_image (B, B'), logits_per_text (B', B)).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import flax.linen as nn
+
+from .layers import LN_EPS, torch_linear_init
+from .vit import TransformerBlock, VisionTransformer
+
+NORMALIZE_EPS = 1e-12  # torch F.normalize's clamp on the norm
+
+
+def normalize(x, eps: float = NORMALIZE_EPS):
+    """x / max(||x||, eps) over the last axis, as `torch.nn.functional.normalize`."""
+    return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def clip_loss(logits_per_image, logits_per_text):
+    """Symmetric cross-entropy with the matching pairs on the diagonal of (B, B) logits."""
+    labels = jnp.arange(logits_per_image.shape[0])
+    ce = optax.softmax_cross_entropy_with_integer_labels
+    return (ce(logits_per_image, labels).mean() + ce(logits_per_text, labels).mean()) / 2
+
+
+def contrastive_loss(image_features, text_features, logit_scale, axis_name: str | None = None):
+    """The CLIP loss from this device's normalized (n, E) features and the exp'd `logit_scale`.
+
+    With `axis_name` (inside pmap / shard_map) the other devices' features are gathered, this
+    device scores its n images against all N captions and its n captions against all N images,
+    and the rows' targets sit at offset `axis_index * n`. The mean over devices of this loss is
+    the loss of the global batch, and `lax.pmean` of its gradients is the global gradient (the
+    transpose of `all_gather` returns each device its share of the other devices' cotangents).
+    """
+    if axis_name is None:
+        logits = logit_scale * image_features @ text_features.T
+        return clip_loss(logits, logits.T)
+    n = image_features.shape[0]
+    all_images = jax.lax.all_gather(image_features, axis_name, tiled=True)
+    all_texts = jax.lax.all_gather(text_features, axis_name, tiled=True)
+    labels = jax.lax.axis_index(axis_name) * n + jnp.arange(n)
+    per_image = logit_scale * image_features @ all_texts.T            # (n, N)
+    per_text = (logit_scale * all_images @ text_features.T).T         # (n, N)
+    ce = optax.softmax_cross_entropy_with_integer_labels
+    return (ce(per_image, labels).mean() + ce(per_text, labels).mean()) / 2
+
+
+class TextTransformer(nn.Module):
+    """CLIP's text tower: (B, L <= context_length) token ids -> (B, width), the final-LayerNorm
+    feature at the end-of-text token (the largest id in each row, as in CLIP)."""
+    vocab_size: int = 49408
+    context_length: int = 77
+    width: int = 512
+    layers: int = 12
+    heads: int = 8
+    mlp_ratio: float = 4
+    dropout: float = 0.0
+
+    @property
+    def embed_dim(self) -> int:
+        return self.width
+
+    @property
+    def output_dim(self) -> int:
+        return self.width
+
+    @nn.compact
+    def __call__(self, text, train: bool = False):
+        if text.ndim != 2 or not jnp.issubdtype(text.dtype, jnp.integer) or text.shape[1] > self.context_length:
+            raise ValueError(f"TextTransformer expects (B, L <= {self.context_length}) integer token ids; "
+                             f"got {text.dtype} of shape {tuple(text.shape)}")
+        L = text.shape[1]
+        x = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02),
+                     name="token_embedding")(text)
+        pos = self.param("positional_embedding", nn.initializers.normal(0.01), (self.context_length, self.width))
+        x = x + pos[:L]
+        mask = jnp.tril(jnp.ones((L, L), bool))
+        for i in range(self.layers):
+            x = TransformerBlock(self.width, self.heads, self.mlp_ratio, self.dropout, name=f"blocks_{i}")(
+                x, train, mask)
+        x = nn.LayerNorm(epsilon=LN_EPS, name="ln_final")(x)
+        return x[jnp.arange(x.shape[0]), jnp.argmax(text, axis=-1)]
+
+
+class CLIPModel(nn.Module):
+    """The first source's CLIP; `image_encoder` and `text_encoder` are unbound Flax modules."""
+    image_encoder: nn.Module
+    text_encoder: nn.Module
+    embed_dim: int = 512
+    temperature: float = 0.07
+
+    def setup(self):
+        self.image_projection = nn.Dense(self.embed_dim, kernel_init=torch_linear_init)
+        self.text_projection = nn.Dense(self.embed_dim, kernel_init=torch_linear_init)
+        init = np.float32(np.log(1 / self.temperature))
+        self.logit_scale = self.param("logit_scale", lambda _: jnp.asarray(init))
+
+    def encode_image(self, images, train: bool = False):
+        return normalize(self.image_projection(self.image_encoder(images, train)))
+
+    def encode_text(self, text, train: bool = False):
+        return normalize(self.text_projection(self.text_encoder(text, train)))
+
+    def features(self, images, text, train: bool = False):
+        """(image features (B, E), text features (B', E), exp(logit_scale)): the inputs of
+        `contrastive_loss`."""
+        return self.encode_image(images, train), self.encode_text(text, train), jnp.exp(self.logit_scale)
+
+    def __call__(self, images, text, train: bool = False):
+        image_features, text_features, scale = self.features(images, text, train)
+        logits_per_image = scale * image_features @ text_features.T
+        return logits_per_image, logits_per_image.T
+
+
+def CLIP(image_size=224, patch_size=16, in_channels=3, vision_width=768, vision_layers=12,
+         vision_heads=12, vocab_size=49408, context_length=77, text_width=512, text_layers=12,
+         text_heads=8, embed_dim=512, mlp_ratio=4, dropout=0.0, temperature=0.07):
+    """A `CLIPModel` of a ViT image tower (`num_classes=0`) and a `TextTransformer`, from plain
+    config values (the presets' entry point)."""
+    image = VisionTransformer(image_size, patch_size, in_channels, 0, vision_width, vision_layers,
+                              vision_heads, mlp_ratio, dropout, parent=None)
+    text = TextTransformer(vocab_size, context_length, text_width, text_layers, text_heads, mlp_ratio,
+                           dropout, parent=None)
+    return CLIPModel(image, text, embed_dim, temperature)
+
+
+def class_embeddings(model: CLIPModel, variables, class_names: Sequence[str], templates: Sequence[str],
+                     tokenizer):
+    """(K, embed_dim): each class's prompts encoded, normalized, averaged, normalized again."""
+    prompts = [t.format(name) for name in class_names for t in templates]
+    text = model.apply(variables, jnp.asarray(tokenizer(prompts), jnp.int32), method=CLIPModel.encode_text)
+    return normalize(text.reshape(len(class_names), len(templates), -1).mean(1))
+
+
+def zero_shot_classify(model: CLIPModel, variables, images, class_names: Sequence[str],
+                       templates: Sequence[str] = ("a photo of a {}",), *, tokenizer, batch_size: int = 256):
+    """(B, K) class probabilities for (B, H, W, C) images from text prompts alone (prompt
+    ensembling over `templates`), in batches of `batch_size`."""
+    classes = class_embeddings(model, variables, class_names, templates, tokenizer)
+    scale = jnp.exp(variables["params"]["logit_scale"])
+
+    @jax.jit
+    def probs(x):
+        return jax.nn.softmax(scale * model.apply(variables, x, method=CLIPModel.encode_image) @ classes.T, -1)
+
+    return jnp.concatenate([probs(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])

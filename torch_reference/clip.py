@@ -1,0 +1,139 @@
+"""CLIP in PyTorch: the first source's `CLIPModel`, the second's `CLIPFromScratch`, a causal text
+transformer for the text tower the sources leave abstract, and batched zero-shot classification.
+
+State dicts saved by the sources' classes load here with `strict=True`. The image tower is any
+encoder with `embed_dim` (or `output_dim`), e.g. `VisionTransformer(num_classes=0)`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .vit import TransformerBlock, VisionTransformer
+
+
+def feature_width(encoder: nn.Module) -> int:
+    """`embed_dim` (the first source's name) or `output_dim` (the second's)."""
+    width = getattr(encoder, "embed_dim", None)
+    return width if width is not None else encoder.output_dim
+
+
+def clip_loss(logits_per_image, logits_per_text):
+    """Symmetric cross-entropy with the matching pairs on the diagonal of (B, B) logits."""
+    labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
+    return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+class TextTransformer(nn.Module):
+    """CLIP's text tower: (B, L <= context_length) token ids -> (B, width), the final-LayerNorm
+    feature at the end-of-text token (the largest id in each row, as in CLIP). Pre-norm blocks
+    with a causal mask, token and learned position embeddings."""
+
+    def __init__(self, vocab_size=49408, context_length=77, width=512, layers=12, heads=8,
+                 mlp_ratio=4, dropout=0.0):
+        super().__init__()
+        self.context_length = context_length
+        self.embed_dim = self.output_dim = width
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
+        self.blocks = nn.ModuleList([TransformerBlock(width, heads, mlp_ratio, dropout) for _ in range(layers)])
+        self.ln_final = nn.LayerNorm(width)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        for m in self.blocks.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+
+    def forward(self, text):
+        if text.ndim != 2 or text.is_floating_point() or text.shape[1] > self.context_length:
+            raise ValueError(f"TextTransformer expects (B, L <= {self.context_length}) integer token ids; "
+                             f"got {text.dtype} of shape {tuple(text.shape)}")
+        L = text.shape[1]
+        x = self.token_embedding(text) + self.positional_embedding[:L]
+        mask = torch.ones(L, L, dtype=torch.bool, device=text.device).tril()
+        for block in self.blocks:
+            x = block(x, mask)
+        x = self.ln_final(x)
+        return x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)]
+
+
+class CLIPModel(nn.Module):
+    """The first source's CLIP: `forward(image, text)` -> (logits_per_image (B, B'),
+    logits_per_text (B', B)), scaled cosine similarities; `contrastive_loss(image, text)`."""
+
+    def __init__(self, image_encoder, text_encoder, embed_dim=512, temperature=0.07):
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder
+        self.temperature = temperature
+        self.image_projection = nn.Linear(feature_width(image_encoder), embed_dim)
+        self.text_projection = nn.Linear(feature_width(text_encoder), embed_dim)
+        self.logit_scale = nn.Parameter(torch.ones([]) * np.log(1 / temperature))
+
+    def encode_image(self, image):
+        return F.normalize(self.image_projection(self.image_encoder(image)), dim=-1)
+
+    def encode_text(self, text):
+        return F.normalize(self.text_projection(self.text_encoder(text)), dim=-1)
+
+    def logits(self, image, text):
+        image_features = self.encode_image(image)
+        text_features = self.encode_text(text)
+        logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()
+        return logits_per_image, logits_per_image.t()
+
+    def forward(self, image, text):
+        return self.logits(image, text)
+
+    def contrastive_loss(self, image, text):
+        return clip_loss(*self.logits(image, text))
+
+
+class CLIPFromScratch(CLIPModel):
+    """The second source's name for the same model, whose `forward` returns the loss."""
+
+    def __init__(self, image_encoder, text_encoder, embed_dim=512):
+        super().__init__(image_encoder, text_encoder, embed_dim)
+
+    def forward(self, images, text):
+        return self.contrastive_loss(images, text)
+
+
+def CLIP(image_size=224, patch_size=16, in_channels=3, vision_width=768, vision_layers=12,
+         vision_heads=12, vocab_size=49408, context_length=77, text_width=512, text_layers=12,
+         text_heads=8, embed_dim=512, mlp_ratio=4, dropout=0.0, temperature=0.07):
+    """A `CLIPModel` of a ViT image tower (`num_classes=0`) and a `TextTransformer`, from plain
+    config values (the presets' entry point)."""
+    image = VisionTransformer(image_size, patch_size, in_channels, 0, vision_width, vision_layers,
+                              vision_heads, mlp_ratio, dropout)
+    text = TextTransformer(vocab_size, context_length, text_width, text_layers, text_heads, mlp_ratio, dropout)
+    return CLIPModel(image, text, embed_dim, temperature)
+
+
+@torch.no_grad()
+def class_embeddings(model, class_names, templates, tokenizer):
+    """(K, embed_dim): each class's prompts `template.format(name)` encoded, normalized, averaged
+    and normalized again (CLIP's prompt ensembling)."""
+    prompts = [t.format(name) for name in class_names for t in templates]
+    device = model.logit_scale.device
+    text = model.encode_text(torch.as_tensor(tokenizer(prompts), device=device))
+    return F.normalize(text.reshape(len(class_names), len(templates), -1).mean(1), dim=-1)
+
+
+@torch.no_grad()
+def zero_shot_classify(model, images, class_names, templates=("a photo of a {}",), *, tokenizer,
+                       batch_size=256):
+    """(B, K) class probabilities for (B, C, H, W) images from text prompts alone: softmax of the
+    scaled cosine similarity to each class's ensembled prompt embedding."""
+    was_training = model.training
+    model.eval()
+    classes = class_embeddings(model, class_names, templates, tokenizer)
+    probs = [F.softmax(model.logit_scale.exp() * model.encode_image(images[i:i + batch_size]) @ classes.t(), dim=-1)
+             for i in range(0, len(images), batch_size)]
+    model.train(was_training)
+    return torch.cat(probs)
