@@ -8,6 +8,7 @@ that names the folder: a checkpoint that can't be used never turns into a silent
 from __future__ import annotations
 
 import os
+import zlib
 from typing import Any
 
 import jax
@@ -47,6 +48,7 @@ class Checkpoints:
             return False
         if step in self.manager.all_steps():
             return False
+        meta = {**meta, "checksum": checksum(state)}
         return self.manager.save(step, args=ocp.args.Composite(
             state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)), force=True)
 
@@ -80,11 +82,24 @@ class Checkpoints:
             raise CheckpointError(f"checkpoint {where} could not be restored into this model and "
                                   f"optimizer: {type(e).__name__}: {e}") from e
         _check_like(state, abstract, where)
+        if "checksum" in meta and checksum(state) != meta["checksum"]:
+            raise CheckpointError(f"checkpoint {where} is corrupt: its arrays do not match the "
+                                  "checksum recorded when it was saved")
         return state, meta
 
     def close(self):
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def checksum(tree) -> int:
+    """CRC-32 over the bytes, shapes and dtypes of the leaves of a pytree of arrays."""
+    crc = 0
+    for leaf in jax.tree_util.tree_leaves(jax.device_get(tree)):
+        a = np.ascontiguousarray(leaf)
+        crc = zlib.crc32(f"{a.shape}{a.dtype}".encode(), crc)
+        crc = zlib.crc32(a.view(np.uint8).reshape(-1) if a.size else b"", crc)
+    return crc
 
 
 def _check_like(state, abstract, where):

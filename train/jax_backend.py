@@ -41,10 +41,10 @@ def make_state(r: Run):
 def checkpoint_tree(state: steps.TrainState) -> dict:
     """The arrays of `state` as host numpy (the key as its raw data), safe to save while the
     device buffers are donated to the next step."""
-    return jax.device_get({"step": state.step, "params": state.params,
+    return jax.tree_util.tree_map(np.asarray, jax.device_get({"step": state.step, "params": state.params,
                            "opt_state": state.opt_state,
                            "rng": jax.random.key_data(state.rng),
-                           "constants": state.constants})
+                           "constants": state.constants}))
 
 
 def from_checkpoint_tree(state: steps.TrainState, tree: dict) -> steps.TrainState:

@@ -37,17 +37,21 @@ class TrainState(train_state.TrainState):
 def warmup_cosine(peak: float, warmup_steps: int, total_steps: int, end: float = 0.0
                   ) -> Callable[[Any], Any]:
     """Learning rate of update `count` (0-based): linear from peak/warmup up to `peak` over
-    `warmup_steps`, then half a cosine down to `end` at `total_steps`. Works on ints and arrays,
-    so both backends read their rates from this one function."""
+    `warmup_steps`, then half a cosine down to `end` at `total_steps`.
+
+    In float32 on a traced count (inside optax) and in float32 numpy on a host int, so both
+    backends read the same rates from this one function without device round trips."""
     warmup_steps = max(int(warmup_steps), 0)
     decay_steps = max(int(total_steps) - warmup_steps, 1)
 
     def schedule(count):
-        count = jnp.asarray(count, jnp.float32)
-        warm = peak * (count + 1.0) / max(warmup_steps, 1)
-        t = jnp.clip((count - warmup_steps) / decay_steps, 0.0, 1.0)
-        cosine = end + 0.5 * (peak - end) * (1.0 + jnp.cos(jnp.pi * t))
-        return jnp.where(count < warmup_steps, warm, cosine)
+        xp = jnp if isinstance(count, jax.Array) else np
+        count = xp.asarray(count, xp.float32)
+        f32 = lambda v: xp.asarray(v, xp.float32)  # noqa: E731
+        warm = f32(peak) * (count + f32(1.0)) / f32(max(warmup_steps, 1))
+        t = xp.clip((count - f32(warmup_steps)) / f32(decay_steps), f32(0.0), f32(1.0))
+        cosine = f32(end) + f32(0.5 * (peak - end)) * (f32(1.0) + xp.cos(f32(np.pi) * t))
+        return xp.where(count < warmup_steps, warm, cosine).astype(xp.float32)
     return schedule
 
 
@@ -77,8 +81,9 @@ def create_state(model, variables: dict, tx: optax.GradientTransformation, rng: 
     """A TrainState at step 0 from `model.init` output; only 'params' is trained."""
     variables = dict(variables)
     params = variables.pop("params")
-    return TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=rng,
-                             constants=variables)
+    state = TrainState.create(apply_fn=model.apply, params=params, tx=tx, rng=rng,
+                              constants=variables)
+    return state.replace(step=jnp.zeros((), jnp.int32))
 
 
 # ---------------------------------------------------------------------------------------------
