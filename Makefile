@@ -21,7 +21,8 @@ test-all: setup
 	$(PY) -m pytest -q -m ''
 
 train: setup
-	XLA_FLAGS="--xla_force_host_platform_device_count=$${DEVICES:-2}" $(PY) -m train vit-digits --parallel pmap --workdir runs/vit-digits
+	rm -rf runs/vit-digits
+	XLA_FLAGS="--xla_force_host_platform_device_count=$${DEVICES:-2}" $(PY) -m train vit-digits --parallel pmap --workdir runs/vit-digits --export runs/vit-digits/vit-digits.safetensors
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache *.egg-info
