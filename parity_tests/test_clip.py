@@ -272,3 +272,30 @@ def test_pmap_gathered_loss_and_gradients_equal_jit_on_whole_batch():
     print(f"pmap(8) vs jit: loss rel err {loss_err:.2e}, worst gradient rel err {grad_err:.2e}")
     assert loss_err <= 1e-6 and grad_err <= 1e-5
     assert float(n_loss[0]) < float(jit_loss) - 0.5, "the gather should bring 14 more negatives per row"
+
+
+def test_torch_distributed_gathered_loss_equals_whole_batch(tmp_path):
+    """The torch twin on 4 gloo ranks of 2 pairs each: the mean loss and the all-reduced mean
+    gradients equal the loss and gradients of the 8-pair batch in one process."""
+    import torch.multiprocessing as mp
+
+    from parity_tests import _clip_dist_worker
+
+    preset, world = get_preset("clip-digits"), 4
+    tm = torch_reference.create_model(preset)
+    (x, t), = clip_batches(preset, 1, 2 * world, seed=5)[0]
+    np.savez(tmp_path / "inputs.npz", images=x.numpy(), tokens=t.numpy(),
+             **{f"kw_{k}": v for k, v in preset.kwargs.items()},
+             **{f"sd_{k}": v.numpy() for k, v in tm.state_dict().items()})
+    mp.spawn(_clip_dist_worker.run, nprocs=world, join=True,
+             args=(world, str(tmp_path / "init"), str(tmp_path / "inputs.npz"), str(tmp_path)))
+    got = np.load(tmp_path / "grads.npz")
+    loss = tclip.clip_loss(*tm(x, t))
+    loss.backward()
+    loss_err = abs(float(got["loss"]) - loss.item()) / loss.item()
+    errs = {k: harness.rel_err(p.grad.numpy(), got[k]) for k, p in tm.named_parameters()}
+    worst = max(errs, key=errs.get)
+    print(f"torch gloo({world}) vs one process: loss rel err {loss_err:.2e}, worst gradient {worst} "
+          f"{errs[worst]:.2e}")
+    assert loss_err <= 1e-6 and errs[worst] <= 1e-5
+    assert tclip.contrastive_loss(*tm.features(x, t)).item() == pytest.approx(loss.item(), rel=1e-6)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -25,6 +26,49 @@ def clip_loss(logits_per_image, logits_per_text):
     """Symmetric cross-entropy with the matching pairs on the diagonal of (B, B) logits."""
     labels = torch.arange(logits_per_image.shape[0], device=logits_per_image.device)
     return (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_text, labels)) / 2
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """(n, E) on each rank -> (world * n, E) in rank order; the backward sums every rank's
+    cotangent (all-reduce, which every backend has) and keeps this rank's rows."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x.contiguous(), group=group)
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad, group=ctx.group)
+        n = grad.shape[0] // dist.get_world_size(ctx.group)
+        rank = dist.get_rank(ctx.group)
+        return grad[rank * n:(rank + 1) * n], None
+
+
+def contrastive_loss(image_features, text_features, logit_scale, group=None, distributed=None):
+    """The CLIP loss from this process's normalized (n, E) features and the exp'd `logit_scale`.
+
+    Under `torch.distributed` (initialized, or `distributed=True`) the other ranks' features are
+    gathered with the autograd-aware `all_gather`, this rank scores its n images against all N
+    captions and its n captions against all N images, targets at offset `rank * n`. The mean over
+    ranks of this loss is the global batch's loss, and gradients averaged over ranks (DDP's
+    all-reduce) are the global gradient. Twin of `jax_models.clip.contrastive_loss`.
+    """
+    if distributed is None:
+        distributed = dist.is_available() and dist.is_initialized()
+    if not distributed:
+        logits = logit_scale * image_features @ text_features.t()
+        return clip_loss(logits, logits.t())
+    n = image_features.shape[0]
+    all_images = _GatherWithGrad.apply(image_features, group)
+    all_texts = _GatherWithGrad.apply(text_features, group)
+    labels = dist.get_rank(group) * n + torch.arange(n, device=image_features.device)
+    per_image = logit_scale * image_features @ all_texts.t()
+    per_text = (logit_scale * all_images @ text_features.t()).t()
+    return (F.cross_entropy(per_image, labels) + F.cross_entropy(per_text, labels)) / 2
 
 
 class TextTransformer(nn.Module):
@@ -81,10 +125,14 @@ class CLIPModel(nn.Module):
     def encode_text(self, text):
         return F.normalize(self.text_projection(self.text_encoder(text)), dim=-1)
 
+    def features(self, image, text):
+        """(image features (B, E), text features (B', E), exp(logit_scale)): the inputs of
+        `contrastive_loss`."""
+        return self.encode_image(image), self.encode_text(text), self.logit_scale.exp()
+
     def logits(self, image, text):
-        image_features = self.encode_image(image)
-        text_features = self.encode_text(text)
-        logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()
+        image_features, text_features, scale = self.features(image, text)
+        logits_per_image = scale * image_features @ text_features.t()
         return logits_per_image, logits_per_image.t()
 
     def forward(self, image, text):
