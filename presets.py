@@ -100,6 +100,33 @@ PRESETS.update({p.name: p for p in [
 ]})
 
 
+def _swin(name, image_size, patch_size, in_channels, num_classes, embed_dim, depths, num_heads,
+          window_size=7, drop_path_rate=0.1, train=None, description=""):
+    kwargs = dict(image_size=image_size, patch_size=patch_size, in_channels=in_channels,
+                  num_classes=num_classes, embed_dim=embed_dim, depths=tuple(depths),
+                  num_heads=tuple(num_heads), window_size=window_size, drop_path_rate=drop_path_rate)
+    return Preset(name, "swin", "SwinTransformer", kwargs, image_size, in_channels,
+                  train=dict(train or SWIN_RECIPE), description=description)
+
+
+# The Swin paper's ImageNet-1K recipe: AdamW, lr 1e-3 at batch 1024, weight decay 0.05, 20 warm-up
+# epochs of 300, label smoothing 0.1, gradient clipping at 5.
+SWIN_RECIPE = dict(lr=1e-3, weight_decay=0.05, warmup_steps=25_000, batch_size=1024,
+                   label_smoothing=0.1, grad_clip=5.0)
+
+PRESETS.update({p.name: p for p in [
+    _swin("swin-digits", 32, 2, 1, 10, 48, (2, 2, 2), (3, 6, 12), window_size=4,
+          drop_path_rate=0.1, train=DIGITS_RECIPE,
+          description="Swin for 32x32 digits: 16x16 tokens, windows of 4x4, stages 16/8/4"),
+    _swin("swin-t", 224, 4, 3, 1000, 96, (2, 2, 6, 2), (3, 6, 12, 24), drop_path_rate=0.2,
+          description="Swin-T (window 7, 224)"),
+    _swin("swin-s", 224, 4, 3, 1000, 96, (2, 2, 18, 2), (3, 6, 12, 24), drop_path_rate=0.3,
+          description="Swin-S (window 7, 224)"),
+    _swin("swin-b", 224, 4, 3, 1000, 128, (2, 2, 18, 2), (4, 8, 16, 32), drop_path_rate=0.5,
+          description="Swin-B (window 7, 224)"),
+]})
+
+
 def get_preset(name: str) -> Preset:
     """The preset called `name`; a KeyError lists the known names otherwise."""
     try:

@@ -6,7 +6,8 @@ its index as its Flax name. `weight` is `kernel` (Dense: transposed; Conv: OIHW 
 (LayerNorm, GroupNorm) or `embedding` (Embed), as the Flax target tree says. The fused
 `in_proj_weight` / `in_proj_bias` of `nn.MultiheadAttention` are the `query`, `key`, `value`
 kernels and biases. Other parameters keep their names. Torch buffers are not loaded: the Flax
-side computes them (collection 'buffers'), and each is checked against the torch value.
+side computes them (collection 'buffers'), and each is checked against the torch value (a
+missing one is reported like a missing parameter).
 
 Naming rules the models follow so that the inverse needs no template: a Flax submodule whose name
 ends in `_<digits>` is a list entry; `query`/`key`/`value` siblings are an nn.MultiheadAttention.
@@ -135,6 +136,7 @@ def torch_to_flax(state_dict: Mapping[str, Any], flax_model, *example_inputs, rn
         computed = {c: flatten_dict(meta.unbox(init[c])) for c in COMPUTED if c in init}
     flat_target = {c: flatten_dict(target[c]) for c in collections}
     loaded: dict[str, dict] = {c: {} for c in collections if c in TRAINED}
+    checked: dict[str, set] = {c: set() for c in collections if c in COMPUTED}
     unexpected, shapes, buffers = [], [], []
 
     for key, value in state_dict.items():
@@ -157,6 +159,7 @@ def torch_to_flax(state_dict: Mapping[str, Any], flax_model, *example_inputs, rn
                         shapes.append(f"{key}: torch {_shape(value)} gives {'/'.join(path)} "
                                       f"{_shape(array)}, the Flax model has {want}")
                     elif c in COMPUTED:
+                        checked[c].add(path)
                         mine = np.asarray(computed[c][path])
                         if not np.allclose(mine, array, rtol=buffer_rtol, atol=0):
                             err = np.max(np.abs(mine.astype(np.float64) - array.astype(np.float64)))
@@ -170,6 +173,7 @@ def torch_to_flax(state_dict: Mapping[str, Any], flax_model, *example_inputs, rn
             unexpected.append(key)
 
     missing = [f"{c}:{'/'.join(p)}" for c in loaded for p in flat_target[c] if p not in loaded[c]]
+    missing += [f"{c}:{'/'.join(p)}" for c in checked for p in flat_target[c] if p not in checked[c]]
     if missing or unexpected or shapes or buffers:
         raise WeightMismatchError(missing, unexpected, shapes, buffers)
     variables = {c: unflatten_dict({p: jax.numpy.asarray(a) for p, a in loaded[c].items()})

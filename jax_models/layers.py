@@ -188,3 +188,17 @@ class TransformerEncoder(nn.Module):
         for layer in self.layers:
             x = layer(x, src_key_padding_mask=src_key_padding_mask, train=train)
         return x
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: with `train=True` (and a 'dropout' rng), zero a whole sample's residual
+    branch with probability `drop_prob` and scale the kept ones by 1/(1-drop_prob)."""
+    drop_prob: float = 0.0
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        if self.drop_prob == 0.0 or not train:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        return x * mask.astype(x.dtype) / keep

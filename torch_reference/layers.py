@@ -76,3 +76,19 @@ class Mlp(nn.Sequential):
             nn.Linear(hidden_features, out_features or in_features),
             nn.Dropout(dropout),
         )
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: in training, zero a whole sample's residual branch with probability
+    `drop_prob` and scale the kept ones by 1/(1-drop_prob); the identity in eval."""
+
+    def __init__(self, drop_prob=0.0):
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, x):
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
