@@ -33,7 +33,8 @@ class Checkpoints:
         self.every = every
         self.manager = ocp.CheckpointManager(
             self.directory,
-            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
+            options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                                 cleanup_tmp_directories=True),
             item_names=("state", "meta"))
 
     def latest_step(self) -> int | None:

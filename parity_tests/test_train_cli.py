@@ -1,0 +1,44 @@
+"""The `python -m train` CLI: outputs, summary fields, the torch backend, clear errors."""
+
+import json
+
+import pytest
+
+from train.__main__ import main
+
+TINY_ARGS = ["--set", "depth=1", "--set", "embed_dim=16", "--set", "num_heads=2",
+             "--set", "patch_size=8"]
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_cli_writes_metrics_summary_and_export(tmp_path, capsys, backend):
+    rc = main(["vit-digits", *TINY_ARGS, "--backend", backend, "--steps", "4",
+               "--batch-size", "16", "--log-every", "2", "--no-progress",
+               "--workdir", str(tmp_path), "--export", str(tmp_path / "w.safetensors")])
+    assert rc == 0
+    out = capsys.readouterr().out
+    assert "test accuracy" in out and str(tmp_path / "w.safetensors") in out
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for key in ("final_loss", "eval_accuracy", "steps", "examples_per_second", "backend",
+                "parallel", "devices"):
+        assert key in summary, key
+    assert summary["steps"] == 4 and summary["backend"] == backend
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in lines if "loss" in x] == [2, 4]
+    assert lines[-1]["step"] == 4 and "eval_accuracy" in lines[-1]
+    assert (tmp_path / "checkpoints" / "4").is_dir()
+
+
+def test_cli_errors_are_clear(tmp_path, capsys):
+    import jax
+    n = jax.local_device_count()
+    if n > 1:
+        rc = main(["vit-digits", *TINY_ARGS, "--parallel", "pmap", "--steps", "1",
+                   "--batch-size", str(n + 1), "--no-progress", "--workdir", str(tmp_path)])
+        assert rc == 2
+        assert f"does not split evenly over {n} local devices" in capsys.readouterr().err
+    rc = main(["vit-digits", "--data", "imagefolder:/no/such/dir", "--no-progress",
+               "--workdir", str(tmp_path / "x")])
+    assert rc == 2 and "does not exist" in capsys.readouterr().err
+    rc = main(["no-such-preset", "--no-progress", "--workdir", str(tmp_path / "y")])
+    assert rc == 2 and "unknown preset" in capsys.readouterr().err
