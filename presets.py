@@ -127,6 +127,31 @@ PRESETS.update({p.name: p for p in [
 ]})
 
 
+def _ddpm(name, image_size, in_channels, features, time_emb_dim, num_res_blocks=2, dropout=0.1,
+          train=None, description=""):
+    kwargs = dict(in_channels=in_channels, out_channels=in_channels, features=tuple(features),
+                  time_emb_dim=time_emb_dim, num_res_blocks=num_res_blocks, dropout=dropout)
+    return Preset(name, "ddpm", "UNet", kwargs, image_size, in_channels, task="diffusion",
+                  train=dict(train or DDPM_RECIPE), description=description)
+
+
+# The preset's model is the denoiser (UNet), what `python -m bridge verify` compares; `DDPM(model,
+# timesteps, beta_start, beta_end)` is built around it from the recipe. The source's recipe: Adam
+# at 2e-4, the linear schedule 1e-4 .. 0.02 over 1000 steps.
+DDPM_RECIPE = dict(timesteps=1000, beta_start=1e-4, beta_end=0.02, lr=2e-4, weight_decay=0.0,
+                   warmup_steps=0, batch_size=128, grad_clip=0.0, ema_decay=0.9999)
+DDPM_DIGITS_RECIPE = dict(DDPM_RECIPE, lr=1e-3, warmup_steps=100, batch_size=128, steps=3000,
+                          grad_clip=1.0, ema_decay=0.995, data="digits", num_samples=256,
+                          sample_steps=1000)
+
+PRESETS.update({p.name: p for p in [
+    _ddpm("ddpm-digits", 16, 1, (32, 64), 64, train=DDPM_DIGITS_RECIPE,
+          description="DDPM U-Net for 16x16 digits: stages 32/64, attention in the bottleneck"),
+    _ddpm("ddpm-cifar10", 32, 3, (64, 128, 256, 512), 256,
+          description="the source's default U-Net (features 64-128-256-512) on 32x32x3"),
+]})
+
+
 def get_preset(name: str) -> Preset:
     """The preset called `name`; a KeyError lists the known names otherwise."""
     try:

@@ -128,13 +128,18 @@ def compare_layers(torch_model, flax_model, variables, torch_inputs: Sequence, f
 
 
 def example_inputs(preset, batch_size: int = 2, seed: int = 0):
-    """(torch inputs, flax inputs) for a preset: images N(0, 1), NCHW for torch and NHWC for Flax."""
+    """(torch inputs, flax inputs) for a preset: images N(0, 1), NCHW for torch and NHWC for Flax;
+    for 'diffusion' (the denoiser) also integer timesteps in [0, timesteps)."""
     import torch
 
     rs = np.random.RandomState(seed)
+    x = rs.standard_normal((batch_size, *preset.input_shape_nchw)).astype(np.float32)
+    images = (torch.from_numpy(x),), (jax.numpy.asarray(x.transpose(0, 2, 3, 1)),)
     if preset.task == "classification":
-        x = rs.standard_normal((batch_size, *preset.input_shape_nchw)).astype(np.float32)
-        return (torch.from_numpy(x),), (jax.numpy.asarray(x.transpose(0, 2, 3, 1)),)
+        return images
+    if preset.task == "diffusion":
+        t = rs.randint(0, preset.train.get("timesteps", 1000), size=batch_size)
+        return images[0] + (torch.from_numpy(t),), images[1] + (jax.numpy.asarray(t),)
     if preset.task == "contrastive":
         x = rs.standard_normal((batch_size, *preset.input_shape_nchw)).astype(np.float32)
         tokens = random_tokens(rs, batch_size, preset.kwargs["vocab_size"], preset.kwargs["context_length"])

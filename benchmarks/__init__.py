@@ -1,0 +1,1 @@
+"""XLA (jitted JAX) against eager PyTorch on the same models and weights."""

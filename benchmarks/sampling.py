@@ -1,0 +1,86 @@
+"""Time to draw samples from a diffusion preset: the compiled JAX sampler against the eager torch loop.
+
+`python -m benchmarks.sampling [--preset ddpm-digits] [--num-samples 256] [--timesteps T]
+[--sampler ancestral|ddim] [--ddim-steps 50] [--runs 3]`. Both frameworks get the same weights
+(torch init carried over by the bridge); JAX's compile time is reported apart from its runs
+(median, `block_until_ready`); torch runs under `no_grad` with its default threads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+
+
+def bench(preset="ddpm-digits", num_samples=256, timesteps=None, sampler="ancestral", ddim_steps=50,
+          runs=3, torch_runs=1, seed=0) -> dict:
+    import jax
+    import jax.numpy as jnp
+    import torch
+
+    import bridge
+    import jax_models
+    import torch_reference
+    from jax_models import ddpm as J
+    from presets import get_preset
+    from torch_reference import ddpm as T
+
+    p = get_preset(preset)
+    T_ = timesteps or p.train["timesteps"]
+    sched = dict(timesteps=T_, beta_start=p.train["beta_start"], beta_end=p.train["beta_end"])
+    torch.manual_seed(seed)
+    td = T.DDPM(torch_reference.create_model(p), **sched).eval()
+    fd = J.DDPM(jax_models.create_model(p), **sched)
+    x = jnp.zeros((1, *p.input_shape_nhwc))
+    variables = bridge.torch_to_flax(td.state_dict(), fd, x, jnp.zeros((1,), jnp.int32), x)
+    size, ch = p.image_size, p.in_channels
+
+    if sampler == "ancestral":
+        fn = lambda v, k: fd.apply(v, k, size, num_samples, ch, method=J.DDPM.sample)
+        torch_fn = lambda: td.sample(size, num_samples, ch)
+    else:
+        fn = lambda v, k: fd.apply(v, k, size, num_samples, ch, ddim_steps, method=J.DDPM.ddim_sample)
+        torch_fn = lambda: td.ddim_sample(size, num_samples, ch, steps=ddim_steps)
+
+    t0 = time.perf_counter()
+    compiled = jax.jit(fn).lower(variables, jax.random.key(0)).compile()
+    compile_s = time.perf_counter() - t0
+    jax_times = []
+    for i in range(runs):
+        t0 = time.perf_counter()
+        compiled(variables, jax.random.key(i)).block_until_ready()
+        jax_times.append(time.perf_counter() - t0)
+    torch_times = []
+    for _ in range(torch_runs):
+        t0 = time.perf_counter()
+        torch_fn()
+        torch_times.append(time.perf_counter() - t0)
+    return dict(preset=preset, sampler=sampler, steps=T_ if sampler == "ancestral" else ddim_steps,
+                num_samples=num_samples, jax_compile_s=round(compile_s, 2),
+                jax_run_s=round(statistics.median(jax_times), 2), jax_runs=[round(t, 2) for t in jax_times],
+                torch_eager_s=round(statistics.median(torch_times), 2),
+                speedup=round(statistics.median(torch_times) / statistics.median(jax_times), 2),
+                machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, jax {jax.__version__} "
+                        f"({jax.default_backend()}), torch {torch.__version__} ({torch.get_num_threads()} threads)")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.sampling", description=__doc__)
+    ap.add_argument("--preset", default="ddpm-digits")
+    ap.add_argument("--num-samples", type=int, default=256)
+    ap.add_argument("--timesteps", type=int, default=None, help="schedule length (default: the preset's)")
+    ap.add_argument("--sampler", choices=["ancestral", "ddim"], default="ancestral")
+    ap.add_argument("--ddim-steps", type=int, default=50)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--torch-runs", type=int, default=1)
+    a = ap.parse_args(argv)
+    print(json.dumps(bench(a.preset, a.num_samples, a.timesteps, a.sampler, a.ddim_steps, a.runs, a.torch_runs)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,297 @@
+"""DDPM of the first source in Flax linen: twins of `torch_reference/ddpm.py`, images NHWC.
+
+`UNet(x, t, train=False)`: (B, H, W, C), (B,) integer timesteps -> (B, H, W, out_channels).
+`DDPM(model, ...)` holds the schedule in the 'buffers' collection (torch's buffers, same names) and
+is used through `apply(variables, ..., method=...)`: `q_sample`, `p_losses`, `p_sample`, and the
+samplers `sample` (ancestral) and `ddim_sample`, each one compiled loop (`lax.fori_loop`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+import numpy as np
+
+from .layers import gelu, torch_linear_init
+
+GN_EPS = 1e-5  # torch's GroupNorm default; flax's is 1e-6
+
+
+class GroupNorm(nn.Module):
+    """Twin of `torch.nn.GroupNorm` on NHWC (params `scale`, `bias`): statistics over each group of
+    contiguous channels and the spatial axes. Two passes; the second also corrects the mean's
+    rounding (m1), which a float32 sum of large values leaves at ~1e-5 of the signal."""
+    num_groups: int
+    epsilon: float = GN_EPS
+
+    @nn.compact
+    def __call__(self, x):
+        C = x.shape[-1]
+        if C % self.num_groups:
+            raise ValueError(f"{C} channels do not split into {self.num_groups} groups")
+        scale = self.param("scale", nn.initializers.ones, (C,))
+        bias = self.param("bias", nn.initializers.zeros, (C,))
+        g = x.reshape(x.shape[0], -1, self.num_groups, C // self.num_groups)
+        d = g - g.mean(axis=(1, 3), keepdims=True)
+        m1 = d.mean(axis=(1, 3), keepdims=True)
+        var = jnp.square(d).mean(axis=(1, 3), keepdims=True) - jnp.square(m1)
+        y = ((d - m1) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        return y * scale + bias
+
+
+def conv(features, kernel, stride=1, padding=0, name=None):
+    """Twin of `nn.Conv2d(in, features, kernel, stride, padding)`: explicit torch-style pads."""
+    return nn.Conv(features, (kernel, kernel), strides=(stride, stride),
+                   padding=((padding, padding), (padding, padding)), kernel_init=torch_linear_init,
+                   name=name)
+
+
+class ConvTranspose2d(nn.Module):
+    """Twin of `torch.nn.ConvTranspose2d` on NHWC. The parameter is torch's own `weight`
+    (in, out, kh, kw), so the bridge carries it as is: the transposed convolution is the input
+    dilated by `stride`, padded by k - 1 - padding, convolved with the spatially flipped kernel."""
+    in_channels: int
+    out_channels: int
+    kernel_size: int
+    stride: int = 1
+    padding: int = 0
+    output_padding: int = 0
+
+    @nn.compact
+    def __call__(self, x):
+        k, s, p = self.kernel_size, self.stride, self.padding
+        bound = 1 / math.sqrt(self.out_channels * k * k)  # torch's fan_in for (in, out, kh, kw)
+        init = lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+        weight = self.param("weight", init, (self.in_channels, self.out_channels, k, k))
+        bias = self.param("bias", init, (self.out_channels,))
+        lo, hi = k - 1 - p, k - 1 - p + self.output_padding
+        y = jax.lax.conv_general_dilated(
+            x, weight[:, :, ::-1, ::-1], window_strides=(1, 1), padding=((lo, hi), (lo, hi)),
+            lhs_dilation=(s, s), dimension_numbers=("NHWC", "IOHW", "NHWC"))
+        return y + bias
+
+
+class SinusoidalPositionEmbeddings(nn.Module):
+    """(B,) timesteps -> (B, dim): [sin(t w_i), cos(t w_i)], w_i = 10000^(-i / (dim/2 - 1))."""
+    dim: int
+
+    def __call__(self, time):
+        half_dim = self.dim // 2
+        embeddings = math.log(10000) / (half_dim - 1)
+        dtype = jax.dtypes.canonicalize_dtype(jnp.float64)  # float32 unless x64 is on
+        embeddings = np.exp(np.arange(half_dim, dtype=np.float64) * -embeddings).astype(dtype)
+        embeddings = time.astype(dtype)[:, None] * embeddings[None, :]
+        return jnp.concatenate([jnp.sin(embeddings), jnp.cos(embeddings)], axis=-1)
+
+
+class _TimeMlp(nn.Module):
+    """The source's `nn.Sequential(SinusoidalPositionEmbeddings, Linear, GELU, Linear)`."""
+    time_emb_dim: int
+
+    @nn.compact
+    def __call__(self, t):
+        h = SinusoidalPositionEmbeddings(self.time_emb_dim, name="0")(t)
+        h = nn.Dense(self.time_emb_dim * 4, kernel_init=torch_linear_init, name="1")(h)
+        return nn.Dense(self.time_emb_dim, kernel_init=torch_linear_init, name="3")(gelu(h))
+
+
+class _NormActConv(nn.Module):
+    """`nn.Sequential(GroupNorm, SiLU, [Dropout,] Conv2d)`: children '0' and '2' (or '3')."""
+    features: int
+    dropout: float | None = None
+
+    @nn.compact
+    def __call__(self, x, train: bool = False):
+        x = nn.silu(GroupNorm(8, name="0")(x))
+        if self.dropout is None:
+            return conv(self.features, 3, padding=1, name="2")(x)
+        x = nn.Dropout(self.dropout, deterministic=not train, name="2")(x)
+        return conv(self.features, 3, padding=1, name="3")(x)
+
+
+class ResidualBlock(nn.Module):
+    """GroupNorm-SiLU-Conv, + time projection, GroupNorm-SiLU-Dropout-Conv, + (1x1 conv) skip."""
+    in_channels: int
+    out_channels: int
+    time_emb_dim: int
+    dropout: float = 0.1
+
+    @nn.compact
+    def __call__(self, x, time_emb, train: bool = False):
+        h = _NormActConv(self.out_channels, name="block1")(x)
+        h = h + nn.Dense(self.out_channels, kernel_init=torch_linear_init, name="time_mlp")(time_emb)[:, None, None, :]
+        h = _NormActConv(self.out_channels, self.dropout, name="block2")(h, train)
+        if self.in_channels != self.out_channels:
+            x = conv(self.out_channels, 1, name="residual_conv")(x)
+        return h + x
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over the H*W positions (scale (C//8)^-0.5, as the source), residual."""
+    channels: int
+
+    @nn.compact
+    def __call__(self, x):
+        B, H, W, C = x.shape
+        qkv = conv(C * 3, 1, name="qkv")(GroupNorm(8, name="norm")(x)).reshape(B, H * W, 3 * C)
+        q, k, v = jnp.split(qkv, 3, axis=-1)
+        attn = jax.nn.softmax((q @ k.swapaxes(1, 2)) * (C // 8) ** -0.5, axis=-1)
+        out = (attn @ v).reshape(B, H, W, C)
+        return x + conv(C, 1, name="proj")(out)
+
+
+class UNet(nn.Module):
+    """The source's U-Net with the decoder fix of the torch twin: (B, H, W, in_channels), (B,)
+    -> (B, H, W, out_channels)."""
+    in_channels: int = 3
+    out_channels: int = 3
+    features: Sequence[int] = (64, 128, 256, 512)
+    time_emb_dim: int = 256
+    num_res_blocks: int = 2
+    dropout: float = 0.1
+
+    @nn.compact
+    def __call__(self, x, timestep, train: bool = False):
+        feats, T, d = list(self.features), self.time_emb_dim, self.dropout
+
+        def run(blocks, x):
+            for block in blocks:
+                x = block(x, t, train) if isinstance(block, ResidualBlock) else block(x)
+            return x
+
+        t = _TimeMlp(T, name="time_mlp")(timestep)
+        x = conv(feats[0], 3, padding=1, name="init_conv")(x)
+        skips, in_ch = [], feats[0]
+        for i, f in enumerate(feats):
+            blocks = []
+            for j in range(self.num_res_blocks):
+                blocks.append(ResidualBlock(in_ch, f, T, d, name=f"encoder_{i}_{j}"))
+                in_ch = f
+            if f >= 256:
+                blocks.append(AttentionBlock(f, name=f"encoder_{i}_{self.num_res_blocks}"))
+            x = run(blocks, x)
+            skips.append(x)
+            x = conv(f, 3, stride=2, padding=1, name=f"pool_{i}")(x)
+
+        x = run([ResidualBlock(feats[-1], feats[-1] * 2, T, d, name="bottleneck_0"),
+                 AttentionBlock(feats[-1] * 2, name="bottleneck_1"),
+                 ResidualBlock(feats[-1] * 2, feats[-1], T, d, name="bottleneck_2")], x)
+
+        in_ch = feats[-1]
+        for i, (f, skip) in enumerate(zip(reversed(feats), reversed(skips))):
+            x = jnp.concatenate([ConvTranspose2d(in_ch, f, 2, stride=2, name=f"upconv_{i}")(x), skip], axis=-1)
+            blocks = [ResidualBlock(f * 2 if j == 0 else f, f, T, d, name=f"decoder_{i}_{j}")
+                      for j in range(self.num_res_blocks)]
+            if f >= 256:
+                blocks.append(AttentionBlock(f, name=f"decoder_{i}_{self.num_res_blocks}"))
+            x = run(blocks, x)
+            in_ch = f
+
+        return _NormActConv(self.out_channels, name="final_conv")(x)
+
+
+def linear_schedule(timesteps, beta_start, beta_end) -> dict[str, np.ndarray]:
+    """The source's schedule, float32: computed in float64 and rounded once, as the torch twin does."""
+    i = np.arange(timesteps, dtype=np.float64)
+    betas = beta_start + (beta_end - beta_start) * i / max(timesteps - 1, 1)
+    alphas = 1 - betas
+    alphas_cumprod = np.cumprod(alphas)
+    alphas_cumprod_prev = np.concatenate([np.ones(1), alphas_cumprod[:-1]])
+    s = dict(
+        betas=betas,
+        alphas=alphas,
+        alphas_cumprod=alphas_cumprod,
+        alphas_cumprod_prev=alphas_cumprod_prev,
+        sqrt_alphas_cumprod=np.sqrt(alphas_cumprod),
+        sqrt_one_minus_alphas_cumprod=np.sqrt(1 - alphas_cumprod),
+        posterior_variance=betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod),
+    )
+    return {k: v.astype(np.float32) for k, v in s.items()}
+
+
+def ddim_timesteps(timesteps, steps):
+    """`steps` timesteps spread evenly over [0, timesteps - 1], both ends included, descending."""
+    if steps == 1:
+        return [timesteps - 1]
+    return [round(i * (timesteps - 1) / (steps - 1)) for i in reversed(range(steps))]
+
+
+def _b(v):
+    return v[:, None, None, None]
+
+
+class DDPM(nn.Module):
+    """Denoising Diffusion Probabilistic Model around a noise predictor `model(x_t, t)`.
+
+    Variables: 'params' (the model's, under `model/`) and 'buffers' (the schedule). `__call__(x)`
+    is the training loss at timesteps and noise drawn from the 'diffusion' rng (or given).
+    """
+    model: nn.Module
+    timesteps: int = 1000
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+    def setup(self):
+        schedule = linear_schedule(self.timesteps, self.beta_start, self.beta_end)
+        self.s = {k: self.variable("buffers", k, lambda v=v: jnp.asarray(v)).value
+                  for k, v in schedule.items()}
+
+    def q_sample(self, x_start, t, noise):
+        """x_t ~ q(x_t | x_0): sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise."""
+        return _b(self.s["sqrt_alphas_cumprod"][t]) * x_start + \
+            _b(self.s["sqrt_one_minus_alphas_cumprod"][t]) * noise
+
+    def p_losses(self, x_start, t, noise, train: bool = False):
+        """MSE between the noise and the model's prediction of it from x_t."""
+        x_noisy = self.q_sample(x_start, t, noise)
+        return jnp.mean(jnp.square(noise - self.model(x_noisy, t, train)))
+
+    def __call__(self, x, t=None, noise=None, train: bool = False):
+        if t is None:
+            t = jax.random.randint(self.make_rng("diffusion"), (x.shape[0],), 0, self.timesteps)
+        if noise is None:
+            noise = jax.random.normal(self.make_rng("diffusion"), x.shape, x.dtype)
+        return self.p_losses(x, t, noise, train)
+
+    def p_sample(self, x, t, t_index, noise):
+        """x_{t-1} ~ p(x_{t-1} | x_t) with the given standard normal `noise` (like x)."""
+        s = self.s
+        sqrt_recip_alphas_t = _b(jnp.sqrt(1.0 / s["alphas"][t]))
+        model_mean = sqrt_recip_alphas_t * (
+            x - _b(s["betas"][t]) * self.model(x, t) / _b(s["sqrt_one_minus_alphas_cumprod"][t]))
+        return jnp.where(t_index == 0, model_mean,
+                         model_mean + jnp.sqrt(_b(s["posterior_variance"][t])) * noise)
+
+    def sample(self, rng, image_size, batch_size=1, channels=3, img=None, noise=None):
+        """The ancestral sampler, one `fori_loop`: (B, size, size, channels). `img` is x_T and
+        `noise[t]` the draw at step t (T, B, size, size, channels); drawn from `rng` if not given."""
+        shape = (batch_size, image_size, image_size, channels)
+        img = jax.random.normal(jax.random.fold_in(rng, self.timesteps), shape) if img is None else img
+
+        def step(i, x):
+            t = self.timesteps - 1 - i
+            z = jax.random.normal(jax.random.fold_in(rng, t), x.shape) if noise is None else noise[t]
+            return self.p_sample(x, jnp.full((x.shape[0],), t), t, z)
+
+        return jax.lax.fori_loop(0, self.timesteps, step, img)
+
+    def ddim_sample(self, rng, image_size, batch_size=1, channels=3, steps=50, img=None):
+        """Deterministic DDIM (eta = 0) over `ddim_timesteps(timesteps, steps)`, one `fori_loop`."""
+        shape = (batch_size, image_size, image_size, channels)
+        img = jax.random.normal(jax.random.fold_in(rng, self.timesteps), shape) if img is None else img
+        ts = np.array(ddim_timesteps(self.timesteps, steps))
+        a = self.s["alphas_cumprod"]
+        a_t_all = a[ts]
+        a_prev_all = jnp.concatenate([a[ts[1:]], jnp.ones((1,), a.dtype)])
+
+        def step(i, x):
+            a_t, a_prev = a_t_all[i], a_prev_all[i]
+            eps = self.model(x, jnp.full((x.shape[0],), jnp.asarray(ts)[i]))
+            x0 = (x - jnp.sqrt(1 - a_t) * eps) / jnp.sqrt(a_t)
+            return jnp.sqrt(a_prev) * x0 + jnp.sqrt(1 - a_prev) * eps
+
+        return jax.lax.fori_loop(0, len(ts), step, img)

@@ -1,0 +1,281 @@
+"""Parity of the DDPM twins: the layers with no Flax default (ConvTranspose2d, GroupNorm), the U-Net,
+the diffusion process, both samplers over whole trajectories, an Adam trajectory, and the bridge."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import bridge
+import jax_models
+import torch_reference
+from jax_models import ddpm as J
+from parity_tests import harness, source_000
+from presets import get_preset
+from torch_reference import ddpm as T
+
+TINY = dict(in_channels=1, out_channels=1, features=(16, 32), time_emb_dim=32, num_res_blocks=2,
+            dropout=0.0)
+ATTN = dict(TINY, features=(16, 256))  # attention inside an encoder and a decoder stage too
+
+
+def nhwc(a):
+    a = np.asarray(a)
+    return jnp.asarray(a.transpose(0, 2, 3, 1) if a.ndim == 4 else a.transpose(0, 1, 3, 4, 2))
+
+
+def nchw(a):
+    return np.asarray(a).transpose(0, 3, 1, 2)
+
+
+def draws(batch, channels, size, seed=0, timesteps=1000):
+    """(x, t, noise) as float32 NCHW numpy arrays and int64 timesteps (t = 0 and T - 1 included)."""
+    rs = np.random.RandomState(seed)
+    x = rs.uniform(-1, 1, (batch, channels, size, size)).astype(np.float32)
+    t = rs.randint(0, timesteps, batch)
+    t[:2] = [0, timesteps - 1]
+    return x, t, rs.standard_normal(x.shape).astype(np.float32)
+
+
+def twins(kw=TINY, size=8, batch=4, seed=0, timesteps=1000):
+    """Torch DDPM, Flax DDPM, Flax variables (params from torch, buffers computed), and draws."""
+    torch.manual_seed(seed)
+    td = T.DDPM(T.UNet(**kw), timesteps).eval()
+    fd = J.DDPM(J.UNet(**kw), timesteps)
+    x, t, noise = draws(batch, kw["in_channels"], size, seed, timesteps)
+    variables = bridge.torch_to_flax(td.state_dict(), fd, nhwc(x), jnp.asarray(t), nhwc(noise))
+    return td, fd, variables, (x, t, noise)
+
+
+def tt(*arrays):
+    return tuple(torch.from_numpy(np.asarray(a)) for a in arrays)
+
+
+# --- layers ------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k, s, p, op", [(2, 2, 0, 0), (3, 2, 1, 1), (4, 2, 1, 0), (3, 1, 1, 0), (3, 3, 2, 2)])
+def test_conv_transpose_forward_and_gradients(k, s, p, op):
+    torch.manual_seed(0)
+    tm = torch.nn.ConvTranspose2d(6, 5, k, stride=s, padding=p, output_padding=op)
+    fm = J.ConvTranspose2d(6, 5, k, s, p, op)
+    x = np.random.RandomState(0).standard_normal((2, 6, 5, 7)).astype(np.float32)
+    variables = bridge.torch_to_flax(tm.state_dict(), fm, nhwc(x))
+    xt = torch.from_numpy(x).requires_grad_()
+    yt = tm(xt)
+    w = torch.from_numpy(np.random.RandomState(1).standard_normal(yt.shape).astype(np.float32))
+    (yt * w).sum().backward()
+    f = lambda v, x: jnp.sum(fm.apply(v, x) * nhwc(w.numpy()))
+    yf = fm.apply(variables, nhwc(x))
+    gv, gx = jax.grad(f, argnums=(0, 1))(variables, nhwc(x))
+    assert harness.rel_err(yt.detach().numpy(), nchw(yf)) <= harness.FORWARD_TOL
+    assert harness.rel_err(xt.grad.numpy(), nchw(gx)) <= harness.GRAD_TOL
+    assert harness.rel_err(tm.weight.grad.numpy(), gv["params"]["weight"]) <= harness.GRAD_TOL
+    assert harness.rel_err(tm.bias.grad.numpy(), gv["params"]["bias"]) <= harness.GRAD_TOL
+
+
+def test_group_norm_forward_and_gradients():
+    """Two-pass statistics: an offset of 100 on a unit signal is where E[x^2] - E[x]^2 fails."""
+    torch.manual_seed(0)
+    tm = torch.nn.GroupNorm(8, 32)
+    torch.nn.init.normal_(tm.weight)
+    torch.nn.init.normal_(tm.bias)
+    fm = J.GroupNorm(8)
+    x = (100 + np.random.RandomState(0).standard_normal((3, 32, 6, 5))).astype(np.float32)
+    variables = bridge.torch_to_flax(tm.state_dict(), fm, nhwc(x))
+    xt = torch.from_numpy(x).requires_grad_()
+    yt = tm(xt)
+    w = np.random.RandomState(1).standard_normal(yt.shape).astype(np.float32)
+    (yt * torch.from_numpy(w)).sum().backward()
+    f = lambda v, x: jnp.sum(fm.apply(v, x) * nhwc(w))
+    gv, gx = jax.grad(f, argnums=(0, 1))(variables, nhwc(x))
+    assert harness.rel_err(yt.detach().numpy(), nchw(fm.apply(variables, nhwc(x)))) <= harness.FORWARD_TOL
+    assert harness.rel_err(xt.grad.numpy(), nchw(gx)) <= harness.GRAD_TOL
+    assert harness.rel_err(tm.weight.grad.numpy(), gv["params"]["scale"]) <= harness.GRAD_TOL
+
+
+def test_time_embedding():
+    t = np.array([0, 1, 17, 500, 999])
+    ref = T.SinusoidalPositionEmbeddings(64)(torch.from_numpy(t)).numpy()
+    got = J.SinusoidalPositionEmbeddings(64)(jnp.asarray(t))
+    assert harness.rel_err(ref, got) <= 1e-6
+    src = source_000.SinusoidalPositionEmbeddings(64)(torch.from_numpy(t)).numpy()
+    assert harness.rel_err(src, ref) <= 1e-5  # the source's float32 exp, within a few ulp of t * w
+
+
+# --- U-Net ---------------------------------------------------------------------------------------
+
+UNETS = [pytest.param(TINY, 8, id="tiny"), pytest.param(ATTN, 8, id="attention"),
+         pytest.param(dict(get_preset("ddpm-cifar10").kwargs, dropout=0.0), 32, id="cifar10",
+                      marks=pytest.mark.slow)]
+
+
+@pytest.mark.parametrize("kw, size", UNETS)
+def test_unet_forward(kw, size):
+    td, fd, variables, (x, t, _) = twins(kw, size, batch=4)
+    unet_vars = {"params": variables["params"]["model"]}
+    err = harness.forward_error(td.model, fd.model, unet_vars, tt(x, t), [nhwc(x), jnp.asarray(t)], nhwc)
+    assert err <= harness.FORWARD_TOL, f"U-Net forward rel err {err:.3e}"
+
+
+@pytest.mark.parametrize("kw, size", UNETS)
+def test_unet_gradients(kw, size):
+    """Gradients of p_losses through the whole U-Net, every leaf."""
+    td, fd, variables, (x, t, noise) = twins(kw, size, batch=4)
+    torch_loss = lambda m, b: m.p_losses(*b)
+    flax_loss = lambda p, v, b: fd.apply({**v, "params": p}, *b, method=J.DDPM.p_losses)
+    errs, loss_t, loss_f = harness.gradient_errors(td, fd, variables, torch_loss, flax_loss,
+                                                   tt(x, t, noise), (nhwc(x), jnp.asarray(t), nhwc(noise)))
+    worst = max(errs, key=errs.get)
+    assert abs(loss_t - loss_f) <= harness.FORWARD_TOL * abs(loss_t)
+    assert errs[worst] <= harness.GRAD_TOL, f"gradient of {worst} rel err {errs[worst]:.3e}"
+
+
+def test_source_blocks_load_strictly_and_unet_keys_differ_only_by_the_fix():
+    torch.manual_seed(0)
+    x, t = torch.randn(2, 32, 4, 4), torch.tensor([3, 900])
+    emb = torch.randn(2, 16)
+    for src, ours, args in [(source_000.ResidualBlock(32, 64, 16), T.ResidualBlock(32, 64, 16), (x, emb)),
+                            (source_000.ResidualBlock(32, 32, 16), T.ResidualBlock(32, 32, 16), (x, emb)),
+                            (source_000.AttentionBlock(32), T.AttentionBlock(32), (x,))]:
+        ours.load_state_dict(src.state_dict(), strict=True)
+        src.eval(), ours.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(ours(*args), src(*args), rtol=0, atol=0)
+
+    src = source_000.UNet(in_channels=1, out_channels=1, features=[16, 32], time_emb_dim=32)
+    with pytest.raises(RuntimeError, match="channels"):
+        src(torch.randn(1, 1, 8, 8), t[:1])
+    ours = T.UNet(in_channels=1, out_channels=1, features=[16, 32], time_emb_dim=32)
+    s, o = src.state_dict(), ours.state_dict()
+    dropped = {k for k in s if k.startswith("decoder.") and k.split(".")[2] != "0" and "residual_conv" in k}
+    assert set(s) - set(o) == dropped and len(dropped) == 4 and set(o) <= set(s)
+    reshaped = {k for k in o if s[k].shape != o[k].shape}
+    later_inputs = {f"decoder.{i}.1.block1.{k}" for i in range(2) for k in ("0.weight", "0.bias", "2.weight")}
+    assert reshaped == {"upconv.0.weight"} | later_inputs
+    assert s["upconv.0.weight"].shape[0] == 2 * o["upconv.0.weight"].shape[0]
+
+
+# --- diffusion process ---------------------------------------------------------------------------
+
+def test_schedule_buffers_are_bit_equal_and_checked_by_the_bridge():
+    td, fd, variables, (x, t, noise) = twins()
+    for k, v in td.named_buffers():
+        np.testing.assert_array_equal(v.numpy(), np.asarray(variables["buffers"][k]), err_msg=k)
+    src = source_000.DDPM(source_000.UNet(1, 1, [16, 32], 32))
+    for k in variables["buffers"]:
+        assert harness.rel_err(getattr(src, k).numpy(), variables["buffers"][k]) <= 1e-5, k
+    other = T.DDPM(td.model, beta_end=0.03)
+    with pytest.raises(bridge.WeightMismatchError, match="Buffer differs.*betas"):
+        bridge.torch_to_flax(other.state_dict(), fd, nhwc(x), jnp.asarray(t), nhwc(noise))
+    back = bridge.flax_to_torch(variables)
+    sd = td.state_dict()
+    assert set(back) == set(sd) and all(np.array_equal(back[k], sd[k].numpy()) for k in sd)
+
+
+def test_q_sample_p_losses_p_sample():
+    td, fd, variables, (x, t, noise) = twins(batch=6)
+    xf, tf, nf = nhwc(x), jnp.asarray(t), nhwc(noise)
+    with torch.no_grad():
+        q_t = td.q_sample(*tt(x, t, noise)).numpy()
+        loss_t = td.p_losses(*tt(x, t, noise)).item()
+    q_f = fd.apply(variables, xf, tf, nf, method=J.DDPM.q_sample)
+    loss_f = fd.apply(variables, xf, tf, nf, method=J.DDPM.p_losses)
+    assert harness.rel_err(q_t, nchw(q_f)) <= harness.FORWARD_TOL
+    assert abs(loss_t - float(loss_f)) <= harness.FORWARD_TOL * loss_t
+    for t_index in (5, 0):
+        ts = np.full_like(t, t_index)
+        ref = td.p_sample(*tt(x, ts), t_index, torch.from_numpy(noise)).numpy()
+        got = fd.apply(variables, xf, jnp.asarray(ts), t_index, nf, method=J.DDPM.p_sample)
+        assert harness.rel_err(ref, nchw(got)) <= harness.FORWARD_TOL, t_index
+    ref = td.p_sample(*tt(x, t), 7, torch.from_numpy(noise)).numpy()  # mixed t in one batch
+    assert harness.rel_err(ref, nchw(fd.apply(variables, xf, tf, 7, nf, method=J.DDPM.p_sample))) <= harness.FORWARD_TOL
+
+
+def test_ancestral_trajectory():
+    """All 1000 steps of the source's sampler from the same x_T with the same per-step noise."""
+    td, fd, variables, (x, _, _) = twins(batch=2)
+    rs = np.random.RandomState(3)
+    img = rs.standard_normal(x.shape).astype(np.float32)
+    noise = rs.standard_normal((1000, *x.shape)).astype(np.float32)
+    ref = td.sample(8, 2, 1, img=torch.from_numpy(img), noise=torch.from_numpy(noise)).numpy()
+    run = jax.jit(lambda v, img, noise: fd.apply(v, jax.random.key(0), 8, 2, 1, img, noise,
+                                                 method=J.DDPM.sample))
+    got = run(variables, nhwc(img), nhwc(noise))
+    err = harness.rel_err(ref, nchw(got))
+    assert err <= harness.TRAJECTORY_TOL, f"1000-step ancestral trajectory rel err {err:.3e}"
+
+
+def test_ddim_trajectory():
+    td, fd, variables, (x, _, _) = twins(batch=2)
+    img = np.random.RandomState(4).standard_normal(x.shape).astype(np.float32)
+    ref = td.ddim_sample(8, 2, 1, steps=50, img=torch.from_numpy(img)).numpy()
+    got = jax.jit(lambda v, img: fd.apply(v, jax.random.key(0), 8, 2, 1, 50, img,
+                                          method=J.DDPM.ddim_sample))(variables, nhwc(img))
+    err = harness.rel_err(ref, nchw(got))
+    assert err <= harness.TRAJECTORY_TOL, f"50-step DDIM trajectory rel err {err:.3e}"
+    assert T.ddim_timesteps(1000, 50)[:2] == [999, 979] and T.ddim_timesteps(1000, 50)[-1] == 0
+    assert J.ddim_timesteps(1000, 7) == T.ddim_timesteps(1000, 7)
+
+
+def test_samplers_draw_from_the_key():
+    _, fd, variables, _ = twins(batch=2, timesteps=20)
+    sample = jax.jit(lambda v, k: fd.apply(v, k, 8, 3, 1, method=J.DDPM.sample))
+    a, b, c = sample(variables, jax.random.key(1)), sample(variables, jax.random.key(1)), \
+        sample(variables, jax.random.key(2))
+    assert a.shape == (3, 8, 8, 1) and np.array_equal(a, b) and not np.allclose(a, c)
+    d = fd.apply(variables, jax.random.key(1), 8, 3, 1, 5, method=J.DDPM.ddim_sample)
+    assert d.shape == (3, 8, 8, 1) and np.all(np.isfinite(d))
+
+
+def test_training_loss_draws_t_and_noise():
+    _, fd, variables, (x, _, _) = twins(batch=4)
+    loss = lambda k: fd.apply(variables, nhwc(x), rngs={"diffusion": k})
+    assert float(loss(jax.random.key(0))) == float(loss(jax.random.key(0))) != float(loss(jax.random.key(1)))
+
+
+@pytest.mark.parametrize("float64", [False, True], ids=["float32", "float64"])
+def test_adam_trajectory(float64):
+    """20 Adam steps (AdamW with no decay) on p_losses at fixed t and noise: losses in float32,
+    final weights too in float64 (see `harness.adamw_trajectories`)."""
+    td, fd, variables, _ = twins(batch=4)
+    tb, fb = [], []
+    for i in range(20):
+        x, t, noise = draws(4, 1, 8, seed=10 + i)
+        tb.append(tt(x, t, noise))
+        fb.append((nhwc(x), jnp.asarray(t), nhwc(noise)))
+    torch_loss = lambda m, b: m.p_losses(*b)
+    flax_loss = lambda p, v, b: fd.apply({**v, "params": p}, *b, method=J.DDPM.p_losses)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64 if float64 else torch.float32)
+    try:
+        losses_t, losses_f, w_t, w_f = harness.adamw_trajectories(
+            td, fd, variables, torch_loss, flax_loss, tb, fb, lr=1e-3, weight_decay=0.0, float64=float64)
+    finally:
+        torch.set_default_dtype(default)
+    loss_err = np.max(np.abs(losses_t - losses_f) / np.abs(losses_t))
+    assert loss_err <= harness.TRAJECTORY_TOL, f"loss rel err {loss_err:.3e}"
+    if float64:
+        key, w_err = harness.worst_leaf(w_t, w_f)
+        assert w_err <= harness.TRAJECTORY_TOL, f"final weight {key} rel err {w_err:.3e}"
+
+
+# --- presets and the bridge CLI ------------------------------------------------------------------
+
+def test_presets_build_both_twins():
+    p = get_preset("ddpm-digits")
+    assert p.task == "diffusion" and p.family == "ddpm"
+    tm, fm = torch_reference.create_model(p), jax_models.create_model(p)
+    assert isinstance(tm, T.UNet) and isinstance(fm, J.UNet)
+    assert get_preset("ddpm-cifar10").kwargs["features"] == (64, 128, 256, 512)
+
+
+@pytest.mark.parametrize("name", ["ddpm-digits", pytest.param("ddpm-cifar10", marks=pytest.mark.slow)])
+def test_verify_cli(name, capsys):
+    from bridge.__main__ import main
+
+    assert main(["verify", name]) == 0
+    out = capsys.readouterr().out
+    assert "upconv.0" in out and "bottleneck.1" in out and "PASS" in out
