@@ -4,8 +4,14 @@ from __future__ import annotations
 
 import argparse
 import ast
-import json
+import os
 import sys
+
+# XLA:CPU aborts the process when a device waits 40 s in an all-reduce; fake CPU devices on a
+# busy machine can lag that much behind each other under pmap. Wait longer (JAX is not yet
+# imported here, so the flags still take effect).
+CPU_COLLECTIVE_FLAGS = ("--xla_cpu_collective_call_terminate_timeout_seconds=1800",
+                        "--xla_cpu_collective_timeout_seconds=1800")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -57,8 +63,17 @@ def _overrides(pairs: list[str]) -> dict:
     return out
 
 
+def _patient_cpu_collectives():
+    if "jax" in sys.modules:
+        return
+    flags = os.environ.get("XLA_FLAGS", "")
+    extra = [f for f in CPU_COLLECTIVE_FLAGS if f.split("=")[0] not in flags]
+    os.environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    _patient_cpu_collectives()
     from train.train import Config, run
 
     config = Config(

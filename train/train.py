@@ -109,6 +109,10 @@ def resolve(config: Config) -> Run:
     overrides = dict(config.model_overrides)
     if config.dropout is not None:
         overrides["dropout"] = config.dropout
+    unknown = sorted(set(overrides) - set(preset.kwargs))
+    if unknown:
+        raise ValueError(f"preset {preset.name!r} has no constructor argument(s) "
+                         f"{', '.join(unknown)}; its arguments: {', '.join(preset.kwargs)}")
     if preset.kwargs.get("num_classes") not in (None, train_data.num_classes):
         overrides.setdefault("num_classes", train_data.num_classes)
     if overrides:
