@@ -115,9 +115,9 @@ SWIN_RECIPE = dict(lr=1e-3, weight_decay=0.05, warmup_steps=25_000, batch_size=1
                    label_smoothing=0.1, grad_clip=5.0)
 
 PRESETS.update({p.name: p for p in [
-    _swin("swin-digits", 32, 2, 1, 10, 48, (2, 2, 2), (3, 6, 12), window_size=4,
+    _swin("swin-digits", 32, 4, 1, 10, 64, (2, 2), (2, 4), window_size=4,
           drop_path_rate=0.1, train=DIGITS_RECIPE,
-          description="Swin for 32x32 digits: 16x16 tokens, windows of 4x4, stages 16/8/4"),
+          description="Swin for 32x32 digits: 8x8 tokens, windows of 4x4 (shifted by 2), stages 8/4"),
     _swin("swin-t", 224, 4, 3, 1000, 96, (2, 2, 6, 2), (3, 6, 12, 24), drop_path_rate=0.2,
           description="Swin-T (window 7, 224)"),
     _swin("swin-s", 224, 4, 3, 1000, 96, (2, 2, 18, 2), (3, 6, 12, 24), drop_path_rate=0.3,

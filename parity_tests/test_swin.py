@@ -23,7 +23,7 @@ from torch_reference import swin as tswin
 # 16x16 images, 2x2 patches: stage 0 at 8x8 (windows of 4, blocks shifted 0 and 2, then merging),
 # stage 1 at 4x4 (one window: unshifted, no mask).
 TINY = with_overrides(dataclasses.replace(get_preset("swin-digits"), name="swin-tiny-test", image_size=16),
-                      image_size=16, embed_dim=16, depths=(2, 2), num_heads=(2, 4), drop_path_rate=0.0)
+                      image_size=16, patch_size=2, embed_dim=16, depths=(2, 2), num_heads=(2, 4), drop_path_rate=0.0)
 MODELS = [TINY, pytest.param(with_overrides(get_preset("swin-t"), drop_path_rate=0.0), marks=pytest.mark.slow)]
 MODEL_IDS = ["tiny", "swin-t"]
 SHIFTS = pytest.mark.parametrize("shift", [0, 2], ids=["unshifted", "shifted"])
