@@ -120,6 +120,9 @@ def train(r: Run) -> dict:
         put = lambda b: b  # noqa: E731
         single = lambda s: s  # noqa: E731
     eval_fn = steps.jit_eval_step()
+    # Fake CPU devices share one small thread pool: a pmap step dispatched while the last one
+    # still runs can hold the threads its peers need to reach the all-reduce, and hang.
+    sync_each_step = cfg.parallel == "pmap" and jax.default_backend() == "cpu"
     eval_every = cfg.eval_every or r.steps_per_epoch
 
     def save(step, force=False):
@@ -133,6 +136,8 @@ def train(r: Run) -> dict:
     try:
         for step, batch in r.batches_from(start_step):
             dstate, metrics = train_fn(dstate, put(batch))
+            if sync_each_step:
+                jax.block_until_ready(metrics)
             speed.tick(r.recipe["batch_size"])
             done = step + 1
             if done % cfg.log_every == 0 or done == r.total_steps:
