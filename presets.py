@@ -87,13 +87,13 @@ def _clip(name, image_size, patch_size, in_channels, vision_width, vision_layers
 # steps, no clipping. The digits recipe trains captions drawn from templates in a few minutes.
 CLIP_RECIPE = dict(lr=5e-4, weight_decay=0.2, warmup_steps=2000, batch_size=32768,
                    label_smoothing=0.0, grad_clip=0.0)
-CLIP_DIGITS_RECIPE = dict(lr=1e-3, weight_decay=0.05, warmup_steps=50, batch_size=128, epochs=30,
+CLIP_DIGITS_RECIPE = dict(lr=2e-3, weight_decay=0.05, warmup_steps=50, batch_size=128, epochs=40,
                           label_smoothing=0.0, grad_clip=1.0, data="digits")
 
 PRESETS.update({p.name: p for p in [
-    _clip("clip-digits", 32, 4, 1, 64, 3, 4, 64, 16, 64, 2, 4, 64, train=CLIP_DIGITS_RECIPE,
-          description="CLIP for 32x32 digits and captions: ViT 64 wide x 3, text 64 wide x 2, "
-                      "context 16, embedding 64"),
+    _clip("clip-digits", 32, 8, 1, 64, 3, 4, 64, 16, 64, 2, 4, 64, train=CLIP_DIGITS_RECIPE,
+          description="CLIP for 32x32 digits and captions: ViT 8x8 patches 64 wide x 3, text 64 "
+                      "wide x 2, context 16, embedding 64"),
     _clip("clip-b16", 224, 16, 3, 768, 12, 12, 49408, 77, 512, 12, 8, 512,
           description="CLIP ViT-B/16's layout: 224/16 image tower 768 wide, text 512 wide x 12 "
                       "(8 heads, context 77), embedding 512"),
@@ -115,9 +115,9 @@ SWIN_RECIPE = dict(lr=1e-3, weight_decay=0.05, warmup_steps=25_000, batch_size=1
                    label_smoothing=0.1, grad_clip=5.0)
 
 PRESETS.update({p.name: p for p in [
-    _swin("swin-digits", 32, 4, 1, 10, 64, (2, 2), (2, 4), window_size=4,
+    _swin("swin-digits", 32, 2, 1, 10, 48, (2, 2, 2), (3, 6, 12), window_size=4,
           drop_path_rate=0.1, train=DIGITS_RECIPE,
-          description="Swin for 32x32 digits: 8x8 tokens, windows of 4x4 (shifted by 2), stages 8/4"),
+          description="Swin for 32x32 digits: 16x16 tokens, windows of 4x4, stages 16/8/4"),
     _swin("swin-t", 224, 4, 3, 1000, 96, (2, 2, 6, 2), (3, 6, 12, 24), drop_path_rate=0.2,
           description="Swin-T (window 7, 224)"),
     _swin("swin-s", 224, 4, 3, 1000, 96, (2, 2, 18, 2), (3, 6, 12, 24), drop_path_rate=0.3,
