@@ -40,14 +40,30 @@ def draws(batch, channels, size, seed=0, timesteps=1000):
     return x, t, rs.standard_normal(x.shape).astype(np.float32)
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Small eager convolutions on a shared 2-core machine: two OpenMP threads that wait for each
+    other make a tiny U-Net step 200x slower (1.6 s against 8 ms) when other processes run."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+_converted = {}
+
+
 def twins(kw=TINY, size=8, batch=4, seed=0, timesteps=1000):
-    """Torch DDPM, Flax DDPM, Flax variables (params from torch, buffers computed), and draws."""
+    """Torch DDPM, Flax DDPM, Flax variables (params from torch, buffers computed), and draws.
+    The torch twin is fresh each call (tests train it); the conversion is done once per config."""
     torch.manual_seed(seed)
     td = T.DDPM(T.UNet(**kw), timesteps).eval()
     fd = J.DDPM(J.UNet(**kw), timesteps)
     x, t, noise = draws(batch, kw["in_channels"], size, seed, timesteps)
-    variables = bridge.torch_to_flax(td.state_dict(), fd, nhwc(x), jnp.asarray(t), nhwc(noise))
-    return td, fd, variables, (x, t, noise)
+    key = (tuple(sorted(kw.items())), size, seed, timesteps)
+    if key not in _converted:
+        _converted[key] = bridge.torch_to_flax(td.state_dict(), fd, nhwc(x), jnp.asarray(t), nhwc(noise))
+    return td, fd, _converted[key], (x, t, noise)
 
 
 def tt(*arrays):
