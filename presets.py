@@ -58,9 +58,9 @@ def _encoder_vit(name, img_size, patch_size, in_channels, num_classes, embed_dim
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in [
-    _vit("vit-digits", 32, 4, 1, 10, 64, 4, 4, mlp_ratio=2, train=DIGITS_RECIPE,
-         description="pre-norm ViT for 32x32 digits (64 tokens, 4 blocks of width 64)"),
-    _encoder_vit("encoder-vit-digits", 32, 4, 1, 10, 64, 4, 4, train=DIGITS_RECIPE,
+    _vit("vit-digits", 32, 8, 1, 10, 64, 4, 4, mlp_ratio=2, train=DIGITS_RECIPE,
+         description="pre-norm ViT for 32x32 digits (16 patches of 8x8, 4 blocks of width 64)"),
+    _encoder_vit("encoder-vit-digits", 32, 8, 1, 10, 64, 4, 4, train=DIGITS_RECIPE,
                  description="post-norm nn.TransformerEncoder ViT for 32x32 digits"),
     _vit("vit-ti16", 224, 16, 3, 1000, 192, 12, 3, description="ViT-Ti/16"),
     _vit("vit-s16", 224, 16, 3, 1000, 384, 12, 6, description="ViT-S/16"),
@@ -69,6 +69,33 @@ PRESETS: dict[str, Preset] = {p.name: p for p in [
     _encoder_vit("encoder-vit-b16", 224, 16, 3, 1000, 768, 12, 12,
                  description="the second source's ViT at its defaults"),
 ]}
+
+
+def _swin(name, image_size, patch_size, in_channels, num_classes, embed_dim, depths, num_heads,
+          window_size=7, drop_path_rate=0.1, train=None, description=""):
+    kwargs = dict(image_size=image_size, patch_size=patch_size, in_channels=in_channels,
+                  num_classes=num_classes, embed_dim=embed_dim, depths=tuple(depths),
+                  num_heads=tuple(num_heads), window_size=window_size, drop_path_rate=drop_path_rate)
+    return Preset(name, "swin", "SwinTransformer", kwargs, image_size, in_channels,
+                  train=dict(train or SWIN_RECIPE), description=description)
+
+
+# The Swin paper's ImageNet-1K recipe: AdamW, lr 1e-3 at batch 1024, weight decay 0.05, 20 warm-up
+# epochs of 300, label smoothing 0.1, gradient clipping at 5.
+SWIN_RECIPE = dict(lr=1e-3, weight_decay=0.05, warmup_steps=25_000, batch_size=1024,
+                   label_smoothing=0.1, grad_clip=5.0)
+
+PRESETS.update({p.name: p for p in [
+    _swin("swin-digits", 32, 4, 1, 10, 64, (2, 2), (2, 4), window_size=4,
+          drop_path_rate=0.1, train=DIGITS_RECIPE,
+          description="Swin for 32x32 digits: 8x8 tokens, windows of 4x4 (shifted by 2), stages 8/4"),
+    _swin("swin-t", 224, 4, 3, 1000, 96, (2, 2, 6, 2), (3, 6, 12, 24), drop_path_rate=0.2,
+          description="Swin-T (window 7, 224)"),
+    _swin("swin-s", 224, 4, 3, 1000, 96, (2, 2, 18, 2), (3, 6, 12, 24), drop_path_rate=0.3,
+          description="Swin-S (window 7, 224)"),
+    _swin("swin-b", 224, 4, 3, 1000, 128, (2, 2, 18, 2), (4, 8, 16, 32), drop_path_rate=0.5,
+          description="Swin-B (window 7, 224)"),
+]})
 
 
 def _clip(name, image_size, patch_size, in_channels, vision_width, vision_layers, vision_heads,
@@ -100,33 +127,6 @@ PRESETS.update({p.name: p for p in [
 ]})
 
 
-def _swin(name, image_size, patch_size, in_channels, num_classes, embed_dim, depths, num_heads,
-          window_size=7, drop_path_rate=0.1, train=None, description=""):
-    kwargs = dict(image_size=image_size, patch_size=patch_size, in_channels=in_channels,
-                  num_classes=num_classes, embed_dim=embed_dim, depths=tuple(depths),
-                  num_heads=tuple(num_heads), window_size=window_size, drop_path_rate=drop_path_rate)
-    return Preset(name, "swin", "SwinTransformer", kwargs, image_size, in_channels,
-                  train=dict(train or SWIN_RECIPE), description=description)
-
-
-# The Swin paper's ImageNet-1K recipe: AdamW, lr 1e-3 at batch 1024, weight decay 0.05, 20 warm-up
-# epochs of 300, label smoothing 0.1, gradient clipping at 5.
-SWIN_RECIPE = dict(lr=1e-3, weight_decay=0.05, warmup_steps=25_000, batch_size=1024,
-                   label_smoothing=0.1, grad_clip=5.0)
-
-PRESETS.update({p.name: p for p in [
-    _swin("swin-digits", 32, 2, 1, 10, 48, (2, 2, 2), (3, 6, 12), window_size=4,
-          drop_path_rate=0.1, train=DIGITS_RECIPE,
-          description="Swin for 32x32 digits: 16x16 tokens, windows of 4x4, stages 16/8/4"),
-    _swin("swin-t", 224, 4, 3, 1000, 96, (2, 2, 6, 2), (3, 6, 12, 24), drop_path_rate=0.2,
-          description="Swin-T (window 7, 224)"),
-    _swin("swin-s", 224, 4, 3, 1000, 96, (2, 2, 18, 2), (3, 6, 12, 24), drop_path_rate=0.3,
-          description="Swin-S (window 7, 224)"),
-    _swin("swin-b", 224, 4, 3, 1000, 128, (2, 2, 18, 2), (4, 8, 16, 32), drop_path_rate=0.5,
-          description="Swin-B (window 7, 224)"),
-]})
-
-
 def _ddpm(name, image_size, in_channels, features, time_emb_dim, num_res_blocks=2, dropout=0.1,
           train=None, description=""):
     kwargs = dict(in_channels=in_channels, out_channels=in_channels, features=tuple(features),
@@ -140,13 +140,14 @@ def _ddpm(name, image_size, in_channels, features, time_emb_dim, num_res_blocks=
 # at 2e-4, the linear schedule 1e-4 .. 0.02 over 1000 steps.
 DDPM_RECIPE = dict(timesteps=1000, beta_start=1e-4, beta_end=0.02, lr=2e-4, weight_decay=0.0,
                    warmup_steps=0, batch_size=128, grad_clip=0.0, ema_decay=0.9999)
-DDPM_DIGITS_RECIPE = dict(DDPM_RECIPE, lr=1e-3, warmup_steps=100, batch_size=128, steps=3000,
+# Digits: sized to train in minutes on 2 CPU cores; samples with 100 DDIM steps on the EMA weights.
+DDPM_DIGITS_RECIPE = dict(DDPM_RECIPE, lr=1e-3, warmup_steps=100, batch_size=64, steps=2000,
                           grad_clip=1.0, ema_decay=0.995, data="digits", num_samples=256,
-                          sample_steps=1000)
+                          ddim_steps=100)
 
 PRESETS.update({p.name: p for p in [
-    _ddpm("ddpm-digits", 16, 1, (32, 64), 64, train=DDPM_DIGITS_RECIPE,
-          description="DDPM U-Net for 16x16 digits: stages 32/64, attention in the bottleneck"),
+    _ddpm("ddpm-digits", 16, 1, (16, 32), 32, train=DDPM_DIGITS_RECIPE,
+          description="DDPM U-Net for 16x16 digits: stages 16/32, attention in the bottleneck"),
     _ddpm("ddpm-cifar10", 32, 3, (64, 128, 256, 512), 256,
           description="the source's default U-Net (features 64-128-256-512) on 32x32x3"),
 ]})
