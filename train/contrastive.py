@@ -133,6 +133,7 @@ def train(preset_name: str = "clip-digits", workdir: str | None = None, parallel
     else:
         step_fn = steps.jit_train_step(contrastive_step)
 
+    sync_each_step = parallel == "pmap" and jax.default_backend() == "cpu"  # as in train.jax_backend
     log = open(os.path.join(workdir, "metrics.jsonl"), "w")
     start, step, metrics = time.time(), 0, {}
     while step < total:
@@ -141,6 +142,8 @@ def train(preset_name: str = "clip-digits", workdir: str | None = None, parallel
             batch = {"image": batch["image"], "tokens": batch["tokens"]}
             state, metrics = step_fn(state, data_lib.shard(batch, devices) if parallel == "pmap" else batch)
             step += 1
+            if sync_each_step:
+                jax.block_until_ready(metrics)
             if step % log_every == 0 or step == total:
                 m = {k: float(np.mean(v)) for k, v in jax.device_get(metrics).items()}
                 log.write(json.dumps({"step": step, **m, "elapsed": time.time() - start}) + "\n")
