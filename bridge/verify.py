@@ -141,10 +141,8 @@ def example_inputs(preset, batch_size: int = 2, seed: int = 0):
         t = rs.randint(0, preset.train.get("timesteps", 1000), size=batch_size)
         return images[0] + (torch.from_numpy(t),), images[1] + (jax.numpy.asarray(t),)
     if preset.task == "contrastive":
-        x = rs.standard_normal((batch_size, *preset.input_shape_nchw)).astype(np.float32)
         tokens = random_tokens(rs, batch_size, preset.kwargs["vocab_size"], preset.kwargs["context_length"])
-        return ((torch.from_numpy(x), torch.from_numpy(tokens)),
-                (jax.numpy.asarray(x.transpose(0, 2, 3, 1)), jax.numpy.asarray(tokens, np.int32)))
+        return images[0] + (torch.from_numpy(tokens),), images[1] + (jax.numpy.asarray(tokens, np.int32),)
     raise NotImplementedError(f"no example inputs for task {preset.task!r}")
 
 
