@@ -3,7 +3,8 @@
 `python -m benchmarks.sampling [--preset ddpm-digits] [--num-samples 256] [--timesteps T]
 [--sampler ancestral|ddim] [--ddim-steps 50] [--runs 3]`. Both frameworks get the same weights
 (torch init carried over by the bridge); JAX's compile time is reported apart from its runs
-(median, `block_until_ready`); torch runs under `no_grad` with its default threads.
+(median, `block_until_ready`); torch runs under `no_grad` (`--torch-threads`: on a shared
+machine two OpenMP threads that wait for each other can make small eager convolutions far slower).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import time
 
 
 def bench(preset="ddpm-digits", num_samples=256, timesteps=None, sampler="ancestral", ddim_steps=50,
-          runs=3, torch_runs=1, seed=0) -> dict:
+          runs=3, torch_runs=1, torch_threads=None, seed=0) -> dict:
     import jax
     import jax.numpy as jnp
     import torch
@@ -29,6 +30,8 @@ def bench(preset="ddpm-digits", num_samples=256, timesteps=None, sampler="ancest
     from presets import get_preset
     from torch_reference import ddpm as T
 
+    if torch_threads:
+        torch.set_num_threads(torch_threads)
     p = get_preset(preset)
     T_ = timesteps or p.train["timesteps"]
     sched = dict(timesteps=T_, beta_start=p.train["beta_start"], beta_end=p.train["beta_end"])
@@ -77,8 +80,10 @@ def main(argv=None) -> int:
     ap.add_argument("--ddim-steps", type=int, default=50)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--torch-runs", type=int, default=1)
+    ap.add_argument("--torch-threads", type=int, default=None, help="default: torch's own choice")
     a = ap.parse_args(argv)
-    print(json.dumps(bench(a.preset, a.num_samples, a.timesteps, a.sampler, a.ddim_steps, a.runs, a.torch_runs)))
+    print(json.dumps(bench(a.preset, a.num_samples, a.timesteps, a.sampler, a.ddim_steps, a.runs,
+                           a.torch_runs, a.torch_threads)))
     return 0
 
 

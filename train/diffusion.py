@@ -57,14 +57,14 @@ def create_state(preset, rng: jax.Array, total_steps: int) -> DiffusionState:
 def diffusion_step(state: DiffusionState, batch: dict, rng: jax.Array, *, timesteps: int,
                    ema_decay: float, axis_name: str | None = None) -> tuple[DiffusionState, dict]:
     """One update of the noise-prediction loss on `batch['image']` (B, H, W, C) in [-1, 1] at
-    uniform timesteps, then ema <- d ema + (1 - d) params with d warmed up as min(decay,
+    uniform timesteps (or the batch's own 't' and 'noise', to replay a run), then ema <- d ema + (1 - d) params with d warmed up as min(decay,
     (1 + step) / (10 + step)). Metrics: loss, grad_norm."""
     if axis_name is not None:
         rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
     t_key, n_key, d_key = jax.random.split(rng, 3)
     x = batch["image"]
-    t = jax.random.randint(t_key, (x.shape[0],), 0, timesteps)
-    noise = jax.random.normal(n_key, x.shape, x.dtype)
+    t = batch["t"] if "t" in batch else jax.random.randint(t_key, (x.shape[0],), 0, timesteps)
+    noise = batch["noise"] if "noise" in batch else jax.random.normal(n_key, x.shape, x.dtype)
 
     def loss_fn(params):
         return state.apply_fn(state.variables(params), x, t, noise, train=True, rngs={"dropout": d_key})
