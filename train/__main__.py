@@ -93,6 +93,11 @@ def main(argv=None) -> int:
     except (CheckpointError, ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if "eval_accuracy" not in s:
+        import json
+
+        print(json.dumps(s, indent=2))
+        return 0
     print(f"test accuracy {s['eval_accuracy']:.4f} ({s['eval_examples']} images), "
           f"final train loss {s['final_loss'] if s['final_loss'] is None else round(s['final_loss'], 4)}, "
           f"{s['steps']} steps, {s['examples_per_second']:.0f} examples/s, "

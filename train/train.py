@@ -129,8 +129,26 @@ def resolve(config: Config) -> Run:
     return Run(config, preset, train_data, test_data, recipe, spe, total, workdir)
 
 
+def run_contrastive(config: Config) -> dict:
+    """CLIP presets: `train.contrastive` (jit or pmap, JAX only, no checkpoints yet)."""
+    from train import contrastive
+
+    unsupported = [flag for flag, used in (("--backend torch", config.backend == "torch"),
+                                           ("--resume", config.resume), ("--data", config.data),
+                                           ("--export", config.export)) if used]
+    if unsupported:
+        raise ValueError(f"{', '.join(unsupported)}: not supported for contrastive presets yet")
+    return contrastive.train(config.preset, config.workdir, config.parallel, config.steps,
+                             config.epochs, config.batch_size, config.lr, config.seed,
+                             config.log_every, config.model_overrides)
+
+
 def run(config: Config) -> dict:
     """Trains, evaluates, checkpoints and exports as `config` says; returns the summary."""
+    import presets
+
+    if presets.get_preset(config.preset).task == "contrastive":
+        return run_contrastive(config)
     r = resolve(config)
     os.makedirs(r.workdir, exist_ok=True)
     if config.backend == "jax":
