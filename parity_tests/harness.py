@@ -57,21 +57,57 @@ def forward_error(torch_model, flax_model, variables, torch_inputs: Sequence, fl
     return max(rel_err(to_numpy(r.numpy()), np.asarray(g)) for r, g in zip(refs, gots))
 
 
+def _in_float64(torch_model, variables, torch_batch, flax_batch):
+    to64 = lambda t: jnp.asarray(t, jnp.float64) if jnp.issubdtype(t.dtype, jnp.floating) else t
+    torch_batch = tuple(t.double() if t.is_floating_point() else t for t in torch_batch)
+    return (torch_model.double(), jax.tree_util.tree_map(to64, variables), torch_batch,
+            jax.tree_util.tree_map(to64, flax_batch))
+
+
 def gradient_errors(torch_model, flax_model, variables, torch_loss: Callable, flax_loss: Callable,
-                    torch_batch, flax_batch):
+                    torch_batch, flax_batch, float64=False):
     """Per-leaf relative gradient errors, and the two losses.
 
     `torch_loss(model, batch) -> scalar tensor`; `flax_loss(params, variables, batch) -> scalar`.
+    `float64=True` runs both in double precision: a ReLU pre-activation within float32 rounding
+    of zero may take the other side of the kink in the other framework, which changes that
+    unit's gradient wholesale; in float64 no such tie is left at these sizes.
     """
-    torch_model.train()
-    torch_model.zero_grad()
-    loss_t = torch_loss(torch_model, torch_batch)
-    loss_t.backward()
-    ref = {k: p.grad.detach().numpy() for k, p in torch_model.named_parameters()}
-    loss_f, grads = jax.value_and_grad(flax_loss)(variables["params"], variables, flax_batch)
-    got = flax_params_as_torch(grads)
+    with jax.enable_x64(float64):
+        if float64:
+            torch_model, variables, torch_batch, flax_batch = _in_float64(
+                torch_model, variables, torch_batch, flax_batch)
+        torch_model.train()
+        torch_model.zero_grad()
+        loss_t = torch_loss(torch_model, torch_batch)
+        loss_t.backward()
+        ref = {k: p.grad.detach().numpy() for k, p in torch_model.named_parameters()}
+        loss_f, grads = jax.value_and_grad(flax_loss)(variables["params"], variables, flax_batch)
+        got = flax_params_as_torch(grads)
     assert set(ref) == set(got), f"gradient keys differ: {sorted(set(ref) ^ set(got))}"
     return {k: rel_err(ref[k], got[k]) for k in ref}, loss_t.item(), float(loss_f)
+
+
+def relu_sign_flips(torch_model, flax_model, variables, torch_inputs, flax_inputs, module_suffix="linear1"):
+    """How many pre-activations of the modules named `*module_suffix` have opposite signs in the
+    two frameworks (ties at the ReLU kink, decided by float32 rounding)."""
+    seen = {}
+    hooks = [m.register_forward_hook(lambda m, a, o, n=n: seen.update({n: o.detach().numpy()}))
+             for n, m in torch_model.named_modules() if n.endswith(module_suffix)]
+    torch_model.eval()
+    with torch.no_grad():
+        torch_model(*torch_inputs)
+    for h in hooks:
+        h.remove()
+    _, state = flax_model.apply(variables, *flax_inputs, capture_intermediates=True,
+                                mutable=["intermediates"])
+    from flax.traverse_util import flatten_dict
+    flips = 0
+    for path, value in flatten_dict(state["intermediates"]).items():
+        name = bridge.flax_module_path_to_torch(path[:-1])
+        if name in seen:
+            flips += int(np.sum((np.asarray(value[0]) > 0) != (seen[name] > 0)))
+    return flips
 
 
 def adamw_trajectories(torch_model, flax_model, variables, torch_loss: Callable, flax_loss: Callable,

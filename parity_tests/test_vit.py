@@ -45,11 +45,18 @@ def test_forward_pooled_features(name):
     assert harness.forward_error(tm, fm, variables, [xt], [xf]) <= harness.FORWARD_TOL
 
 
+@pytest.mark.parametrize("float64", [False, True], ids=["float32", "float64"])
 @pytest.mark.parametrize("name", TINY + FULL)
-def test_gradients(name):
+def test_gradients(name, float64):
     _, tm, fm, variables, tbatch, fbatch = twins(name, batch_size=4, dropout=0.0)
+    if name == "encoder-vit-b16" and not float64:
+        flips = harness.relu_sign_flips(tm, fm, variables, tbatch[:1], fbatch[:1])
+        if flips:
+            pytest.xfail(f"{flips} ReLU pre-activations within float32 rounding of 0 fall on opposite "
+                         "sides of the kink in the two frameworks; float64 holds the tolerance")
     torch_loss, flax_loss = harness.classification_losses(fm)
-    errs, loss_t, loss_f = harness.gradient_errors(tm, fm, variables, torch_loss, flax_loss, tbatch, fbatch)
+    errs, loss_t, loss_f = harness.gradient_errors(tm, fm, variables, torch_loss, flax_loss,
+                                                   tbatch, fbatch, float64=float64)
     worst = max(errs, key=errs.get)
     assert abs(loss_t - loss_f) <= harness.FORWARD_TOL * abs(loss_t)
     assert errs[worst] <= harness.GRAD_TOL, f"{name}: gradient of {worst} rel err {errs[worst]:.3e}"
@@ -61,6 +68,9 @@ def test_adamw_trajectory(name, float64):
     """20 steps of torch AdamW and optax.adamw from the same weights on the same batches: the
     losses agree in float32, and the final weights too in float64 (see `adamw_trajectories`)."""
     preset, tm, fm, variables, _, _ = twins(name, dropout=0.0)
+    if name == "encoder-vit-b16" and not float64:
+        pytest.xfail("ReLU kink ties decided by float32 rounding (see test_gradients) send the "
+                     "float32 trajectories apart; float64 holds the tolerance")
     batch = 8 if name in TINY else 2
     tb, fb = harness.image_batches(20, batch, preset.input_shape_nchw, preset.kwargs["num_classes"], seed=1)
     w_0 = harness.torch_params(tm)
