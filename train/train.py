@@ -143,12 +143,30 @@ def run_contrastive(config: Config) -> dict:
                              config.log_every, config.model_overrides)
 
 
+def run_diffusion(config: Config) -> dict:
+    """DDPM presets: `train.diffusion` (jit or pmap, JAX only, no checkpoints yet)."""
+    from train import diffusion
+
+    unsupported = [flag for flag, used in (("--backend torch", config.backend == "torch"),
+                                           ("--resume", config.resume), ("--data", config.data),
+                                           ("--export", config.export), ("--epochs", config.epochs),
+                                           ("--set", config.model_overrides)) if used]
+    if unsupported:
+        raise ValueError(f"{', '.join(unsupported)}: not supported for diffusion presets yet")
+    workdir = config.workdir or os.path.join("runs", config.preset)
+    os.makedirs(workdir, exist_ok=True)
+    return diffusion.train(config.preset, workdir, config.parallel, config.steps, config.seed)
+
+
 def run(config: Config) -> dict:
     """Trains, evaluates, checkpoints and exports as `config` says; returns the summary."""
     import presets
 
-    if presets.get_preset(config.preset).task == "contrastive":
+    task = presets.get_preset(config.preset).task
+    if task == "contrastive":
         return run_contrastive(config)
+    if task == "diffusion":
+        return run_diffusion(config)
     r = resolve(config)
     os.makedirs(r.workdir, exist_ok=True)
     if config.backend == "jax":
