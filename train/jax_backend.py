@@ -12,7 +12,7 @@ import numpy as np
 from train import data as data_lib
 from train import steps
 from train.checkpoint import CheckpointError, Checkpoints
-from train.train import MetricsLog, Run, Throughput, summary
+from train.train import MetricsLog, Run, Throughput, export_weights, summary
 
 EVAL_BATCH = 512
 
@@ -168,10 +168,8 @@ def train(r: Run) -> dict:
 
     export = None
     if cfg.export:
-        from bridge import flax_to_torch, save_safetensors
-        export = os.path.abspath(cfg.export)
-        os.makedirs(os.path.dirname(export) or ".", exist_ok=True)
-        save_safetensors(flax_to_torch(jax.device_get(state.variables())), export)
+        from bridge import flax_to_torch
+        export = export_weights(cfg.export, flax_to_torch(jax.device_get(state.variables())))
     return summary(
         r, final_loss=float(final["loss"]) if final is not None else None,
         final_accuracy=float(final["accuracy"]) if final is not None else None,

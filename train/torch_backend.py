@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from train import data as data_lib
 from train import steps
 from train.checkpoint import CheckpointError
-from train.train import MetricsLog, Run, Throughput, summary
+from train.train import MetricsLog, Run, Throughput, export_weights, summary
 
 EVAL_BATCH = 512
 
@@ -179,10 +179,7 @@ def train(r: Run) -> dict:
 
     export = None
     if cfg.export:
-        from bridge import save_safetensors
-        export = os.path.abspath(cfg.export)
-        os.makedirs(os.path.dirname(export) or ".", exist_ok=True)
-        save_safetensors(trainer.state_dict_numpy(), export)
+        export = export_weights(cfg.export, trainer.state_dict_numpy())
     return summary(
         r, final_loss=metrics["loss"] if metrics else None,
         final_accuracy=metrics["accuracy"] if metrics else None, eval_metrics=last_eval,

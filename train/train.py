@@ -262,3 +262,13 @@ def _process_count(backend: str) -> int:
         return 1
     import jax
     return jax.process_count()
+
+
+def export_weights(path: str, state_dict) -> str:
+    """Write a torch-keyed state dict as safetensors at `path`; returns the absolute path."""
+    from bridge import save_safetensors
+
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_safetensors(state_dict, path)
+    return path
