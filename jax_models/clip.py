@@ -16,14 +16,16 @@ import numpy as np
 import optax
 import flax.linen as nn
 
-from .layers import LN_EPS, torch_linear_init
+from .layers import LN_EPS, compute_dtype, torch_linear_init
 from .vit import TransformerBlock, VisionTransformer
 
 NORMALIZE_EPS = 1e-12  # torch F.normalize's clamp on the norm
 
 
 def normalize(x, eps: float = NORMALIZE_EPS):
-    """x / max(||x||, eps) over the last axis, as `torch.nn.functional.normalize`."""
+    """x / max(||x||, eps) over the last axis, as `torch.nn.functional.normalize`; in float32 for
+    bfloat16 x, so that the features, logits and loss of a bfloat16 model are float32."""
+    x = x.astype(compute_dtype(x.dtype))
     return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
@@ -66,6 +68,7 @@ class TextTransformer(nn.Module):
     heads: int = 8
     mlp_ratio: float = 4
     dropout: float = 0.0
+    attention_impl: str = "xla"
 
     @property
     def embed_dim(self) -> int:
@@ -87,8 +90,8 @@ class TextTransformer(nn.Module):
         x = x + pos[:L]
         mask = jnp.tril(jnp.ones((L, L), bool))
         for i in range(self.layers):
-            x = TransformerBlock(self.width, self.heads, self.mlp_ratio, self.dropout, name=f"blocks_{i}")(
-                x, train, mask)
+            x = TransformerBlock(self.width, self.heads, self.mlp_ratio, self.dropout, self.attention_impl,
+                                 name=f"blocks_{i}")(x, train, mask)
         x = nn.LayerNorm(epsilon=LN_EPS, name="ln_final")(x)
         return x[jnp.arange(x.shape[0]), jnp.argmax(text, axis=-1)]
 
@@ -125,13 +128,13 @@ class CLIPModel(nn.Module):
 
 def CLIP(image_size=224, patch_size=16, in_channels=3, vision_width=768, vision_layers=12,
          vision_heads=12, vocab_size=49408, context_length=77, text_width=512, text_layers=12,
-         text_heads=8, embed_dim=512, mlp_ratio=4, dropout=0.0, temperature=0.07):
+         text_heads=8, embed_dim=512, mlp_ratio=4, dropout=0.0, temperature=0.07, attention_impl="xla"):
     """A `CLIPModel` of a ViT image tower (`num_classes=0`) and a `TextTransformer`, from plain
-    config values (the presets' entry point)."""
+    config values (the presets' entry point); `attention_impl` is Flax only (see `layers.attend`)."""
     image = VisionTransformer(image_size, patch_size, in_channels, 0, vision_width, vision_layers,
-                              vision_heads, mlp_ratio, dropout, parent=None)
+                              vision_heads, mlp_ratio, dropout, attention_impl, parent=None)
     text = TextTransformer(vocab_size, context_length, text_width, text_layers, text_heads, mlp_ratio,
-                           dropout, parent=None)
+                           dropout, attention_impl, parent=None)
     return CLIPModel(image, text, embed_dim, temperature)
 
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
-from .layers import gelu, torch_linear_init
+from .layers import attend, compute_dtype, gelu, torch_linear_init
 
 GN_EPS = 1e-5  # torch's GroupNorm default; flax's is 1e-6
 
@@ -26,7 +26,8 @@ class GroupNorm(nn.Module):
     contiguous channels and the spatial axes. Two passes; the second also corrects the mean's
     rounding (m1), which a float32 sum of large values leaves at ~1e-5 of the signal. Each pass
     sums over the spatial axis with the channels minor, then over the channels of a group: on
-    XLA:CPU that is 6x faster than one reduction over (spatial, channels in group)."""
+    XLA:CPU that is 6x faster than one reduction over (spatial, channels in group). Computed in
+    `compute_dtype` (float32 for bfloat16 inputs), returned in the dtype of x, scale and bias."""
     num_groups: int
     epsilon: float = GN_EPS
 
@@ -38,7 +39,7 @@ class GroupNorm(nn.Module):
         scale = self.param("scale", nn.initializers.ones, (C,))
         bias = self.param("bias", nn.initializers.zeros, (C,))
         B, G, k = x.shape[0], self.num_groups, C // self.num_groups
-        h = x.reshape(B, -1, C)
+        h = x.reshape(B, -1, C).astype(compute_dtype(x.dtype))
         n = h.shape[1] * k
 
         def group_mean(sums):  # (B, C) sums per channel -> (B, 1, C) means of their groups
@@ -48,7 +49,7 @@ class GroupNorm(nn.Module):
         m1 = group_mean(d.sum(1))
         var = group_mean(jnp.square(d).sum(1)) - jnp.square(m1)
         y = ((d - m1) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
-        return y * scale + bias
+        return (y * scale + bias).astype(jnp.result_type(x, scale, bias))
 
 
 def conv(features, kernel, stride=1, padding=0, name=None):
@@ -77,6 +78,7 @@ class ConvTranspose2d(nn.Module):
         weight = self.param("weight", init, (self.in_channels, self.out_channels, k, k))
         bias = self.param("bias", init, (self.out_channels,))
         lo, hi = k - 1 - p, k - 1 - p + self.output_padding
+        x, weight, bias = nn.dtypes.promote_dtype(x, weight, bias)
         y = jax.lax.conv_general_dilated(
             x, weight[:, :, ::-1, ::-1], window_strides=(1, 1), padding=((lo, hi), (lo, hi)),
             lhs_dilation=(s, s), dimension_numbers=("NHWC", "IOHW", "NHWC"))
@@ -141,14 +143,14 @@ class ResidualBlock(nn.Module):
 class AttentionBlock(nn.Module):
     """Single-head self-attention over the H*W positions (scale (C//8)^-0.5, as the source), residual."""
     channels: int
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x):
         B, H, W, C = x.shape
         qkv = conv(C * 3, 1, name="qkv")(GroupNorm(8, name="norm")(x)).reshape(B, H * W, 3 * C)
         q, k, v = jnp.split(qkv, 3, axis=-1)
-        attn = jax.nn.softmax((q @ k.swapaxes(1, 2)) * (C // 8) ** -0.5, axis=-1)
-        out = (attn @ v).reshape(B, H, W, C)
+        out = attend(q, k, v, (C // 8) ** -0.5, impl=self.attention_impl).reshape(B, H, W, C)
         return x + conv(C, 1, name="proj")(out)
 
 
@@ -161,6 +163,7 @@ class UNet(nn.Module):
     time_emb_dim: int = 256
     num_res_blocks: int = 2
     dropout: float = 0.1
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x, timestep, train: bool = False):
@@ -171,7 +174,7 @@ class UNet(nn.Module):
                 x = block(x, t, train) if isinstance(block, ResidualBlock) else block(x)
             return x
 
-        t = _TimeMlp(T, name="time_mlp")(timestep)
+        t = _TimeMlp(T, name="time_mlp")(timestep).astype(x.dtype)
         x = conv(feats[0], 3, padding=1, name="init_conv")(x)
         skips, in_ch = [], feats[0]
         for i, f in enumerate(feats):
@@ -180,13 +183,13 @@ class UNet(nn.Module):
                 blocks.append(ResidualBlock(in_ch, f, T, d, name=f"encoder_{i}_{j}"))
                 in_ch = f
             if f >= 256:
-                blocks.append(AttentionBlock(f, name=f"encoder_{i}_{self.num_res_blocks}"))
+                blocks.append(AttentionBlock(f, self.attention_impl, name=f"encoder_{i}_{self.num_res_blocks}"))
             x = run(blocks, x)
             skips.append(x)
             x = conv(f, 3, stride=2, padding=1, name=f"pool_{i}")(x)
 
         x = run([ResidualBlock(feats[-1], feats[-1] * 2, T, d, name="bottleneck_0"),
-                 AttentionBlock(feats[-1] * 2, name="bottleneck_1"),
+                 AttentionBlock(feats[-1] * 2, self.attention_impl, name="bottleneck_1"),
                  ResidualBlock(feats[-1] * 2, feats[-1], T, d, name="bottleneck_2")], x)
 
         in_ch = feats[-1]
@@ -195,7 +198,7 @@ class UNet(nn.Module):
             blocks = [ResidualBlock(f * 2 if j == 0 else f, f, T, d, name=f"decoder_{i}_{j}")
                       for j in range(self.num_res_blocks)]
             if f >= 256:
-                blocks.append(AttentionBlock(f, name=f"decoder_{i}_{self.num_res_blocks}"))
+                blocks.append(AttentionBlock(f, self.attention_impl, name=f"decoder_{i}_{self.num_res_blocks}"))
             x = run(blocks, x)
             in_ch = f
 
@@ -249,14 +252,14 @@ class DDPM(nn.Module):
                   for k, v in schedule.items()}
 
     def q_sample(self, x_start, t, noise):
-        """x_t ~ q(x_t | x_0): sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise."""
-        return _b(self.s["sqrt_alphas_cumprod"][t]) * x_start + \
-            _b(self.s["sqrt_one_minus_alphas_cumprod"][t]) * noise
+        """x_t ~ q(x_t | x_0): sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise, in the dtype of x_0."""
+        c = lambda name: _b(self.s[name][t]).astype(x_start.dtype)
+        return c("sqrt_alphas_cumprod") * x_start + c("sqrt_one_minus_alphas_cumprod") * noise
 
     def p_losses(self, x_start, t, noise, train: bool = False):
-        """MSE between the noise and the model's prediction of it from x_t."""
-        x_noisy = self.q_sample(x_start, t, noise)
-        return jnp.mean(jnp.square(noise - self.model(x_noisy, t, train)))
+        """MSE between the noise and the model's prediction of it from x_t; float32 for bfloat16 models."""
+        err = noise - self.model(self.q_sample(x_start, t, noise), t, train)
+        return jnp.mean(jnp.square(err.astype(compute_dtype(err.dtype))))
 
     def __call__(self, x, t=None, noise=None, train: bool = False):
         if t is None:

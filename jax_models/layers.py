@@ -7,7 +7,8 @@ both ways by rule.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -77,9 +78,28 @@ class PatchEmbedding(nn.Module):
         return x.reshape(x.shape[0], -1, x.shape[-1])
 
 
-def attend(q, k, v, scale, bias=None, mask=None, dropout: Callable | None = None):
-    """softmax(q k^T * scale + bias) v over (..., N, D) heads; `mask` is True where attention is allowed."""
-    attn = (q @ jnp.swapaxes(k, -2, -1)) * scale
+ATTENTION_IMPLS = ("xla", "fused", "cudnn")
+
+
+def compute_dtype(dtype):
+    """The dtype of softmax and norm statistics: float32 for bfloat16/float16, else `dtype` itself."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
+def attend(q, k, v, scale, bias=None, mask=None, dropout: nn.Dropout | None = None, impl: str = "xla"):
+    """softmax(q k^T * scale + bias) v over (..., N, D) heads; `mask` is True where attention is allowed.
+
+    Logits and softmax are in `compute_dtype` (float32 for bfloat16 inputs), the result in v's dtype.
+    `impl`: "xla" the explicit einsum-softmax; "fused" `jax.nn.dot_product_attention` (XLA picks
+    the kernel); "cudnn" its cuDNN kernel (GPU, half precision). The fused ones take no attention
+    dropout and keep float32 softmax, so with active dropout or float64 inputs "xla" runs instead.
+    """
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention impl {impl!r} is not one of {ATTENTION_IMPLS}")
+    drops = dropout is not None and dropout.rate > 0 and not dropout.deterministic
+    if impl != "xla" and not drops and q.dtype != jnp.float64:
+        return _fused_attend(q, k, v, scale, bias, mask, None if impl == "fused" else impl)
+    attn = jnp.matmul(q, jnp.swapaxes(k, -2, -1), preferred_element_type=compute_dtype(q.dtype)) * scale
     if bias is not None:
         attn = attn + bias
     if mask is not None:
@@ -87,7 +107,28 @@ def attend(q, k, v, scale, bias=None, mask=None, dropout: Callable | None = None
     attn = jax.nn.softmax(attn, axis=-1)
     if dropout is not None:
         attn = dropout(attn)
-    return attn @ v
+    return attn.astype(v.dtype) @ v
+
+
+def _fused_attend(q, k, v, scale, bias, mask, implementation):
+    """`attend` through `jax.nn.dot_product_attention`: the leading axes (B, *heads) of q, k, v,
+    bias and mask fold into its (B, T, N, H) layout, heads (N) being all axes after the first."""
+    lead = q.shape[:-2]
+    B, N = lead[0], math.prod(lead[1:])
+    btnh = lambda t: t.reshape(B, N, *t.shape[-2:]).swapaxes(1, 2)
+
+    def bnts(m):
+        if m is None:
+            return None
+        m = m.reshape((1,) * (len(lead) + 2 - m.ndim) + m.shape)
+        heads = m.shape[1:-2]
+        if all(d == 1 for d in heads):
+            return m.reshape(m.shape[0], 1, *m.shape[-2:])
+        return jnp.broadcast_to(m, (m.shape[0], *lead[1:], *m.shape[-2:])).reshape(m.shape[0], N, *m.shape[-2:])
+
+    out = jax.nn.dot_product_attention(btnh(q), btnh(k), btnh(v), bnts(bias), bnts(mask), scale=scale,
+                                       implementation=implementation)
+    return out.swapaxes(1, 2).reshape(*lead, q.shape[-2], v.shape[-1])
 
 
 class Mlp(nn.Module):
@@ -112,12 +153,13 @@ class MultiheadAttention(nn.Module):
     slices of torch's fused `in_proj_weight`, `out_proj` the output. Returns (B, Nq, embed_dim).
 
     `key_padding_mask` (B, Nk) and a bool `attn_mask` (Nq, Nk) or (B, Nq, Nk) use torch's
-    polarity: True where attention is *blocked*.
+    polarity: True where attention is *blocked*. `attention_impl` (Flax only): see `attend`.
     """
     embed_dim: int
     num_heads: int
     dropout: float = 0.0
     bias: bool = True
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(self, query, key, value, key_padding_mask=None, attn_mask=None, train: bool = False):
@@ -138,13 +180,14 @@ class MultiheadAttention(nn.Module):
             m = ~attn_mask if attn_mask.ndim == 2 else ~attn_mask[:, None]
             allowed = m if allowed is None else allowed & m
         drop = nn.Dropout(self.dropout, deterministic=not train)
-        x = attend(q, k, v, (E // H) ** -0.5, mask=allowed, dropout=drop)
+        x = attend(q, k, v, (E // H) ** -0.5, mask=allowed, dropout=drop, impl=self.attention_impl)
         x = x.swapaxes(-3, -2).reshape(*x.shape[:-3], x.shape[-2], E)
         return nn.Dense(E, use_bias=self.bias, kernel_init=torch_linear_init, name="out_proj")(x)
 
 
 class TransformerEncoderLayer(nn.Module):
-    """Twin of `torch.nn.TransformerEncoderLayer` (batch_first, post-norm by default, ReLU)."""
+    """Twin of `torch.nn.TransformerEncoderLayer` (batch_first, post-norm by default, ReLU);
+    `attention_impl` is Flax only (see `attend`)."""
     d_model: int
     nhead: int
     dim_feedforward: int = 2048
@@ -152,12 +195,14 @@ class TransformerEncoderLayer(nn.Module):
     activation: str = "relu"
     layer_norm_eps: float = 1e-5
     norm_first: bool = False
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x, src_key_padding_mask=None, train: bool = False):
         act = {"relu": nn.relu, "gelu": gelu}[self.activation]
         drop = lambda: nn.Dropout(self.dropout, deterministic=not train)
-        self_attn = MultiheadAttention(self.d_model, self.nhead, self.dropout, name="self_attn")
+        self_attn = MultiheadAttention(self.d_model, self.nhead, self.dropout,
+                                       attention_impl=self.attention_impl, name="self_attn")
         linear1 = nn.Dense(self.dim_feedforward, kernel_init=torch_linear_init, name="linear1")
         linear2 = nn.Dense(self.d_model, kernel_init=torch_linear_init, name="linear2")
         norm1 = nn.LayerNorm(epsilon=self.layer_norm_eps, name="norm1")

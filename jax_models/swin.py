@@ -3,7 +3,8 @@
 Images are NHWC, tokens (B, H*W, C). `__call__(x, train=False)`: dropout and drop path are active
 only with `train=True` and a 'dropout' rng. The relative position index and the shifted-window
 mask are computed, not learned, and kept in the 'buffers' collection (torch's buffers), where the
-bridge checks them against the torch values.
+bridge checks them against the torch values. The last field, `attention_impl`, is Flax only: which
+`layers.attend` kernel runs ("xla", "fused", "cudnn").
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ class WindowAttention(nn.Module):
     qkv_bias: bool = True
     attn_drop: float = 0.
     proj_drop: float = 0.
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x, mask=None, train: bool = False):
@@ -92,7 +94,8 @@ class WindowAttention(nn.Module):
             q, k, v = (t.reshape(B_ // nW, nW, *t.shape[1:]) for t in (q, k, v))
             bias = bias + mask[:, None]
         drop = nn.Dropout(self.attn_drop, deterministic=not train, name="attn_drop")
-        x = attend(q, k, v, (self.dim // self.num_heads) ** -0.5, bias=bias, dropout=drop)
+        x = attend(q, k, v, (self.dim // self.num_heads) ** -0.5, bias=bias, dropout=drop,
+                   impl=self.attention_impl)
         x = x.reshape(B_, self.num_heads, N, -1).transpose(0, 2, 1, 3).reshape(B_, N, C)
         x = nn.Dense(self.dim, kernel_init=trunc_normal_02, name="proj")(x)
         return nn.Dropout(self.proj_drop, deterministic=not train, name="proj_drop")(x)
@@ -110,6 +113,7 @@ class SwinTransformerBlock(nn.Module):
     drop: float = 0.
     attn_drop: float = 0.
     drop_path: float = 0.
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -129,7 +133,7 @@ class SwinTransformerBlock(nn.Module):
         if s > 0:
             x = jnp.roll(x, (-s, -s), axis=(1, 2))
         attn = WindowAttention(self.dim, (ws, ws), self.num_heads, self.qkv_bias, self.attn_drop,
-                               self.drop, name="attn")
+                               self.drop, self.attention_impl, name="attn")
         windows = attn(window_partition(x, ws).reshape(-1, ws * ws, C), mask=mask, train=train)
         x = window_reverse(windows.reshape(-1, ws, ws, C), ws, H, W)
         if s > 0:
@@ -171,6 +175,7 @@ class BasicLayer(nn.Module):
     attn_drop: float = 0.
     drop_path: Sequence[float] = ()
     downsample: bool = False
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -179,7 +184,7 @@ class BasicLayer(nn.Module):
             x = SwinTransformerBlock(self.dim, self.input_resolution, self.num_heads, self.window_size,
                                      0 if i % 2 == 0 else self.window_size // 2, self.mlp_ratio,
                                      self.qkv_bias, self.drop, self.attn_drop, drop_path[i],
-                                     name=f"blocks_{i}")(x, train)
+                                     self.attention_impl, name=f"blocks_{i}")(x, train)
         if self.downsample:
             x = PatchMerging(self.input_resolution, self.dim, name="downsample")(x)
         return x
@@ -201,6 +206,7 @@ class SwinTransformer(nn.Module):
     dropout: float = 0.0
     attn_dropout: float = 0.0
     drop_path_rate: float = 0.1
+    attention_impl: str = "xla"
 
     @property
     def num_features(self) -> int:
@@ -219,7 +225,8 @@ class SwinTransformer(nn.Module):
                            self.num_heads[i], self.window_size, self.mlp_ratio, self.qkv_bias,
                            self.dropout, self.attn_dropout,
                            tuple(dpr[sum(self.depths[:i]):sum(self.depths[:i + 1])]),
-                           downsample=i < len(self.depths) - 1, name=f"layers_{i}")(x, train)
+                           downsample=i < len(self.depths) - 1, attention_impl=self.attention_impl,
+                           name=f"layers_{i}")(x, train)
         x = nn.LayerNorm(epsilon=LN_EPS, name="norm")(x).mean(1)
         if self.num_classes == 0:
             return x

@@ -1,7 +1,8 @@
 """Vision Transformers of both sources, in Flax linen: twins of `torch_reference/vit.py`.
 
 Images are NHWC. `__call__(x, train=False)`: dropout is active only with `train=True` and a
-'dropout' rng. `num_classes=0` returns the pooled class-token feature (B, embed_dim).
+'dropout' rng. `num_classes=0` returns the pooled class-token feature (B, embed_dim). The last
+field, `attention_impl`, is Flax only: which `layers.attend` kernel runs ("xla", "fused", "cudnn").
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ class MultiHeadAttention(nn.Module):
     embed_dim: int
     num_heads: int
     dropout: float = 0.1
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x, train: bool = False, mask=None):
@@ -30,7 +32,7 @@ class MultiHeadAttention(nn.Module):
         qkv = qkv.reshape(B, N, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
         drop = nn.Dropout(self.dropout, deterministic=not train, name="dropout")
-        x = attend(q, k, v, head_dim ** -0.5, mask=mask, dropout=drop)
+        x = attend(q, k, v, head_dim ** -0.5, mask=mask, dropout=drop, impl=self.attention_impl)
         x = x.transpose(0, 2, 1, 3).reshape(B, N, C)
         return nn.Dense(self.embed_dim, kernel_init=trunc_normal_02, name="proj")(x)
 
@@ -41,10 +43,12 @@ class TransformerBlock(nn.Module):
     num_heads: int
     mlp_ratio: float = 4
     dropout: float = 0.1
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x, train: bool = False, mask=None):
-        x = x + MultiHeadAttention(self.embed_dim, self.num_heads, self.dropout, name="attn")(
+        x = x + MultiHeadAttention(self.embed_dim, self.num_heads, self.dropout, self.attention_impl,
+                                   name="attn")(
             nn.LayerNorm(epsilon=LN_EPS, name="norm1")(x), train, mask)
         x = x + Mlp(self.embed_dim, int(self.embed_dim * self.mlp_ratio), dropout=self.dropout,
                     kernel_init=trunc_normal_02, name="mlp")(
@@ -63,6 +67,7 @@ class VisionTransformer(nn.Module):
     num_heads: int = 12
     mlp_ratio: float = 4
     dropout: float = 0.1
+    attention_impl: str = "xla"
 
     @property
     def output_dim(self) -> int:
@@ -80,7 +85,7 @@ class VisionTransformer(nn.Module):
         x = x + pos_embed
         for i in range(self.depth):
             x = TransformerBlock(self.embed_dim, self.num_heads, self.mlp_ratio, self.dropout,
-                                 name=f"blocks_{i}")(x, train)
+                                 self.attention_impl, name=f"blocks_{i}")(x, train)
         x = nn.LayerNorm(epsilon=LN_EPS, name="norm")(x)
         if self.num_classes == 0:
             return x[:, 0]
@@ -97,6 +102,7 @@ class EncoderViT(nn.Module):
     num_heads: int = 12
     in_channels: int = 3
     dropout: float = 0.1
+    attention_impl: str = "xla"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
@@ -108,7 +114,7 @@ class EncoderViT(nn.Module):
         x = jnp.concatenate([jnp.broadcast_to(cls_token, (x.shape[0], 1, self.embed_dim)), x], axis=1)
         x = x + pos_embed
         layer = TransformerEncoderLayer(self.embed_dim, self.num_heads, self.embed_dim * 4,
-                                        self.dropout, parent=None)
+                                        self.dropout, attention_impl=self.attention_impl, parent=None)
         x = TransformerEncoder(layer, self.depth, name="transformer")(x, train=train)
         if self.num_classes == 0:
             return x[:, 0]
