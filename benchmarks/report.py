@@ -1,0 +1,140 @@
+"""The benchmark records as a text table, a markdown report with XLA/torch time ratios, and a PNG
+chart (examples/s per preset and framework, log scale, one panel per mode)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+FRAMEWORK_ORDER = ("jax", "torch", "torch-compile")
+
+
+def machine_header(info: dict) -> str:
+    v = info["versions"]
+    lines = [f"machine: {info['host']}",
+             f"jax {v['jax']} on {info['jax_device']} (default matmul precision: "
+             f"{info['jax_default_matmul_precision']}); torch {v['torch']} on {info['torch_device']} "
+             f"({info['torch_threads']} threads, allow_tf32 {info['torch_allow_tf32']})",
+             f"date: {info['date']}" + (f"; load average {info['load_average']}" if "load_average" in info else "")]
+    return "\n".join(lines)
+
+
+def _group_key(r):
+    return r["preset"], r["mode"], r["batch_size"], r["precision"]
+
+
+def _fmt(x, spec, missing="-"):
+    return missing if x is None else format(x, spec)
+
+
+def _cells(r) -> list[str]:
+    if "error" in r:
+        return [r["preset"], r["mode"], str(r["batch_size"]), r["precision"], r["framework"],
+                "error: " + r["error"].splitlines()[0][:90]]
+    mem = r.get("peak_memory_bytes")
+    frac = r.get("peak_fraction")
+    return [r["preset"], r["mode"], str(r["batch_size"]), r["precision"], r["framework"],
+            f"{r['median_ms']:.2f}", f"{r['spread_ms']:.2f}", f"{r['compile_s']:.1f}",
+            f"{r['examples_per_s']:.1f}", _fmt(r.get("achieved_flops") and r["achieved_flops"] / 1e9, ".1f"),
+            _fmt(frac and 100 * frac, ".1f"), _fmt(mem and mem / 2 ** 20, ".0f"),
+            _fmt(r.get("forward_rel_err"), ".1e")]
+
+
+HEADER = ["preset", "mode", "batch", "precision", "framework", "median ms", "IQR ms", "first call s",
+          "examples/s", "GFLOP/s", "% peak", "memory MiB", "fwd rel err"]
+
+
+def table(records: list[dict]) -> str:
+    """A fixed-width text table, one line per record."""
+    rows = [HEADER] + [_cells(r) for r in records]
+    width = [max(len(row[i]) for row in rows if i < len(row)) for i in range(len(HEADER))]
+    return "\n".join("  ".join(c.rjust(width[i]) if i >= 5 and len(row) > 6 else c.ljust(width[i])
+                               for i, c in enumerate(row)) for row in rows)
+
+
+def ratios(records: list[dict]) -> list[dict]:
+    """Per row group: each framework's median ms, and XLA time / torch time (< 1: XLA faster)."""
+    groups = defaultdict(dict)
+    for r in records:
+        groups[_group_key(r)][r["framework"]] = r.get("median_ms")
+    out = []
+    for (preset, mode, batch, prec), ms in groups.items():
+        jax_ms = ms.get("jax")
+        ratio = lambda fw: jax_ms / ms[fw] if jax_ms and ms.get(fw) else None  # noqa: E731
+        out.append({"preset": preset, "mode": mode, "batch_size": batch, "precision": prec, **{
+            f"{fw}_ms": ms.get(fw) for fw in FRAMEWORK_ORDER},
+            "xla_over_eager": ratio("torch"), "xla_over_compile": ratio("torch-compile")})
+    return out
+
+
+def markdown(records: list[dict], info: dict) -> str:
+    """The machine, the ratio table per row group, then every record."""
+    lines = ["# Benchmarks: XLA against eager PyTorch and torch.compile", "",
+             "```", machine_header(info), "```", "",
+             "Time per step, median over the timed steps after warm-up; ratio = XLA time / torch "
+             "time (below 1: XLA faster).", "",
+             "| preset | mode | batch | precision | JAX ms | eager ms | compile ms | XLA/eager | "
+             "XLA/torch.compile |", "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
+    for g in ratios(records):
+        lines.append(f"| `{g['preset']}` | {g['mode']} | {g['batch_size']} | {g['precision']} | "
+                     f"{_fmt(g['jax_ms'], '.2f')} | {_fmt(g['torch_ms'], '.2f')} | "
+                     f"{_fmt(g['torch-compile_ms'], '.2f')} | {_fmt(g['xla_over_eager'], '.2f')} | "
+                     f"{_fmt(g['xla_over_compile'], '.2f')} |")
+    lines += ["", "All rows (IQR: interquartile range of the timed steps; first call: trace + compile "
+              "+ one step; GFLOP/s and % peak from the same model FLOPs for every framework):", "",
+              "| " + " | ".join(HEADER) + " |", "|" + " --- |" * len(HEADER)]
+    for r in records:
+        cells = _cells(r)
+        cells += [""] * (len(HEADER) - len(cells))
+        lines.append("| " + " | ".join(cells) + " |")
+    errors = [r for r in records if "error" in r]
+    if errors:
+        lines += ["", "Errors:", ""] + [f"- `{r['preset']}` {r['mode']} b{r['batch_size']} "
+                                       f"{r['precision']} {r['framework']}: {r['error'].splitlines()[0]}"
+                                       for r in errors]
+    return "\n".join(lines) + "\n"
+
+
+def plot(records: list[dict], path: str, info: dict):
+    """Grouped horizontal bars of examples/s (log scale), one panel per mode, one bar per
+    framework, the XLA/eager time ratio written beside each group."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = [r for r in records if "error" not in r]
+    modes = [m for m in ("train", "infer") if any(r["mode"] == m for r in ok)] or ["train"]
+    frameworks = [f for f in FRAMEWORK_ORDER if any(r["framework"] == f for r in ok)]
+    labels = list(dict.fromkeys(f"{r['preset']} b{r['batch_size']} {r['precision']}" for r in records))
+    fig, axes = plt.subplots(1, len(modes), figsize=(6.5 * len(modes), 0.55 * len(labels) * max(len(frameworks), 1) / 2 + 2),
+                             squeeze=False)
+    colors = {"jax": "#4C72B0", "torch": "#DD8452", "torch-compile": "#55A868"}
+    height = 0.8 / max(len(frameworks), 1)
+    for ax, mode in zip(axes[0], modes):
+        rows = {(f"{r['preset']} b{r['batch_size']} {r['precision']}", r["framework"]): r
+                for r in ok if r["mode"] == mode}
+        for j, fw in enumerate(frameworks):
+            ys, xs = [], []
+            for i, label in enumerate(labels):
+                if (label, fw) in rows:
+                    ys.append(i + (j - (len(frameworks) - 1) / 2) * height)
+                    xs.append(rows[label, fw]["examples_per_s"])
+            ax.barh(ys, xs, height=height, color=colors[fw], label=fw)
+        for i, label in enumerate(labels):
+            j, t = rows.get((label, "jax")), rows.get((label, "torch"))
+            if j and t:
+                ax.text(1.01, i, f"{j['median_ms'] / t['median_ms']:.2f}x", transform=ax.get_yaxis_transform(),
+                        va="center", fontsize=8)
+        ax.set_xscale("log")
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("examples / s (log scale, higher is better)")
+        ax.set_title(f"{mode}  (right: XLA time / eager time)", fontsize=10)
+        ax.grid(axis="x", which="both", alpha=0.3)
+    axes[0][0].legend(loc="lower right", fontsize=8)
+    v = info["versions"]
+    fig.suptitle(f"{info['host']} | jax {v['jax']} ({info['jax_device']}), torch {v['torch']} "
+                 f"({info['torch_device']}, {info['torch_threads']} threads) | {info['date'][:10]}",
+                 fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
