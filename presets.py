@@ -143,7 +143,7 @@ DDPM_RECIPE = dict(timesteps=1000, beta_start=1e-4, beta_end=0.02, lr=2e-4, weig
 # Digits: sized to train in minutes on 2 CPU cores; samples with 100 DDIM steps on the EMA weights.
 DDPM_DIGITS_RECIPE = dict(DDPM_RECIPE, lr=1e-3, warmup_steps=100, batch_size=64, steps=2000,
                           grad_clip=1.0, ema_decay=0.995, data="digits", num_samples=256,
-                          ddim_steps=100)
+                          ddim_steps=100, checkpoint_every=250)
 
 PRESETS.update({p.name: p for p in [
     _ddpm("ddpm-digits", 16, 1, (16, 32), 32, train=DDPM_DIGITS_RECIPE,

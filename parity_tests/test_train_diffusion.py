@@ -1,4 +1,5 @@
-"""The diffusion step: pmap over 8 devices equals jit on the whole batch; EMA; sample files; the check."""
+"""The diffusion step: pmap over 8 devices equals jit on the whole batch; EMA; the torch step;
+sample files; the digits check; short runs of both backends through the shared trainer."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
+import torch
 
 from presets import get_preset, with_overrides
 from train import diffusion, steps
@@ -19,6 +22,13 @@ def tiny_preset():
     return dataclasses.replace(p, image_size=8, train=dict(p.train, ema_decay=0.9))
 
 
+def _state(p, tx=None, seed=0):
+    import optax
+    ddpm = diffusion.build(p)
+    variables = ddpm.init(jax.random.key(seed), *diffusion.DiffusionTask().init_args(p))
+    return diffusion.create_state(ddpm, variables, tx or optax.adam(1e-3), jax.random.key(seed + 1))
+
+
 def test_pmap_step_equals_jit_step_and_ema_follows():
     p = tiny_preset()
     n = jax.local_device_count()
@@ -27,9 +37,8 @@ def test_pmap_step_equals_jit_step_and_ema_follows():
              "t": rs.randint(0, 1000, 2 * n).astype(np.int32),
              "noise": rs.standard_normal((2 * n, 8, 8, 1)).astype(np.float32)}
     kw = dict(timesteps=1000, ema_decay=0.9)
-    s0 = diffusion.create_state(p, jax.random.key(0), 10)
     # SGD: Adam's first step is lr * sign(g), a coin flip on leaves whose gradient is ~0
-    s0 = s0.replace(tx=optax.sgd(0.1), opt_state=optax.sgd(0.1).init(s0.params))
+    s0 = _state(p, optax.sgd(0.1))
     s_jit, m_jit = steps.jit_train_step(diffusion.diffusion_step, **kw)(
         jax.tree_util.tree_map(jnp.copy, s0), batch)
     shards = {k: v.reshape(n, 2, *v.shape[1:]) for k, v in batch.items()}
@@ -45,7 +54,7 @@ def test_pmap_step_equals_jit_step_and_ema_follows():
 
 def test_sampler_files_and_digit_check(tmp_path):
     p = tiny_preset()
-    s = diffusion.create_state(p, jax.random.key(0), 10)
+    s = _state(p)
     samples = np.asarray(diffusion.sampler(p, 4, ddim_steps=3)({"params": s.ema_params, **s.constants},
                                                                jax.random.key(1)))
     assert samples.shape == (4, 8, 8, 1) and samples.min() >= -1 and samples.max() <= 1
@@ -60,38 +69,66 @@ def test_sampler_files_and_digit_check(tmp_path):
 
 
 def test_torch_step_equals_jax_step():
-    """The eager torch step (train.diffusion_torch) and the JAX step from the same weights, t and
-    noise: the same loss, weights and EMA (SGD, so that no Adam sign flips of ~0 gradients)."""
-    import optax
+    """The eager torch step (`DiffusionTask` in `TorchTrainer`) and the JAX step from the same
+    weights, t and noise: the same loss, weights and EMA (SGD, so that no Adam sign flips of ~0
+    gradients)."""
     import torch
 
     import bridge
     from parity_tests import harness
-    from train import diffusion_torch
+    from train.torch_backend import TorchTrainer
 
     p = tiny_preset()
+    task = diffusion.DiffusionTask()
     torch.manual_seed(0)
-    td = diffusion_torch.build(p)
-    ema_t = diffusion_torch.make_ema(td)
-    opt = torch.optim.SGD(td.parameters(), lr=0.1)
+    td = task.torch_model(p)
+    trainer = TorchTrainer(td, task, dict(p.train, weight_decay=0.0, grad_clip=0.0),
+                           lambda step: 0.1, set(), optimizer=torch.optim.SGD(td.parameters(), lr=0.1))
     rs = np.random.RandomState(0)
-    x = rs.uniform(-1, 1, (4, 1, 8, 8)).astype(np.float32)
-    t = rs.randint(0, 1000, 4)
+    x = rs.uniform(-1, 1, (4, 8, 8, 1)).astype(np.float32)
+    t = rs.randint(0, 1000, 4).astype(np.int32)
     noise = rs.standard_normal(x.shape).astype(np.float32)
-    nhwc = lambda a: jnp.asarray(a.transpose(0, 2, 3, 1))
     fd = diffusion.build(p)
-    variables = bridge.torch_to_flax(td.state_dict(), fd, nhwc(x), jnp.asarray(t), nhwc(noise))
-    params = variables.pop("params")
-    state = diffusion.DiffusionState.create(apply_fn=fd.apply, params=params, tx=optax.sgd(0.1),
-                                            rng=jax.random.key(0), constants=variables,
-                                            ema_params=jax.tree_util.tree_map(jnp.copy, params))
-    m_t = diffusion_torch.diffusion_step(td, ema_t, opt, torch.from_numpy(x), 0, 0.9,
-                                         t=torch.from_numpy(t), noise=torch.from_numpy(noise))
+    variables = bridge.torch_to_flax(td.state_dict(), fd, x, t, noise)
+    state = diffusion.create_state(fd, variables, optax.sgd(0.1), jax.random.key(0))
+    m_t = trainer.train_step({"image": x, "t": t, "noise": noise})
     state, m_f = jax.jit(lambda s, b: diffusion.diffusion_step(s, b, jax.random.key(0), timesteps=1000,
                                                                ema_decay=0.9))(
-        state, {"image": nhwc(x), "t": jnp.asarray(t), "noise": nhwc(noise)})
+        state, {"image": x, "t": t, "noise": noise})
     assert abs(m_t["loss"] - float(m_f["loss"])) <= 1e-5 * m_t["loss"]
     assert abs(m_t["grad_norm"] - float(m_f["grad_norm"])) <= 1e-4 * m_t["grad_norm"]
-    for ours, theirs in [(state.params, td), (state.ema_params, ema_t)]:
+    for ours, theirs in [(state.params, td), (state.ema_params, task.ema)]:
         key, err = harness.worst_leaf(harness.torch_params(theirs), harness.flax_params_as_torch(ours))
         assert err <= harness.TRAJECTORY_TOL, f"{key}: {err:.3e}"
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+def test_short_run_writes_samples_summary_and_exports_the_unet(tmp_path, backend, monkeypatch):
+    """`python -m train` on a diffusion preset: samples, summary, checkpoint, and `--export`
+    writes the EMA U-Net, which loads into the torch UNet; resuming finishes the same run."""
+    import presets
+    import torch_reference
+    from bridge import load_safetensors
+    from train.train import Config, run
+
+    p = tiny_preset()
+    p = dataclasses.replace(p, name="ddpm-tiny", train=dict(p.train, num_samples=4, ddim_steps=2))
+    monkeypatch.setitem(presets.PRESETS, p.name, p)
+    cfg = dict(preset=p.name, backend=backend, steps=4, batch_size=16, log_every=2,
+               checkpoint_every=2, progress=False)
+    s = run(Config(workdir=str(tmp_path / "a"), export=str(tmp_path / "unet.safetensors"), **cfg))
+    assert s["task"] == "diffusion" and s["steps"] == 4 and np.isfinite(s["final_loss"])
+    samples = np.load(s["samples"])
+    assert samples.shape == (4, 8, 8, 1) and samples.dtype == np.float32
+    assert -1 <= samples.min() and samples.max() <= 1 and (tmp_path / "a" / "samples.png").exists()
+    assert s["sampler"] == "ddim-2" and 0 <= s["digit_check"]["confident"] <= 1
+    unet = torch_reference.create_model(p)
+    unet.load_state_dict({k: torch.from_numpy(v) for k, v in
+                          load_safetensors(tmp_path / "unet.safetensors").items()}, strict=True)
+    import shutil
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "4")
+    resumed = run(Config(workdir=str(tmp_path / "b"), resume=True, **cfg))
+    assert resumed["start_step"] == 2
+    assert resumed["final_loss"] == pytest.approx(s["final_loss"], rel=1e-5)
+    np.testing.assert_allclose(np.load(resumed["samples"]), samples, atol=1e-5)

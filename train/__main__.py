@@ -1,4 +1,5 @@
-"""python -m train PRESET [options]: train a classification preset with JAX or PyTorch."""
+"""python -m train PRESET [options]: train any preset (classification, contrastive, diffusion)
+with JAX (jit or pmap) or eager PyTorch."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ CPU_COLLECTIVE_FLAGS = ("--xla_cpu_collective_call_terminate_timeout_seconds=180
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m train",
-        description="Train a classification preset (defaults come from the preset's recipe).")
+        description="Train a preset: ViT and Swin classify, CLIP learns from captions, DDPM "
+                    "learns to denoise. Defaults come from the preset's recipe.")
     p.add_argument("preset", help="preset name, e.g. vit-digits")
     p.add_argument("--data", help="digits (default) | imagefolder:DIR | cifar10:DIR")
     p.add_argument("--backend", choices=("jax", "torch"), default="jax")
@@ -33,6 +35,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--label-smoothing", type=float)
     p.add_argument("--grad-clip", type=float, help="global gradient norm clip (0: off)")
     p.add_argument("--dropout", type=float, help="the model's dropout rate")
+    p.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: bfloat16 compute over float32 master weights")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", help="default: runs/PRESET")
     p.add_argument("--checkpoint-every", type=int, help="steps between checkpoints "
@@ -43,7 +47,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--export", metavar="PATH",
                    help="write the final weights as a safetensors state_dict for torch_reference")
     p.add_argument("--log-every", type=int, default=10, help="steps between metrics lines")
-    p.add_argument("--eval-every", type=int, help="steps between evaluations (default: epoch)")
+    p.add_argument("--eval-every", type=int, help="steps between evaluations (default: epoch "
+                   "for classification and CLIP, none for DDPM; 0: only at the end)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a model constructor argument, e.g. --set depth=2")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -84,7 +89,7 @@ def main(argv=None) -> int:
         seed=args.seed, workdir=args.workdir, checkpoint_every=args.checkpoint_every,
         keep=args.keep, resume=args.resume, export=args.export, log_every=args.log_every,
         eval_every=args.eval_every, model_overrides=_overrides(args.set),
-        progress=not args.no_progress)
+        progress=not args.no_progress, precision=args.precision)
     if args.backend == "torch" and args.parallel == "pmap":
         raise SystemExit("--parallel pmap is for --backend jax")
     from train.checkpoint import CheckpointError
@@ -93,22 +98,35 @@ def main(argv=None) -> int:
     except (CheckpointError, ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    if "eval_accuracy" not in s:
-        import json
-
-        print(json.dumps(s, indent=2))
-        return 0
-    print(f"test accuracy {s['eval_accuracy']:.4f} ({s['eval_examples']} images), "
-          f"final train loss {s['final_loss'] if s['final_loss'] is None else round(s['final_loss'], 4)}, "
-          f"{s['steps']} steps, {s['examples_per_second']:.0f} examples/s, "
-          f"{s['backend']} {s['parallel']} on {s['devices']} device(s), "
-          f"{s['wall_seconds']:.1f} s")
+    _print_results(s)
     print(f"checkpoints: {s['checkpoint_dir']}")
     print(f"metrics:     {s['metrics']}")
     print(f"summary:     {s['workdir']}/summary.json")
     if s["export"]:
         print(f"exported:    {s['export']}")
     return 0
+
+
+def _print_results(s: dict):
+    from train.tasks import get_task
+    import presets
+
+    for key in get_task(presets.get_preset(s["preset"])).report:
+        value = s.get(key)
+        if isinstance(value, dict):
+            value = ", ".join(f"{k} {v}" for k, v in value.items())
+        elif isinstance(value, float):
+            value = f"{value:.4f}"
+        name = "test accuracy" if key == "eval_accuracy" else key
+        print(f"{name} {value}" + (f" ({s['eval_examples']} images)" if "eval_examples" in s
+                                    and key == "eval_accuracy" else ""))
+    loss = s["final_loss"]
+    print(f"final train loss {loss if loss is None else round(loss, 4)}, {s['steps']} steps, "
+          f"{s['examples_per_second']:.0f} examples/s, {s['backend']} {s['parallel']} "
+          f"{s['precision']} on {s['devices']} device(s), {s['wall_seconds']:.1f} s")
+    for key in ("samples", "grid", "tokenizer"):
+        if key in s:
+            print(f"{key + ':':12s} {s[key]}")
 
 
 if __name__ == "__main__":

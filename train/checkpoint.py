@@ -22,7 +22,7 @@ class CheckpointError(RuntimeError):
 
 # What a resumed run must share with the run that wrote the checkpoint for it to be the same run.
 RUN_KEYS = ("preset", "model_kwargs", "backend", "data", "seed", "batch_size", "total_steps",
-            "lr", "weight_decay", "warmup_steps", "label_smoothing", "grad_clip")
+            "lr", "weight_decay", "warmup_steps", "label_smoothing", "grad_clip", "precision")
 
 
 class Checkpoints:

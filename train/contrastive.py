@@ -3,26 +3,23 @@
 `contrastive_step(state, batch, rng) -> (state, metrics)` is pure, like the classification step:
 under pmap (`axis_name` set) the features are gathered over the device axis so every image meets
 every caption of the global batch as a negative, and gradients are averaged with `lax.pmean`.
-`train(...)` runs it (jit or pmap) and reports zero-shot accuracy on the held-out digits from
-text prompts alone, and image->text / text->image recall@1, in WORKDIR/summary.json;
-`python -m train.contrastive clip-digits` is its command line.
+`ContrastiveTask` hands it, and its eager torch twin, to the shared trainer (`python -m train
+clip-digits`), which reports zero-shot accuracy on the held-out digits from text prompts alone,
+and image->text / text->image recall@1, in WORKDIR/summary.json.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import os
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from tokenizer import Tokenizer
-from train import data as data_lib
 from train import steps
+from train.tasks import Task
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 TEMPLATES = ("a photo of the number {}", "a handwritten {}", "a photo of a {}", "the digit {}",
@@ -75,114 +72,98 @@ def contrastive_step(state: steps.TrainState, batch: dict, rng: jax.Array, *,
     return state.replace(params=params), metrics
 
 
-def evaluate(model, variables, dataset: data_lib.ArrayDataset, tokenizer: Tokenizer, seed: int = 0) -> dict:
+def retrieval_report(labels: np.ndarray, class_probs: np.ndarray, image_features: np.ndarray,
+                     text_features: np.ndarray) -> dict:
     """zero_shot_accuracy: each image's class from the prompts of all templates alone (prompt
     ensembling over the number words); image_to_text_recall@1 / text_to_image_recall@1: one
     caption per image, and the best-scoring caption (image) counts when it names the same digit
     (captions of two sevens cannot be told apart)."""
-    from jax_models.clip import CLIPModel, zero_shot_classify
-
-    labels = np.asarray(dataset.labels)
-    probs = zero_shot_classify(model, variables, jnp.asarray(dataset.images), NUMBER_WORDS, TEMPLATES,
-                               tokenizer=tokenizer, batch_size=512)
-    tokens = tokenizer(caption_texts(labels, np.random.default_rng([seed, 2]))).astype(np.int32)
-    images = jax.jit(lambda x: model.apply(variables, x, method=CLIPModel.encode_image))(jnp.asarray(dataset.images))
-    texts = jax.jit(lambda t: model.apply(variables, t, method=CLIPModel.encode_text))(jnp.asarray(tokens))
-    sims = np.asarray(images @ texts.T)
-    return {"zero_shot_accuracy": float(np.mean(np.argmax(probs, -1) == labels)),
+    sims = image_features @ text_features.T
+    return {"zero_shot_accuracy": float(np.mean(np.argmax(class_probs, -1) == labels)),
             "image_to_text_recall@1": float(np.mean(labels[np.argmax(sims, 1)] == labels)),
             "text_to_image_recall@1": float(np.mean(labels[np.argmax(sims, 0)] == labels)),
-            "count": int(len(labels))}
+            "eval_examples": int(len(labels))}
 
 
-def train(preset_name: str = "clip-digits", workdir: str | None = None, parallel: str = "jit",
-          steps_: int | None = None, epochs: int | None = None, batch_size: int | None = None,
-          lr: float | None = None, seed: int = 0, log_every: int = 20, model_overrides: dict | None = None) -> dict:
-    """Trains a contrastive preset on the digits and returns (and writes) the summary."""
-    import jax_models
-    from presets import get_preset, with_overrides
-
-    preset = get_preset(preset_name)
-    if preset.task != "contrastive":
-        raise ValueError(f"preset {preset.name!r} is a {preset.task} model, not contrastive")
-    preset = with_overrides(preset, **(model_overrides or {}))
-    recipe = {**preset.train}
-    recipe.update({k: v for k, v in dict(batch_size=batch_size, lr=lr).items() if v is not None})
-    workdir = workdir or os.path.join("runs", preset.name)
-    os.makedirs(workdir, exist_ok=True)
-    train_data, test_data = data_lib.load(recipe.get("data", "digits"), preset.image_size, preset.in_channels)
-    tokenizer = digits_tokenizer(preset.kwargs["context_length"])
-    if tokenizer.vocab_size > preset.kwargs["vocab_size"]:
-        raise ValueError(f"the captions need {tokenizer.vocab_size} tokens; the model has {preset.kwargs['vocab_size']}")
-    tokenizer.save(workdir)
-    bs = recipe["batch_size"]
-    spe = data_lib.steps_per_epoch(len(train_data), bs)
-    total = steps_ if steps_ is not None else (epochs or recipe["epochs"]) * spe
-
-    model = jax_models.create_model(preset)
-    init_key, train_key = jax.random.split(jax.random.key(seed))
-    x = jnp.zeros((1, *preset.input_shape_nhwc), jnp.float32)
-    t = jnp.asarray(tokenizer(["a"]), jnp.int32)
-    variables = jax.jit(lambda k: model.init(k, x, t))(init_key)
-    schedule = steps.warmup_cosine(recipe["lr"], min(recipe["warmup_steps"], total // 2), total)
-    tx = steps.make_optimizer(schedule, recipe["weight_decay"], recipe["grad_clip"], variables["params"])
-    state = steps.create_state(model, variables, tx, train_key)
-    devices = jax.local_device_count() if parallel == "pmap" else 1
-    if parallel == "pmap":
-        step_fn, state = steps.pmap_train_step(contrastive_step), steps.replicate(state)
-    else:
-        step_fn = steps.jit_train_step(contrastive_step)
-
-    sync_each_step = parallel == "pmap" and jax.default_backend() == "cpu"  # as in train.jax_backend
-    log = open(os.path.join(workdir, "metrics.jsonl"), "w")
-    start, step, metrics = time.time(), 0, {}
-    while step < total:
-        for batch in data_lib.batches(train_data, bs, seed, step // spe, step % spe):
-            batch = with_captions(batch, tokenizer, seed, step)
-            batch = {"image": batch["image"], "tokens": batch["tokens"]}
-            state, metrics = step_fn(state, data_lib.shard(batch, devices) if parallel == "pmap" else batch)
-            step += 1
-            if sync_each_step:
-                jax.block_until_ready(metrics)
-            if step % log_every == 0 or step == total:
-                m = {k: float(np.mean(v)) for k, v in jax.device_get(metrics).items()}
-                log.write(json.dumps({"step": step, **m, "elapsed": time.time() - start}) + "\n")
-                log.flush()
-                print(f"step {step}/{total} loss {m['loss']:.4f} scale {m['logit_scale']:.1f}", flush=True)
-            if step >= total:
-                break
-    log.close()
-    wall = time.time() - start
-    final = steps.unreplicate(state) if parallel == "pmap" else state
-    final_vars = jax.device_get(final.variables())
-    results = evaluate(model, final_vars, test_data, tokenizer, seed)
-    from bridge import flax_to_torch, save_safetensors
-    save_safetensors(flax_to_torch(final_vars), os.path.join(workdir, "model.safetensors"))
-    summary = {"preset": preset.name, "backend": "jax", "parallel": parallel, "devices": devices,
-               "steps": total, "batch_size": bs, "final_loss": float(np.mean(metrics["loss"])),
-               "logit_scale": float(np.mean(metrics["logit_scale"])), "train_seconds": wall,
-               "tokenizer": os.path.join(workdir, "tokenizer.json"), **results}
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
-    return summary
+def eval_captions(labels: np.ndarray, tokenizer: Tokenizer, seed: int) -> np.ndarray:
+    """One caption per held-out image, the same for both backends."""
+    return tokenizer(caption_texts(labels, np.random.default_rng([seed, 2]))).astype(np.int32)
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m train.contrastive", description=__doc__.split("\n")[0])
-    p.add_argument("preset", nargs="?", default="clip-digits")
-    p.add_argument("--workdir")
-    p.add_argument("--parallel", choices=("jit", "pmap"), default="jit")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--seed", type=int, default=0)
-    a = p.parse_args(argv)
-    s = train(a.preset, a.workdir, a.parallel, a.steps, a.epochs, a.batch_size, a.lr, a.seed)
-    print(json.dumps({k: s[k] for k in ("zero_shot_accuracy", "image_to_text_recall@1",
-                                        "text_to_image_recall@1", "train_seconds")}))
-    return 0
+class ContrastiveTask(Task):
+    """CLIP on images and template captions of their labels (the digits)."""
 
+    name = "contrastive"
+    report = ("zero_shot_accuracy", "image_to_text_recall@1", "text_to_image_recall@1")
+    defaults = dict(Task.defaults, lr=5e-4, weight_decay=0.2, grad_clip=0.0)
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+    def setup(self, r) -> dict:
+        if r.recipe["data"] != "digits":
+            raise ValueError(f"contrastive presets train on the digits' captions; --data "
+                             f"{r.recipe['data']!r} has no captions")
+        self.tokenizer = digits_tokenizer(r.preset.kwargs["context_length"])
+        if self.tokenizer.vocab_size > r.preset.kwargs["vocab_size"]:
+            raise ValueError(f"the captions need {self.tokenizer.vocab_size} tokens; the model "
+                             f"has {r.preset.kwargs['vocab_size']}")
+        os.makedirs(r.workdir, exist_ok=True)
+        return {"tokenizer": self.tokenizer.save(r.workdir)}
+
+    def batch(self, batch: dict, step: int, r) -> dict:
+        batch = with_captions(batch, self.tokenizer, r.config.seed, step)
+        return {"image": batch["image"], "tokens": batch["tokens"]}
+
+    def init_args(self, preset) -> tuple:
+        return (np.zeros((1, *preset.input_shape_nhwc), np.float32),
+                np.zeros((1, preset.kwargs["context_length"]), np.int32))
+
+    def step_kwargs(self, recipe: dict) -> dict:
+        return {}
+
+    @property
+    def jax_step(self):
+        return contrastive_step
+
+    def jax_evaluate(self, model, state, r) -> dict:
+        from jax_models.clip import CLIPModel, zero_shot_classify
+
+        variables = state.variables()
+        data = r.test_data
+        probs = zero_shot_classify(model, variables, jnp.asarray(data.images), NUMBER_WORDS,
+                                   TEMPLATES, tokenizer=self.tokenizer, batch_size=512)
+        encode = self._jitted.setdefault("encode", jax.jit(
+            lambda v, x, t: (model.apply(v, x, method=CLIPModel.encode_image),
+                             model.apply(v, t, method=CLIPModel.encode_text))))
+        images, texts = encode(variables, jnp.asarray(data.images),
+                               jnp.asarray(eval_captions(data.labels, self.tokenizer,
+                                                         r.config.seed)))
+        return retrieval_report(np.asarray(data.labels), np.asarray(probs), np.asarray(images),
+                                np.asarray(texts))
+
+    def torch_loss(self, model, batch: dict, recipe: dict):
+        from torch_reference.clip import contrastive_loss
+
+        return contrastive_loss(*model.features(batch["image"], batch["tokens"])), {}
+
+    def torch_after_step(self, trainer) -> dict:
+        import torch
+        with torch.no_grad():
+            scale = trainer.model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
+        return {"logit_scale": float(scale.exp())}
+
+    def torch_evaluate(self, trainer, r) -> dict:
+        import torch
+
+        from torch_reference.clip import zero_shot_classify
+        from train.torch_backend import to_nchw
+
+        model, data = trainer.model, r.test_data
+        model.eval()
+        images = to_nchw(data.images)
+        tokens = torch.from_numpy(eval_captions(data.labels, self.tokenizer,
+                                                r.config.seed).astype(np.int64))
+        with torch.no_grad():
+            probs = zero_shot_classify(model, images, NUMBER_WORDS, TEMPLATES,
+                                       tokenizer=self.tokenizer, batch_size=512)
+            image_features, text_features = model.encode_image(images), model.encode_text(tokens)
+        return retrieval_report(np.asarray(data.labels), probs.numpy(), image_features.numpy(),
+                                text_features.numpy())

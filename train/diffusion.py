@@ -3,13 +3,12 @@ compiled sampler on the EMA weights, the sample files, and the digits check.
 
 `diffusion_step(state, batch, rng) -> (state, metrics)` draws t and the noise from `rng`, so it runs
 as is under `steps.jit_train_step` and `steps.pmap_train_step` (gradients and metrics averaged
-over the pmap axis). `train(preset, workdir, ...)` is the whole run: `python -m train ddpm-digits`
-hands diffusion presets to it.
+over the pmap axis). `DiffusionTask` hands it, and its eager torch twin, to the shared trainer:
+`python -m train ddpm-digits [--backend torch]`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any
@@ -20,6 +19,7 @@ import numpy as np
 import optax
 
 from . import steps
+from .tasks import Task
 
 _EMA_WARMUP = 10.0
 
@@ -38,18 +38,14 @@ def build(preset):
     return DDPM(jax_models.create_model(preset), r["timesteps"], r["beta_start"], r["beta_end"])
 
 
-def create_state(preset, rng: jax.Array, total_steps: int) -> DiffusionState:
-    """Step-0 state: U-Net params, schedule buffers (constants), Adam(W) on warm-up cosine, EMA = params."""
-    r = preset.train
-    ddpm = build(preset)
-    x = jnp.zeros((1, *preset.input_shape_nhwc))
-    init_key, rng = jax.random.split(rng)
-    variables = ddpm.init(init_key, x, jnp.zeros((1,), jnp.int32), x)
+def create_state(model, variables: dict, tx: optax.GradientTransformation, rng: jax.Array
+                 ) -> DiffusionState:
+    """Step-0 state from `DDPM.init` output: U-Net params, the schedule buffers as constants,
+    and EMA = params."""
+    variables = dict(variables)
     params = variables.pop("params")
-    tx = steps.make_optimizer(steps.warmup_cosine(r["lr"], r.get("warmup_steps", 0), total_steps),
-                              r.get("weight_decay", 0.0), r.get("grad_clip"), params)
-    state = DiffusionState.create(apply_fn=ddpm.apply, params=params, tx=tx, rng=rng,
-                                  constants=dict(variables),
+    state = DiffusionState.create(apply_fn=model.apply, params=params, tx=tx, rng=rng,
+                                  constants=variables,
                                   ema_params=jax.tree_util.tree_map(jnp.copy, params))
     return state.replace(step=jnp.zeros((), jnp.int32))
 
@@ -147,62 +143,117 @@ def digit_check(samples: np.ndarray, threshold: float = 0.8, seed: int = 0) -> d
                 passed=bool(confident >= 0.7 and shares.min() >= 0.03))
 
 
-def train(preset, workdir: str, parallel: str = "jit", steps_total: int | None = None, seed: int = 0,
-          num_samples: int | None = None, ddim_steps: int | None = None, log_every: int = 100) -> dict:
-    """Train a diffusion preset on its data, sample with the EMA weights, write samples and a summary.
+def torch_ddpm(preset):
+    """The torch `DDPM` of a diffusion preset: the preset's U-Net inside the recipe's schedule."""
+    import torch_reference
+    from torch_reference.ddpm import DDPM
 
-    `parallel`: 'jit' (one device) or 'pmap' (all local devices, batch split over them)."""
-    from presets import get_preset
-
-    from . import data as data_lib
-
-    preset = get_preset(preset) if isinstance(preset, str) else preset
     r = preset.train
-    total = steps_total or r["steps"]
-    num_samples = num_samples or r.get("num_samples", 256)
-    ddim_steps = r.get("ddim_steps") if ddim_steps is None else ddim_steps
-    train_set, _ = data_lib.load(r.get("data", "digits"), preset.image_size, preset.in_channels)
-    state = create_state(preset, jax.random.key(seed), total)
-    kw = dict(timesteps=r["timesteps"], ema_decay=r["ema_decay"])
-    n_dev = jax.local_device_count() if parallel == "pmap" else 1
-    if parallel == "pmap":
-        step_fn, state = steps.pmap_train_step(diffusion_step, **kw), steps.replicate(state)
-    else:
-        step_fn = steps.jit_train_step(diffusion_step, **kw)
+    return DDPM(torch_reference.create_model(preset), r["timesteps"], r["beta_start"], r["beta_end"])
 
-    os.makedirs(workdir, exist_ok=True)
-    log = open(os.path.join(workdir, "metrics.jsonl"), "w")
-    t0, step, epoch = time.time(), 0, 0
-    while step < total:
-        for batch in data_lib.batches(train_set, r["batch_size"], seed, epoch, 0, 0, 1):
-            batch = {"image": batch["image"]}
-            if parallel == "pmap":
-                batch = data_lib.shard(batch, n_dev)
-            state, metrics = step_fn(state, batch)
-            step += 1
-            if step % log_every == 0 or step == total:
-                m = {k: float(np.mean(v)) for k, v in jax.device_get(metrics).items()}
-                log.write(json.dumps(dict(step=step, time=round(time.time() - t0, 1), **m)) + "\n")
-                log.flush()
-            if step >= total:
-                break
-        epoch += 1
-    log.close()
-    train_s = time.time() - t0
-    if parallel == "pmap":
-        state = steps.unreplicate(state)
 
-    t0 = time.time()
-    ema_vars = {"params": state.ema_params, **state.constants}
-    samples = np.asarray(sampler(preset, num_samples, ddim_steps)(ema_vars, jax.random.key(seed + 1)))
-    sample_s = time.time() - t0
-    npy, png = save_samples(samples, workdir)
-    summary = dict(preset=preset.name, steps=total, parallel=parallel, devices=n_dev,
-                   train_seconds=round(train_s, 1), sample_seconds=round(sample_s, 1),
-                   sampler=f"ddim-{ddim_steps}" if ddim_steps else f"ancestral-{r['timesteps']}",
-                   final_loss=m["loss"], samples=npy, grid=png)
-    if preset.in_channels == 1 and r.get("data", "digits") == "digits":
-        summary["digit_check"] = digit_check(samples)
-    with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=1)
-    return summary
+class DiffusionTask(Task):
+    """DDPM: noise prediction at uniform timesteps, an EMA of the weights, and at the end samples
+    from the EMA weights (WORKDIR/samples.npy, samples.png) and, on the digits, `digit_check`.
+    `--export` writes the EMA U-Net (the preset's model)."""
+
+    name = "diffusion"
+    report = ("digit_check",)
+    eval_by_default = False
+    defaults = dict(Task.defaults, label_smoothing=0.0, weight_decay=0.0, grad_clip=0.0,
+                    lr=2e-4, warmup_steps=0, ema_decay=0.9999)
+
+    def flax_model(self, preset):
+        return build(preset)
+
+    def init_args(self, preset) -> tuple:
+        x = np.zeros((1, *preset.input_shape_nhwc), np.float32)
+        return x, np.zeros((1,), np.int32), x
+
+    def create_state(self, model, variables, tx, rng):
+        return create_state(model, variables, tx, rng)
+
+    def step_kwargs(self, recipe: dict) -> dict:
+        return {"timesteps": recipe["timesteps"], "ema_decay": recipe["ema_decay"]}
+
+    def batch(self, batch: dict, step: int, r) -> dict:
+        return {"image": batch["image"]}
+
+    @property
+    def jax_step(self):
+        return diffusion_step
+
+    def jax_evaluate(self, model, state, r) -> dict:
+        return {}
+
+    def _report(self, samples: np.ndarray, seconds: float, r) -> dict:
+        npy, png = save_samples(samples, r.workdir)
+        out = {"samples": os.path.abspath(npy), "grid": os.path.abspath(png),
+               "sample_seconds": round(seconds, 1), "sampler": self._sampler_name(r)}
+        if r.preset.in_channels == 1 and r.recipe["data"] == "digits":
+            out["digit_check"] = digit_check(samples)
+        return out
+
+    @staticmethod
+    def _sampler_name(r) -> str:
+        ddim = r.recipe.get("ddim_steps")
+        return f"ddim-{ddim}" if ddim else f"ancestral-{r.recipe['timesteps']}"
+
+    def jax_finish(self, model, state, r) -> dict:
+        t0 = time.perf_counter()
+        draw = sampler(r.preset, r.recipe.get("num_samples", 256), r.recipe.get("ddim_steps"))
+        samples = np.asarray(draw({"params": state.ema_params, **state.constants},
+                                  jax.random.key(r.config.seed + 1)))
+        return self._report(samples, time.perf_counter() - t0, r)
+
+    def jax_export(self, state) -> dict:
+        from bridge import flax_to_torch
+        return flax_to_torch({"params": jax.device_get(state.ema_params)["model"]})
+
+    def torch_model(self, preset):
+        return torch_ddpm(preset)
+
+    def torch_init(self, trainer):
+        import copy
+        self.ema = copy.deepcopy(trainer.model).eval().requires_grad_(False)
+
+    def torch_loss(self, model, batch: dict, recipe: dict):
+        import torch
+        x = batch["image"]
+        t = batch["t"] if "t" in batch else torch.randint(0, model.timesteps, (x.shape[0],))
+        noise = batch["noise"] if "noise" in batch else torch.randn(x.shape)
+        return model.p_losses(x, t, noise), {}
+
+    def torch_after_step(self, trainer):
+        """ema <- d ema + (1 - d) params, d = min(decay, (1 + step) / (10 + step)), as in JAX."""
+        import torch
+        d = min(trainer.recipe["ema_decay"], (1.0 + trainer.step) / (_EMA_WARMUP + trainer.step))
+        with torch.no_grad():
+            for e, p in zip(self.ema.parameters(), trainer.model.parameters()):
+                e.mul_(d).add_(p, alpha=1 - d)
+
+    def torch_extra_state(self, trainer) -> dict:
+        return {"ema": [p.detach().numpy().copy() for p in self.ema.parameters()]}
+
+    def load_torch_extra_state(self, trainer, tree: dict):
+        import torch
+        with torch.no_grad():
+            for p, v in zip(self.ema.parameters(), tree["ema"]):
+                p.copy_(torch.from_numpy(np.asarray(v)))
+
+    def torch_evaluate(self, trainer, r) -> dict:
+        return {}
+
+    def torch_finish(self, trainer, r) -> dict:
+        import torch
+        t0 = time.perf_counter()
+        torch.manual_seed(r.config.seed + 1)
+        n, ddim = r.recipe.get("num_samples", 256), r.recipe.get("ddim_steps")
+        size, ch = r.preset.image_size, r.preset.in_channels
+        with torch.no_grad():
+            x = (self.ema.ddim_sample(size, n, ch, ddim) if ddim else self.ema.sample(size, n, ch))
+        samples = x.clamp(-1, 1).permute(0, 2, 3, 1).numpy()
+        return self._report(samples, time.perf_counter() - t0, r)
+
+    def torch_export(self, trainer) -> dict:
+        return {k: v.detach().numpy() for k, v in self.ema.model.state_dict().items()}

@@ -86,6 +86,27 @@ def create_state(model, variables: dict, tx: optax.GradientTransformation, rng: 
     return state.replace(step=jnp.zeros((), jnp.int32))
 
 
+def cast_floating(tree, dtype):
+    """`tree` with its floating-point arrays cast to `dtype` (ints, keys and the rest as they are)."""
+    def cast(x):
+        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating):
+            return x.astype(dtype)
+        return x
+    return jax.tree_util.tree_map(cast, tree)
+
+
+def mixed_precision(apply_fn: Callable, dtype=jnp.bfloat16) -> Callable:
+    """`apply_fn` computing in `dtype`: 'params' and the float inputs cast down on the way in,
+    float outputs cast back to float32. The optimizer keeps float32 master weights, since the
+    cast is inside the differentiated function; other collections (e.g. a noise schedule) stay
+    float32."""
+    def apply(variables, *args, **kwargs):
+        variables = {**variables, "params": cast_floating(variables["params"], dtype)}
+        out = apply_fn(variables, *cast_floating(args, dtype), **kwargs)
+        return cast_floating(out, jnp.float32)
+    return apply
+
+
 # ---------------------------------------------------------------------------------------------
 # The classification task
 

@@ -1,8 +1,8 @@
 """The training run: config, data, devices, steps, checkpoints and logs for both backends.
 
-`run(Config(...))` trains a classification preset and returns the summary that it also writes to
-WORKDIR/summary.json. The task-specific parts (loss and metrics) live in `steps`; this file is
-machinery.
+`run(Config(...))` trains any preset and returns the summary that it also writes to
+WORKDIR/summary.json. What differs between tasks (model, batch, loss, evaluation, final report)
+lives in `train.tasks`; this file and the two backends are machinery.
 """
 
 from __future__ import annotations
@@ -42,7 +42,8 @@ class Config:
     resume: bool = False
     export: str | None = None
     log_every: int = LOG_EVERY
-    eval_every: int | None = None        # default: once per epoch
+    eval_every: int | None = None        # default: once per epoch (0: only at the end)
+    precision: str = "fp32"              # fp32 | bf16 (bf16 compute, fp32 master weights)
     model_overrides: dict = dataclasses.field(default_factory=dict)
     progress: bool = True
 
@@ -52,6 +53,7 @@ class Run:
     """A config resolved against its preset and data: everything a backend needs."""
     config: Config
     preset: Any
+    task: Any
     train_data: data_lib.ArrayDataset
     test_data: data_lib.ArrayDataset
     recipe: dict
@@ -63,9 +65,23 @@ class Run:
         """The values that make a run what it is (checked on --resume)."""
         return dict(preset=self.preset.name, model_kwargs=self.preset.kwargs,
                     backend=self.config.backend, data=self.recipe["data"], seed=self.config.seed,
+                    precision=self.config.precision,
                     batch_size=self.recipe["batch_size"], total_steps=self.total_steps,
                     **{k: self.recipe[k] for k in ("lr", "weight_decay", "warmup_steps",
                                                    "label_smoothing", "grad_clip")})
+
+    @property
+    def checkpoint_every(self) -> int:
+        c = self.config.checkpoint_every
+        return c if c is not None else self.recipe.get("checkpoint_every", self.steps_per_epoch)
+
+    @property
+    def eval_every(self) -> int:
+        """Steps between evaluations during training; 0: only the final one."""
+        e = self.config.eval_every
+        if e is not None:
+            return e
+        return self.steps_per_epoch if self.task.eval_by_default else 0
 
     def position(self, step: int) -> dict:
         epoch, batch = divmod(step, self.steps_per_epoch)
@@ -87,24 +103,26 @@ def resolve(config: Config) -> Run:
     """Fills the config's blanks from the preset's recipe and loads the data."""
     import presets
 
+    from train.tasks import get_task
+
     if config.backend not in ("jax", "torch"):
         raise ValueError(f"--backend must be jax or torch, not {config.backend!r}")
     if config.parallel not in ("jit", "pmap"):
         raise ValueError(f"--parallel must be jit or pmap, not {config.parallel!r}")
+    if config.precision not in ("fp32", "bf16"):
+        raise ValueError(f"--precision must be fp32 or bf16, not {config.precision!r}")
     if config.steps is not None and config.epochs is not None:
         raise ValueError("give --steps or --epochs, not both")
     preset = presets.get_preset(config.preset)
-    if preset.task != "classification":
-        raise ValueError(f"preset {preset.name!r} is a {preset.task} model; this trainer "
-                         "handles classification")
-    defaults = dict(lr=3e-4, weight_decay=0.3, warmup_steps=0, batch_size=128, epochs=10,
-                    label_smoothing=0.0, grad_clip=1.0, data="digits")
-    recipe = {**defaults, **preset.train}
+    task = get_task(preset)
+    recipe = {**task.defaults, **preset.train}
     for key in ("lr", "weight_decay", "warmup_steps", "batch_size", "label_smoothing",
                 "grad_clip", "data"):
         value = getattr(config, key)
         if value is not None:
             recipe[key] = value
+    if recipe["batch_size"] <= 0:
+        raise ValueError(f"batch size must be positive, not {recipe['batch_size']}")
     train_data, test_data = data_lib.load(recipe["data"], preset.image_size, preset.in_channels)
     overrides = dict(config.model_overrides)
     if config.dropout is not None:
@@ -120,53 +138,19 @@ def resolve(config: Config) -> Run:
     spe = data_lib.steps_per_epoch(len(train_data), recipe["batch_size"])
     if config.steps is not None:
         total = config.steps
+    elif config.epochs is not None:
+        total = config.epochs * spe
     else:
-        total = (config.epochs if config.epochs is not None else recipe["epochs"]) * spe
+        total = recipe["steps"] if "steps" in recipe else recipe["epochs"] * spe
     if total <= 0:
         raise ValueError(f"nothing to train: {total} steps")
     recipe["warmup_steps"] = min(recipe["warmup_steps"], total // 2)
     workdir = config.workdir or os.path.join("runs", preset.name)
-    return Run(config, preset, train_data, test_data, recipe, spe, total, workdir)
-
-
-def run_contrastive(config: Config) -> dict:
-    """CLIP presets: `train.contrastive` (jit or pmap, JAX only, no checkpoints yet)."""
-    from train import contrastive
-
-    unsupported = [flag for flag, used in (("--backend torch", config.backend == "torch"),
-                                           ("--resume", config.resume), ("--data", config.data),
-                                           ("--export", config.export)) if used]
-    if unsupported:
-        raise ValueError(f"{', '.join(unsupported)}: not supported for contrastive presets yet")
-    return contrastive.train(config.preset, config.workdir, config.parallel, config.steps,
-                             config.epochs, config.batch_size, config.lr, config.seed,
-                             config.log_every, config.model_overrides)
-
-
-def run_diffusion(config: Config) -> dict:
-    """DDPM presets: `train.diffusion` (jit or pmap, JAX only, no checkpoints yet)."""
-    from train import diffusion
-
-    unsupported = [flag for flag, used in (("--backend torch", config.backend == "torch"),
-                                           ("--resume", config.resume), ("--data", config.data),
-                                           ("--export", config.export), ("--epochs", config.epochs),
-                                           ("--set", config.model_overrides)) if used]
-    if unsupported:
-        raise ValueError(f"{', '.join(unsupported)}: not supported for diffusion presets yet")
-    workdir = config.workdir or os.path.join("runs", config.preset)
-    os.makedirs(workdir, exist_ok=True)
-    return diffusion.train(config.preset, workdir, config.parallel, config.steps, config.seed)
+    return Run(config, preset, task, train_data, test_data, recipe, spe, total, workdir)
 
 
 def run(config: Config) -> dict:
     """Trains, evaluates, checkpoints and exports as `config` says; returns the summary."""
-    import presets
-
-    task = presets.get_preset(config.preset).task
-    if task == "contrastive":
-        return run_contrastive(config)
-    if task == "diffusion":
-        return run_diffusion(config)
     r = resolve(config)
     os.makedirs(r.workdir, exist_ok=True)
     if config.backend == "jax":
@@ -182,7 +166,9 @@ def run(config: Config) -> dict:
 class MetricsLog:
     """WORKDIR/metrics.jsonl (appended to, so a resumed run continues it) and the progress bar."""
 
-    def __init__(self, workdir: str, total: int, initial: int, progress: bool):
+    def __init__(self, workdir: str, total: int, initial: int, progress: bool,
+                 shown: tuple[str, ...] = ("loss", "accuracy", "eval_accuracy")):
+        self.shown = (*shown, "examples_per_second")
         self.path = os.path.join(workdir, "metrics.jsonl")
         self.file = open(self.path, "a")
         self.bar = None
@@ -200,8 +186,7 @@ class MetricsLog:
             step = record.get("step", self.last)
             self.bar.update(step - self.last)
             self.last = step
-            shown = {k: f"{record[k]:.4g}" for k in
-                     ("loss", "accuracy", "eval_accuracy", "examples_per_second") if k in record}
+            shown = {k: f"{record[k]:.4g}" for k in self.shown if k in record}
             if shown:
                 self.bar.set_postfix({"ex/s" if k == "examples_per_second" else k: v
                                       for k, v in shown.items()}, refresh=True)
@@ -240,16 +225,20 @@ class Throughput:
         return self.examples / max(time.perf_counter() - self.start, 1e-9)
 
 
-def summary(r: Run, *, final_loss, final_accuracy, eval_metrics, step, throughput, devices,
-            parallel, wall, checkpoint_dir, export, start_step) -> dict:
+def summary(r: Run, *, final_metrics, eval_metrics, extra, step, throughput, devices, parallel,
+            wall, checkpoint_dir, export, start_step) -> dict:
+    """The run's summary.json: what ran, the last training metrics (`final_*`), the final
+    evaluation and the task's own entries (`extra`)."""
+    final = {f"final_{k}": (float(v) if v is not None else None)
+             for k, v in (final_metrics or {}).items()}
     return {
-        "preset": r.preset.name, "backend": r.config.backend, "parallel": parallel,
-        "devices": devices, "processes": _process_count(r.config.backend),
+        "preset": r.preset.name, "task": r.preset.task, "backend": r.config.backend,
+        "parallel": parallel, "precision": r.config.precision, "devices": devices,
+        "processes": _process_count(r.config.backend),
         "data": r.recipe["data"], "steps": step, "start_step": start_step,
         "epochs": step / r.steps_per_epoch, "batch_size": r.recipe["batch_size"],
-        "final_loss": final_loss, "final_accuracy": final_accuracy,
-        "eval_loss": eval_metrics["loss"], "eval_accuracy": eval_metrics["accuracy"],
-        "eval_examples": eval_metrics["count"], "examples_per_second": throughput,
+        "final_loss": None, **final, **eval_metrics, **extra,
+        "examples_per_second": throughput,
         "wall_seconds": wall, "workdir": os.path.abspath(r.workdir),
         "checkpoint_dir": checkpoint_dir, "metrics": os.path.abspath(
             os.path.join(r.workdir, "metrics.jsonl")), "export": export,
