@@ -292,11 +292,15 @@ def main(argv=None) -> int:
         print(f"matmul peak ({prec}): " + ", ".join(f"{fw} {v / 1e9:.0f} GFLOP/s" for fw, v in by_fw.items()),
               flush=True)
 
+    if not a.batch_size:
+        print("batch sizes: the CPU-sized defaults of `python -m benchmarks --help`, not the "
+              "recipes'", flush=True)
     records, parity_failed = [], False
     bar = tqdm(total=len(groups) * len(a.frameworks), disable=a.no_progress, file=sys.stderr,
                unit="row", dynamic_ncols=True)
     for preset, mode, batch, prec in groups:
         base = {"preset": preset, "mode": mode, "batch_size": batch, "precision": prec,
+                "batch_source": "--batch-size" if a.batch_size else "default table",
                 "device": f"{info['host']}; jax {info['jax_device']}; torch {info['torch_device']}",
                 "versions": {**info["versions"], "torch_threads": torch.get_num_threads(),
                              "jax_default_matmul_precision": info["jax_default_matmul_precision"],

@@ -3,6 +3,7 @@ chart (examples/s per preset and framework, log scale, one panel per mode)."""
 
 from __future__ import annotations
 
+import math
 from collections import defaultdict
 
 FRAMEWORK_ORDER = ("jax", "torch", "torch-compile")
@@ -72,7 +73,7 @@ def markdown(records: list[dict], info: dict) -> str:
              "```", machine_header(info), "```", "",
              "Time per step, median over the timed steps after warm-up; ratio = XLA time / torch "
              "time (below 1: XLA faster).", "",
-             "| preset | mode | batch | precision | JAX ms | eager ms | compile ms | XLA/eager | "
+             "| preset | mode | batch | precision | JAX ms | eager ms | torch.compile ms | XLA/eager | "
              "XLA/torch.compile |", "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: |"]
     for g in ratios(records):
         lines.append(f"| `{g['preset']}` | {g['mode']} | {g['batch_size']} | {g['precision']} | "
@@ -125,14 +126,17 @@ def plot(records: list[dict], path: str, info: dict):
                 ax.text(1.01, i, f"{j['median_ms'] / t['median_ms']:.2f}x", transform=ax.get_yaxis_transform(),
                         va="center", fontsize=8)
         ax.set_xscale("log")
+        speeds = [r["examples_per_s"] for r in rows.values()]
+        if speeds:
+            ax.set_xlim(10 ** math.floor(math.log10(min(speeds) / 2)), 10 ** math.ceil(math.log10(max(speeds) * 1.5)))
         ax.set_yticks(range(len(labels)), labels, fontsize=8)
         ax.invert_yaxis()
         ax.set_xlabel("examples / s (log scale, higher is better)")
         ax.set_title(f"{mode}  (right: XLA time / eager time)", fontsize=10)
         ax.grid(axis="x", which="both", alpha=0.3)
-    axes[0][0].legend(loc="lower right", fontsize=8)
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="upper right", ncol=len(frameworks), fontsize=8)
     v = info["versions"]
-    fig.suptitle(f"{info['host']} | jax {v['jax']} ({info['jax_device']}), torch {v['torch']} "
+    fig.suptitle(f"XLA vs PyTorch\n{info['host']} | jax {v['jax']} ({info['jax_device']}), torch {v['torch']} "
                  f"({info['torch_device']}, {info['torch_threads']} threads) | {info['date'][:10]}",
                  fontsize=8)
     fig.tight_layout()

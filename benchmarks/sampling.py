@@ -18,7 +18,7 @@ import time
 
 
 def bench(preset="ddpm-digits", num_samples=256, timesteps=None, sampler="ancestral", ddim_steps=50,
-          runs=3, torch_runs=1, torch_threads=None, seed=0) -> dict:
+          runs=3, torch_runs=3, torch_threads=None, seed=0) -> dict:
     import jax
     import jax.numpy as jnp
     import torch
@@ -66,6 +66,7 @@ def bench(preset="ddpm-digits", num_samples=256, timesteps=None, sampler="ancest
                 num_samples=num_samples, jax_compile_s=round(compile_s, 2),
                 jax_run_s=round(statistics.median(jax_times), 2), jax_runs=[round(t, 2) for t in jax_times],
                 torch_eager_s=round(statistics.median(torch_times), 2),
+                torch_runs=[round(t, 2) for t in torch_times],
                 speedup=round(statistics.median(torch_times) / statistics.median(jax_times), 2),
                 machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, jax {jax.__version__} "
                         f"({jax.default_backend()}), torch {torch.__version__} ({torch.get_num_threads()} threads)")
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
     ap.add_argument("--sampler", choices=["ancestral", "ddim"], default="ancestral")
     ap.add_argument("--ddim-steps", type=int, default=50)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--torch-runs", type=int, default=1)
+    ap.add_argument("--torch-runs", type=int, default=3)
     ap.add_argument("--torch-threads", type=int, default=None, help="default: torch's own choice")
     a = ap.parse_args(argv)
     print(json.dumps(bench(a.preset, a.num_samples, a.timesteps, a.sampler, a.ddim_steps, a.runs,

@@ -1,0 +1,102 @@
+"""`python -m benchmarks`: a short run writes complete records and reports; a torch twin whose
+weights differ from the JAX model's is refused before any timing; bad arguments are clear errors."""
+
+import json
+
+import pytest
+
+from benchmarks import workloads
+from benchmarks.harness import main
+
+TINY = ["--preset", "vit-digits", "--batch-size", "8", "--repeats", "2", "--warmup", "0",
+        "--torch-threads", "1", "--no-progress"]
+FIELDS = ("preset", "mode", "batch_size", "precision", "framework", "median_ms", "spread_ms",
+          "compile_s", "examples_per_s", "flops_per_step", "achieved_flops", "peak_fraction",
+          "peak_memory_bytes", "memory_source", "device", "versions", "date", "forward_rel_err")
+
+
+def test_short_run_times_both_modes_and_writes_reports(tmp_path):
+    out = {k: tmp_path / f"r.{k}" for k in ("json", "md", "png")}
+    rc = main([*TINY, "--mode", "both", "--frameworks", "jax,torch", "--json", str(out["json"]),
+               "--markdown", str(out["md"]), "--plot", str(out["png"])])
+    assert rc == 0
+    records = json.loads(out["json"].read_text())
+    assert sorted((r["mode"], r["framework"]) for r in records) == [
+        ("infer", "jax"), ("infer", "torch"), ("train", "jax"), ("train", "torch")]
+    for r in records:
+        assert "error" not in r, r["error"]
+        missing = [k for k in FIELDS if r.get(k) is None]
+        assert not missing, missing
+        assert r["forward_check"] == "passed" and 0 <= r["forward_rel_err"] <= r["forward_tol"]
+        assert r["median_ms"] > 0 and r["spread_ms"] >= 0 and r["compile_s"] > 0
+        assert r["n_timed"] == 2 and len(r["times_ms"]) == 2
+        assert r["examples_per_s"] == pytest.approx(8 / (r["median_ms"] / 1e3))
+        assert r["peak_memory_bytes"] > 0 and 0 < r["peak_fraction"]
+    by = {(r["mode"], r["framework"]): r for r in records}
+    for mode in ("train", "infer"):   # one FLOP count for both frameworks
+        assert by[mode, "jax"]["flops_per_step"] == by[mode, "torch"]["flops_per_step"]
+    assert 2 < by["train", "jax"]["flops_per_step"] / by["infer", "jax"]["flops_per_step"] < 4
+    md = out["md"].read_text()
+    assert "XLA/eager" in md and "`vit-digits`" in md
+    assert out["png"].read_bytes()[:4] == b"\x89PNG"
+
+
+def test_wrong_torch_weights_are_refused(tmp_path, monkeypatch, capsys):
+    convert = workloads.torch_state_dict
+
+    def perturbed(variables):
+        sd = convert(variables)
+        key = next(k for k in sd if k.startswith("blocks.1.") and sd[k].ndim == 2)
+        sd[key][0, 0] += 0.05
+        return sd
+
+    monkeypatch.setattr(workloads, "torch_state_dict", perturbed)
+    timed = []
+    monkeypatch.setattr("benchmarks.harness.time_row", lambda *a, **k: timed.append(a) or {})
+    path = tmp_path / "r.json"
+    rc = main([*TINY, "--mode", "infer", "--frameworks", "jax,torch", "--json", str(path)])
+    assert rc == 1 and not timed
+    records = json.loads(path.read_text())
+    assert len(records) == 2
+    for r in records:
+        assert r["forward_check"] == "failed" and "median_ms" not in r
+        assert "ParityError" in r["error"] and "over the tolerance" in r["error"]
+    assert "not timing a wrong program" in capsys.readouterr().err
+
+
+def test_a_failing_torch_compile_is_recorded_not_fatal(tmp_path, monkeypatch):
+    import torch
+
+    def broken(module, *args, **kwargs):
+        def run(*inputs):
+            raise RuntimeError("inductor fell over")
+        return run
+
+    monkeypatch.setattr(torch, "compile", broken)
+    path = tmp_path / "r.json"
+    rc = main([*TINY, "--mode", "infer", "--frameworks", "jax,torch-compile", "--json", str(path)])
+    by = {r["framework"]: r for r in json.loads(path.read_text())}
+    assert rc == 0 and by["jax"]["median_ms"] > 0 and "median_ms" not in by["torch-compile"]
+    assert "inductor fell over" in by["torch-compile"]["error"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "vit-nope"], "known presets: vit-digits"),
+    (["--preset", "vit-digits", "--batch-size", "0"], "batch sizes must be positive"),
+    (["--preset", "vit-digits", "--frameworks", "jax,tf"], "unknown framework(s) tf"),
+])
+def test_bad_arguments_are_clear_errors(args, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(args)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_torch_compile_rows(tmp_path):
+    path = tmp_path / "r.json"
+    rc = main([*TINY, "--mode", "both", "--frameworks", "jax,torch-compile", "--json", str(path)])
+    records = json.loads(path.read_text())
+    assert rc == 0 and len(records) == 4
+    for r in records:
+        assert "error" not in r, r["error"]
+        assert r["median_ms"] > 0 and r["compile_s"] > 0
