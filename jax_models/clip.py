@@ -8,6 +8,8 @@ Images are NHWC, tokens (B, L) int ids. `CLIPModel.__call__(images, tokens, trai
 
 from __future__ import annotations
 
+import functools
+
 from typing import Sequence
 
 import jax
@@ -142,7 +144,7 @@ def class_embeddings(model: CLIPModel, variables, class_names: Sequence[str], te
                      tokenizer):
     """(K, embed_dim): each class's prompts encoded, normalized, averaged, normalized again."""
     prompts = [t.format(name) for name in class_names for t in templates]
-    text = model.apply(variables, jnp.asarray(tokenizer(prompts), jnp.int32), method=CLIPModel.encode_text)
+    text = encode(model, "encode_text", variables, jnp.asarray(tokenizer(prompts), jnp.int32))
     return normalize(text.reshape(len(class_names), len(templates), -1).mean(1))
 
 
@@ -152,9 +154,11 @@ def zero_shot_classify(model: CLIPModel, variables, images, class_names: Sequenc
     ensembling over `templates`), in batches of `batch_size`."""
     classes = class_embeddings(model, variables, class_names, templates, tokenizer)
     scale = jnp.exp(variables["params"]["logit_scale"])
+    return jnp.concatenate([jax.nn.softmax(scale * encode(model, "encode_image", variables, images[i:i + batch_size])
+                                           @ classes.T, -1) for i in range(0, len(images), batch_size)])
 
-    @jax.jit
-    def probs(x):
-        return jax.nn.softmax(scale * model.apply(variables, x, method=CLIPModel.encode_image) @ classes.T, -1)
 
-    return jnp.concatenate([probs(images[i:i + batch_size]) for i in range(0, len(images), batch_size)])
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def encode(model: CLIPModel, method: str, variables, x):
+    """`model.encode_image` / `encode_text`, compiled once per model, method and input shape."""
+    return model.apply(variables, x, method=method)

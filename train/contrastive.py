@@ -124,18 +124,15 @@ class ContrastiveTask(Task):
         return contrastive_step
 
     def jax_evaluate(self, model, state, r) -> dict:
-        from jax_models.clip import CLIPModel, zero_shot_classify
+        from jax_models.clip import encode, zero_shot_classify
 
         variables = state.variables()
         data = r.test_data
         probs = zero_shot_classify(model, variables, jnp.asarray(data.images), NUMBER_WORDS,
                                    TEMPLATES, tokenizer=self.tokenizer, batch_size=512)
-        encode = self._jitted.setdefault("encode", jax.jit(
-            lambda v, x, t: (model.apply(v, x, method=CLIPModel.encode_image),
-                             model.apply(v, t, method=CLIPModel.encode_text))))
-        images, texts = encode(variables, jnp.asarray(data.images),
-                               jnp.asarray(eval_captions(data.labels, self.tokenizer,
-                                                         r.config.seed)))
+        images = encode(model, "encode_image", variables, jnp.asarray(data.images))
+        texts = encode(model, "encode_text", variables,
+                        jnp.asarray(eval_captions(data.labels, self.tokenizer, r.config.seed)))
         return retrieval_report(np.asarray(data.labels), np.asarray(probs), np.asarray(images),
                                 np.asarray(texts))
 
