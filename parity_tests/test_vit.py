@@ -68,11 +68,11 @@ def test_adamw_trajectory(name, float64):
     """20 steps of torch AdamW and optax.adamw from the same weights on the same batches: the
     losses agree in float32, and the final weights too in float64 (see `adamw_trajectories`)."""
     preset, tm, fm, variables, _, _ = twins(name, dropout=0.0)
-    if name == "encoder-vit-b16" and not float64:
-        pytest.xfail("ReLU kink ties decided by float32 rounding (see test_gradients) send the "
-                     "float32 trajectories apart; float64 holds the tolerance")
     batch = 8 if name in TINY else 2
     tb, fb = harness.image_batches(20, batch, preset.input_shape_nchw, preset.kwargs["num_classes"], seed=1)
+    flips = 0
+    if name == "encoder-vit-b16" and not float64:
+        flips = harness.relu_sign_flips(tm, fm, variables, tb[0][:1], fb[0][:1])
     w_0 = harness.torch_params(tm)
     torch_loss, flax_loss = harness.classification_losses(fm)
     losses_t, losses_f, w_t, w_f = harness.adamw_trajectories(
@@ -81,6 +81,10 @@ def test_adamw_trajectory(name, float64):
     loss_err = harness.rel_err(losses_t, losses_f)
     _, moved = harness.worst_leaf(w_0, w_t)
     assert moved > 100 * harness.TRAJECTORY_TOL, "the weights should move far more than the tolerance"
+    if flips and loss_err > harness.TRAJECTORY_TOL:
+        pytest.xfail(f"{flips} ReLU pre-activations at step 0 within float32 rounding of 0 fall on "
+                     "opposite sides of the kink (see test_gradients) and send the float32 "
+                     f"trajectories apart (loss rel err {loss_err:.2e}); float64 holds the tolerance")
     assert loss_err <= harness.TRAJECTORY_TOL, f"{name}: loss rel err {loss_err:.3e}"
     if float64:
         key, w_err = harness.worst_leaf(w_t, w_f)
