@@ -145,7 +145,7 @@ class ContrastiveTask(Task):
         import torch
         with torch.no_grad():
             scale = trainer.model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
-        return {"logit_scale": float(scale.exp())}
+        return {"logit_scale": float(scale.detach().exp())}
 
     def torch_evaluate(self, trainer, r) -> dict:
         import torch
