@@ -5,7 +5,8 @@ For each preset, mode, batch size, precision and framework: the first call (trac
 step) timed apart, then `--warmup` steps, then up to `--repeats` timed steps (fewer, but at least
 3, once a row has spent `--max-row-seconds`); reported as the median and the interquartile range.
 Before any timing the two frameworks' forwards are compared on the batch; a mismatch skips the row
-group with an error (exit status 1).
+group with an error (exit status 1). Other failures (a model torch.compile cannot compile, say) go
+into that row's `error` and the run goes on.
 
 Model FLOPs per step are counted once, on the torch twin in fp32 with
 `torch.utils.flop_counter.FlopCounterMode` (matmuls, convolutions and attention of the forward,

@@ -101,6 +101,7 @@ def plot(records: list[dict], path: str, info: dict):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     ok = [r for r in records if "error" not in r]
     modes = [m for m in ("train", "infer") if any(r["mode"] == m for r in ok)] or ["train"]
@@ -129,6 +130,7 @@ def plot(records: list[dict], path: str, info: dict):
         speeds = [r["examples_per_s"] for r in rows.values()]
         if speeds:
             ax.set_xlim(10 ** math.floor(math.log10(min(speeds) / 2)), 10 ** math.ceil(math.log10(max(speeds) * 1.5)))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_yticks(range(len(labels)), labels, fontsize=8)
         ax.invert_yaxis()
         ax.set_xlabel("examples / s (log scale, higher is better)")
