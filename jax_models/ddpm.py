@@ -62,7 +62,9 @@ def conv(features, kernel, stride=1, padding=0, name=None):
 class ConvTranspose2d(nn.Module):
     """Twin of `torch.nn.ConvTranspose2d` on NHWC. The parameter is torch's own `weight`
     (in, out, kh, kw), so the bridge carries it as is: the transposed convolution is the input
-    dilated by `stride`, padded by k - 1 - padding, convolved with the spatially flipped kernel."""
+    dilated by `stride`, padded by k - 1 - padding, convolved with the spatially flipped kernel;
+    when kernel == stride (no padding) each input pixel paints its own output patch: one matmul,
+    without the dilated zeros (the U-Net's case)."""
     in_channels: int
     out_channels: int
     kernel_size: int
@@ -79,6 +81,10 @@ class ConvTranspose2d(nn.Module):
         bias = self.param("bias", init, (self.out_channels,))
         lo, hi = k - 1 - p, k - 1 - p + self.output_padding
         x, weight, bias = nn.dtypes.promote_dtype(x, weight, bias)
+        if k == s and p == 0 and self.output_padding == 0:  # patches that don't overlap: one matmul
+            B, H, W, _ = x.shape
+            y = jnp.einsum("bhwi,ioac->bhawco", x, weight).reshape(B, H * s, W * s, self.out_channels)
+            return y + bias
         y = jax.lax.conv_general_dilated(
             x, weight[:, :, ::-1, ::-1], window_strides=(1, 1), padding=((lo, hi), (lo, hi)),
             lhs_dilation=(s, s), dimension_numbers=("NHWC", "IOHW", "NHWC"))
