@@ -141,6 +141,10 @@ class ContrastiveTask(Task):
 
         return contrastive_loss(*model.features(batch["image"], batch["tokens"])), {}
 
+    def torch_compile(self, model):
+        model.image_encoder.compile()
+        model.text_encoder.compile()
+
     def torch_after_step(self, trainer) -> dict:
         import torch
         with torch.no_grad():

@@ -213,6 +213,9 @@ class DiffusionTask(Task):
     def torch_model(self, preset):
         return torch_ddpm(preset)
 
+    def torch_compile(self, model):
+        model.model.compile()
+
     def torch_init(self, trainer):
         import copy
         self.ema = copy.deepcopy(trainer.model).eval().requires_grad_(False)
@@ -220,8 +223,9 @@ class DiffusionTask(Task):
     def torch_loss(self, model, batch: dict, recipe: dict):
         import torch
         x = batch["image"]
-        t = batch["t"] if "t" in batch else torch.randint(0, model.timesteps, (x.shape[0],))
-        noise = batch["noise"] if "noise" in batch else torch.randn(x.shape)
+        t = batch["t"] if "t" in batch else torch.randint(0, model.timesteps, (x.shape[0],),
+                                                          device=x.device)
+        noise = batch["noise"] if "noise" in batch else torch.randn(x.shape, device=x.device)
         return model.p_losses(x, t, noise), {}
 
     def torch_after_step(self, trainer):

@@ -101,6 +101,10 @@ class Task:
                                label_smoothing=recipe["label_smoothing"])
         return loss, {"accuracy": (logits.argmax(-1) == batch["label"]).float().mean()}
 
+    def torch_compile(self, model):
+        """`torch.compile` (in place) the modules whose forward `torch_loss` calls."""
+        model.compile()
+
     def torch_init(self, trainer):
         """Runs once the trainer holds the initial weights (e.g. to start a moving average)."""
 

@@ -61,19 +61,23 @@ class TorchTrainer:
 
     def autocast(self):
         if self.precision == "bf16":
-            return torch.autocast("cpu" if not torch.cuda.is_available() else "cuda",
-                                  dtype=torch.bfloat16)
+            device = next(self.model.parameters()).device.type
+            return torch.autocast(device, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
     def train_step(self, batch: dict) -> dict:
         """One update on a host batch (numpy, NHWC images) from `task.batch`."""
+        return self.update(torch_batch(batch))
+
+    def update(self, batch: dict) -> dict:
+        """One update on a batch of tensors (NCHW images), already on the model's device."""
         lr = float(self.schedule(self.step))
         if self.set_lr:
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
         self.model.train()
         with self.autocast():
-            loss, metrics = self.task.torch_loss(self.model, torch_batch(batch), self.recipe)
+            loss, metrics = self.task.torch_loss(self.model, batch, self.recipe)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
@@ -115,28 +119,43 @@ class TorchTrainer:
         self.task.load_torch_extra_state(self, tree)
 
 
-def build(r: Run, optimizer_fn=None) -> TorchTrainer:
-    """The torch twin of the task's model holding the JAX backend's initial weights, and its
-    trainer. `optimizer_fn(model)` replaces AdamW."""
+def decayed_names(params) -> set[str]:
+    """The torch names of the parameters `steps.decay_mask` decays (weight matrices)."""
     import jax
 
     from bridge import flax_to_torch
 
-    from train.jax_backend import init_variables
+    mask_values = jax.tree_util.tree_map(lambda p, m: np.full(np.shape(p), float(m), np.float32),
+                                         params, steps.decay_mask(params))
+    return {k for k, v in flax_to_torch({"params": mask_values}).items() if v.all()}
 
-    _, variables, _ = init_variables(r)
-    model = r.task.torch_model(r.preset)
+
+def trainer_from_variables(task, preset, variables, recipe: dict, schedule, precision="fp32",
+                           device="cpu") -> TorchTrainer:
+    """The torch twin of `task`'s model holding the Flax `variables`, on `device`, and its
+    trainer."""
+    import jax
+
+    from bridge import flax_to_torch
+
+    model = task.torch_model(preset)
     model.load_state_dict({k: torch.from_numpy(np.array(v))
                            for k, v in flax_to_torch(jax.device_get(variables)).items()},
                           strict=True)
-    mask = steps.decay_mask(variables["params"])
-    mask_values = jax.tree_util.tree_map(lambda p, m: np.full(np.shape(p), float(m), np.float32),
-                                         variables["params"], mask)
-    decay = {k for k, v in flax_to_torch({"params": mask_values}).items() if v.all()}
+    return TorchTrainer(model.to(device), task, recipe, schedule,
+                        decayed_names(variables["params"]), precision)
+
+
+def build(r: Run) -> TorchTrainer:
+    """The torch twin of the task's model holding the JAX backend's initial weights, and its
+    trainer."""
+    from train.jax_backend import init_variables
+
+    _, variables, _ = init_variables(r)
     schedule = steps.warmup_cosine(r.recipe["lr"], r.recipe["warmup_steps"], r.total_steps)
     torch.manual_seed(r.config.seed)
-    return TorchTrainer(model, r.task, r.recipe, schedule, decay, r.config.precision,
-                        optimizer_fn(model) if optimizer_fn else None)
+    return trainer_from_variables(r.task, r.preset, variables, r.recipe, schedule,
+                                  r.config.precision)
 
 
 def train(r: Run) -> dict:
