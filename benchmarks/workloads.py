@@ -258,8 +258,13 @@ def build_workload(preset: str | Preset, mode: str, batch_size: int, precision: 
         from torch.utils.flop_counter import FlopCounterMode
 
         step = torch_runner(False, "fp32").step
-        with FlopCounterMode(display=False) as counter:
-            step()
+        fastpath = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)  # its fused kernel is invisible to the counter
+        try:
+            with FlopCounterMode(display=False) as counter:
+                step()
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
         return int(counter.get_total_flops())
 
     return Workload(preset, mode, batch_size, precision, device, forward_outputs, runner, count_flops)
