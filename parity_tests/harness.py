@@ -7,6 +7,8 @@ Gradients and weights are compared in torch key names: Flax trees go through
 
 from __future__ import annotations
 
+import functools
+import gc
 from typing import Callable, Mapping, Sequence
 
 import jax
@@ -136,17 +138,21 @@ def adamw_trajectories(torch_model, flax_model, variables, torch_loss: Callable,
         loss.backward()
         opt.step()
         losses_t.append(loss.item())
+    del opt, loss  # Adam's moments and the graph: 4 copies of the weights that JAX doesn't need
+    torch_model.zero_grad(set_to_none=True)
+    gc.collect()
 
     with jax.enable_x64(float64):
+        cast = ((lambda t: jnp.asarray(t, jnp.float64) if jnp.issubdtype(t.dtype, jnp.floating) else t)
+                if float64 else jnp.asarray)
         if float64:
-            to64 = lambda t: jnp.asarray(t, jnp.float64) if jnp.issubdtype(t.dtype, jnp.floating) else t
-            variables = jax.tree_util.tree_map(to64, variables)
-            flax_batches = [jax.tree_util.tree_map(to64, b) for b in flax_batches]
+            flax_batches = [jax.tree_util.tree_map(cast, b) for b in flax_batches]
         tx = optax.adamw(lr, b1=betas[0], b2=betas[1], eps=eps, weight_decay=weight_decay)
-        params = variables["params"]
+        params = jax.tree_util.tree_map(lambda t: jnp.array(cast(t), copy=True), variables["params"])
+        variables = {k: jax.tree_util.tree_map(cast, v) for k, v in variables.items() if k != "params"}
         opt_state = tx.init(params)
 
-        @jax.jit
+        @functools.partial(jax.jit, donate_argnums=(0, 1))
         def step(params, opt_state, batch):
             loss, grads = jax.value_and_grad(flax_loss)(params, variables, batch)
             updates, opt_state = tx.update(grads, opt_state, params)
