@@ -92,6 +92,35 @@ def test_conv_transpose_forward_and_gradients(k, s, p, op):
     assert harness.rel_err(tm.bias.grad.numpy(), gv["params"]["bias"]) <= harness.GRAD_TOL
 
 
+@pytest.mark.parametrize("size", [5, 9], ids=["matmul", "xla-conv"])  # 25 / 81 pixels
+@pytest.mark.parametrize("k, s, p", [(3, 1, 1), (3, 2, 1), (1, 1, 0), (4, 2, 1)])
+def test_conv2d_forward_and_gradients(k, s, p, size):
+    """Both of `Conv2d`'s forms, the patch matmul (small inputs) and XLA's conv, against torch."""
+    torch.manual_seed(0)
+    tm = torch.nn.Conv2d(6, 5, k, stride=s, padding=p)
+    fm = J.Conv2d(5, k, s, p)
+    x = np.random.RandomState(0).standard_normal((2, 6, size, size)).astype(np.float32)
+    variables = bridge.torch_to_flax(tm.state_dict(), fm, nhwc(x))
+    xt = torch.from_numpy(x).requires_grad_()
+    yt = tm(xt)
+    w = torch.from_numpy(np.random.RandomState(1).standard_normal(yt.shape).astype(np.float32))
+    (yt * w).sum().backward()
+    f = lambda v, x: jnp.sum(fm.apply(v, x) * nhwc(w.numpy()))
+    gv, gx = jax.grad(f, argnums=(0, 1))(variables, nhwc(x))
+    assert harness.rel_err(yt.detach().numpy(), nchw(fm.apply(variables, nhwc(x)))) <= harness.FORWARD_TOL
+    assert harness.rel_err(xt.grad.numpy(), nchw(gx)) <= harness.GRAD_TOL
+    assert harness.rel_err(tm.weight.grad.numpy().transpose(2, 3, 1, 0), gv["params"]["kernel"]) <= harness.GRAD_TOL
+    assert harness.rel_err(tm.bias.grad.numpy(), gv["params"]["bias"]) <= harness.GRAD_TOL
+
+
+def test_conv2d_initializes_as_flax_conv():
+    import flax.linen as nn
+    x = jnp.ones((1, 4, 4, 3))
+    ours = J.Conv2d(8, 3, 1, 1).init(jax.random.key(0), x)
+    flax_conv = nn.Conv(8, (3, 3), padding=1, kernel_init=J.torch_linear_init).init(jax.random.key(0), x)
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda a, b: bool((a == b).all()), ours, flax_conv))
+
+
 def test_group_norm_forward_and_gradients():
     """Two-pass statistics: an offset of 100 on a unit signal is where E[x^2] - E[x]^2 fails."""
     torch.manual_seed(0)
