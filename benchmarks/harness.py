@@ -297,6 +297,13 @@ def main(argv=None) -> int:
     if not a.batch_size:
         print("batch sizes: the CPU-sized defaults of `python -m benchmarks --help`, not the "
               "recipes'", flush=True)
+    def save_json(records):  # after every row group: an interrupted run keeps what it measured
+        if a.json:
+            tmp = a.json + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(records, f, indent=1, default=str)
+            os.replace(tmp, a.json)
+
     records, parity_failed = [], False
     bar = tqdm(total=len(groups) * len(a.frameworks), disable=a.no_progress, file=sys.stderr,
                unit="row", dynamic_ncols=True)
@@ -344,12 +351,11 @@ def main(argv=None) -> int:
         del workload
         jax.clear_caches()
         gc.collect()
+        save_json(records)
     bar.close()
 
     print(report.table(records), flush=True)
-    if a.json:
-        with open(a.json, "w") as f:
-            json.dump(records, f, indent=1, default=str)
+    save_json(records)
     if a.markdown:
         with open(a.markdown, "w") as f:
             f.write(report.markdown(records, info))
