@@ -72,24 +72,33 @@ def tt(*arrays):
 
 # --- layers ------------------------------------------------------------------------------------
 
+def check_layer(tm, fm, x, grads):
+    """A torch layer against its Flax twin on NCHW `x` under a random cotangent: the forward, the
+    input's gradient and, per `grads` entry {flax param: (torch param, to flax layout)}, its gradient."""
+    variables = bridge.torch_to_flax(tm.state_dict(), fm, nhwc(x))
+    xt = torch.from_numpy(x).requires_grad_()
+    yt = tm(xt)
+    w = np.random.RandomState(1).standard_normal(yt.shape).astype(np.float32)
+    (yt * torch.from_numpy(w)).sum().backward()
+    f = lambda v, x: jnp.sum(fm.apply(v, x) * nhwc(w))
+    gv, gx = jax.grad(f, argnums=(0, 1))(variables, nhwc(x))
+    assert harness.rel_err(yt.detach().numpy(), nchw(fm.apply(variables, nhwc(x)))) <= harness.FORWARD_TOL
+    assert harness.rel_err(xt.grad.numpy(), nchw(gx)) <= harness.GRAD_TOL
+    for name, (param, layout) in grads.items():
+        err = harness.rel_err(layout(param.grad.numpy()), gv["params"][name])
+        assert err <= harness.GRAD_TOL, f"gradient of {name}: rel err {err:.2e}"
+
+
+same = lambda a: a
+
+
 @pytest.mark.parametrize("k, s, p, op", [(2, 2, 0, 0), (3, 2, 1, 1), (4, 2, 1, 0), (3, 1, 1, 0), (3, 3, 2, 2)])
 def test_conv_transpose_forward_and_gradients(k, s, p, op):
     torch.manual_seed(0)
     tm = torch.nn.ConvTranspose2d(6, 5, k, stride=s, padding=p, output_padding=op)
-    fm = J.ConvTranspose2d(6, 5, k, s, p, op)
     x = np.random.RandomState(0).standard_normal((2, 6, 5, 7)).astype(np.float32)
-    variables = bridge.torch_to_flax(tm.state_dict(), fm, nhwc(x))
-    xt = torch.from_numpy(x).requires_grad_()
-    yt = tm(xt)
-    w = torch.from_numpy(np.random.RandomState(1).standard_normal(yt.shape).astype(np.float32))
-    (yt * w).sum().backward()
-    f = lambda v, x: jnp.sum(fm.apply(v, x) * nhwc(w.numpy()))
-    yf = fm.apply(variables, nhwc(x))
-    gv, gx = jax.grad(f, argnums=(0, 1))(variables, nhwc(x))
-    assert harness.rel_err(yt.detach().numpy(), nchw(yf)) <= harness.FORWARD_TOL
-    assert harness.rel_err(xt.grad.numpy(), nchw(gx)) <= harness.GRAD_TOL
-    assert harness.rel_err(tm.weight.grad.numpy(), gv["params"]["weight"]) <= harness.GRAD_TOL
-    assert harness.rel_err(tm.bias.grad.numpy(), gv["params"]["bias"]) <= harness.GRAD_TOL
+    check_layer(tm, J.ConvTranspose2d(6, 5, k, s, p, op), x,
+                {"weight": (tm.weight, same), "bias": (tm.bias, same)})
 
 
 @pytest.mark.parametrize("size", [5, 9], ids=["matmul", "xla-conv"])  # 25 / 81 pixels
@@ -98,19 +107,9 @@ def test_conv2d_forward_and_gradients(k, s, p, size):
     """Both of `Conv2d`'s forms, the patch matmul (small inputs) and XLA's conv, against torch."""
     torch.manual_seed(0)
     tm = torch.nn.Conv2d(6, 5, k, stride=s, padding=p)
-    fm = J.Conv2d(5, k, s, p)
     x = np.random.RandomState(0).standard_normal((2, 6, size, size)).astype(np.float32)
-    variables = bridge.torch_to_flax(tm.state_dict(), fm, nhwc(x))
-    xt = torch.from_numpy(x).requires_grad_()
-    yt = tm(xt)
-    w = torch.from_numpy(np.random.RandomState(1).standard_normal(yt.shape).astype(np.float32))
-    (yt * w).sum().backward()
-    f = lambda v, x: jnp.sum(fm.apply(v, x) * nhwc(w.numpy()))
-    gv, gx = jax.grad(f, argnums=(0, 1))(variables, nhwc(x))
-    assert harness.rel_err(yt.detach().numpy(), nchw(fm.apply(variables, nhwc(x)))) <= harness.FORWARD_TOL
-    assert harness.rel_err(xt.grad.numpy(), nchw(gx)) <= harness.GRAD_TOL
-    assert harness.rel_err(tm.weight.grad.numpy().transpose(2, 3, 1, 0), gv["params"]["kernel"]) <= harness.GRAD_TOL
-    assert harness.rel_err(tm.bias.grad.numpy(), gv["params"]["bias"]) <= harness.GRAD_TOL
+    check_layer(tm, J.Conv2d(5, k, s, p), x,
+                {"kernel": (tm.weight, lambda g: g.transpose(2, 3, 1, 0)), "bias": (tm.bias, same)})
 
 
 def test_conv2d_initializes_as_flax_conv():
@@ -127,18 +126,8 @@ def test_group_norm_forward_and_gradients():
     tm = torch.nn.GroupNorm(8, 32)
     torch.nn.init.normal_(tm.weight)
     torch.nn.init.normal_(tm.bias)
-    fm = J.GroupNorm(8)
     x = (100 + np.random.RandomState(0).standard_normal((3, 32, 6, 5))).astype(np.float32)
-    variables = bridge.torch_to_flax(tm.state_dict(), fm, nhwc(x))
-    xt = torch.from_numpy(x).requires_grad_()
-    yt = tm(xt)
-    w = np.random.RandomState(1).standard_normal(yt.shape).astype(np.float32)
-    (yt * torch.from_numpy(w)).sum().backward()
-    f = lambda v, x: jnp.sum(fm.apply(v, x) * nhwc(w))
-    gv, gx = jax.grad(f, argnums=(0, 1))(variables, nhwc(x))
-    assert harness.rel_err(yt.detach().numpy(), nchw(fm.apply(variables, nhwc(x)))) <= harness.FORWARD_TOL
-    assert harness.rel_err(xt.grad.numpy(), nchw(gx)) <= harness.GRAD_TOL
-    assert harness.rel_err(tm.weight.grad.numpy(), gv["params"]["scale"]) <= harness.GRAD_TOL
+    check_layer(tm, J.GroupNorm(8), x, {"scale": (tm.weight, same), "bias": (tm.bias, same)})
 
 
 def test_time_embedding():
