@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import time
@@ -70,6 +71,22 @@ def check_fresh(r: Run, ckpt: Checkpoints):
                               "--workdir")
 
 
+@contextlib.contextmanager
+def closing_on_error(ckpt: Checkpoints):
+    """Close `ckpt` when the block raises: an unclosed orbax manager's threads outlive the error."""
+    try:
+        yield
+    except BaseException:
+        ckpt.close()
+        raise
+
+
+def check_position(r: Run, meta: dict, step: int):
+    if meta.get("position") != r.position(step):
+        raise CheckpointError(f"checkpoint at step {step} records data position "
+                              f"{meta.get('position')}, expected {r.position(step)}")
+
+
 def train(r: Run) -> dict:
     cfg, task = r.config, r.task
     t_start = time.perf_counter()
@@ -78,15 +95,14 @@ def train(r: Run) -> dict:
     model = task.flax_model(r.preset)
     ckpt = open_checkpoints(r)
     start_step = 0
-    if cfg.resume:
-        tree, meta = ckpt.restore(checkpoint_tree(state), r.record())
-        state = from_checkpoint_tree(state, tree)
-        start_step = int(state.step)
-        if meta.get("position") != r.position(start_step):
-            raise CheckpointError(f"checkpoint at step {start_step} records data position "
-                                  f"{meta.get('position')}, expected {r.position(start_step)}")
-    else:
-        check_fresh(r, ckpt)
+    with closing_on_error(ckpt):
+        if cfg.resume:
+            tree, meta = ckpt.restore(checkpoint_tree(state), r.record())
+            state = from_checkpoint_tree(state, tree)
+            start_step = int(state.step)
+            check_position(r, meta, start_step)
+        else:
+            check_fresh(r, ckpt)
 
     local_batch = r.recipe["batch_size"] // jax.process_count()
     if r.recipe["batch_size"] % jax.process_count():

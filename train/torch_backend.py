@@ -11,7 +11,6 @@ import numpy as np
 import torch
 
 from train import steps
-from train.checkpoint import CheckpointError
 from train.train import MetricsLog, Run, Throughput, export_weights, summary
 
 
@@ -159,7 +158,7 @@ def build(r: Run) -> TorchTrainer:
 
 
 def train(r: Run) -> dict:
-    from train.jax_backend import check_fresh, open_checkpoints
+    from train.jax_backend import check_fresh, check_position, closing_on_error, open_checkpoints
 
     cfg, task = r.config, r.task
     t_start = time.perf_counter()
@@ -167,15 +166,14 @@ def train(r: Run) -> dict:
     trainer = build(r)
     ckpt = open_checkpoints(r)
     start_step = 0
-    if cfg.resume:
-        tree, meta = ckpt.restore(trainer.state_tree(), r.record())
-        trainer.load_state_tree(tree)
-        start_step = trainer.step
-        if meta.get("position") != r.position(start_step):
-            raise CheckpointError(f"checkpoint at step {start_step} records data position "
-                                  f"{meta.get('position')}, expected {r.position(start_step)}")
-    else:
-        check_fresh(r, ckpt)
+    with closing_on_error(ckpt):
+        if cfg.resume:
+            tree, meta = ckpt.restore(trainer.state_tree(), r.record())
+            trainer.load_state_tree(tree)
+            start_step = trainer.step
+            check_position(r, meta, start_step)
+        else:
+            check_fresh(r, ckpt)
 
     def save(step, force=False):
         if force or (ckpt.every and step % ckpt.every == 0):
