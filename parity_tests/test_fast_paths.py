@@ -1,5 +1,5 @@
 """The fast paths of the Flax models: `attention_impl="fused"` (`jax.nn.dot_product_attention`)
-held to the torch twins at the float32 tolerances, and bfloat16 params and inputs (the trainer's
+held to the torch twins at the float32 tolerances, GELU's hand-written derivative, and bfloat16 params and inputs (the trainer's
 mixed precision) giving finite outputs near the float32 ones."""
 
 from __future__ import annotations
@@ -152,3 +152,18 @@ def test_bfloat16_params_and_inputs(name):
     assert all(leaf.dtype == jnp.bfloat16 for leaf in jax.tree_util.tree_leaves(g16))
     assert np.isfinite(b).all()
     assert a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) > 0.99
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_gelu_derivative_matches_torch(dtype):
+    """`layers.gelu` carries its own derivative (XLA:CPU runs it faster than JAX's); it must
+    stay torch's exact-GELU derivative, tails included."""
+    x = np.linspace(-12, 12, 20001).astype(dtype)
+    with jax.enable_x64(dtype == "float64"):
+        y, vjp = jax.vjp(layers.gelu, jnp.asarray(x))
+        (got,) = vjp(jnp.ones_like(y))
+        assert got.dtype == np.dtype(dtype)
+    tx = torch.tensor(x, requires_grad=True)
+    torch.nn.functional.gelu(tx).sum().backward()
+    assert harness.rel_err(torch.nn.functional.gelu(tx).detach().numpy(), y) <= harness.FORWARD_TOL
+    assert harness.rel_err(tx.grad.numpy(), got) <= (1e-6 if dtype == "float32" else 1e-14)

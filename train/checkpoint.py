@@ -7,6 +7,7 @@ that names the folder: a checkpoint that can't be used never turns into a silent
 
 from __future__ import annotations
 
+import json
 import os
 import zlib
 from typing import Any
@@ -63,6 +64,7 @@ class Checkpoints:
         if step is None:
             raise CheckpointError(f"--resume: no finished checkpoint in {self.directory}")
         try:
+            _check_json(os.path.join(where, "meta", "metadata"))
             meta = self.manager.restore(step, args=ocp.args.Composite(
                 meta=ocp.args.JsonRestore()))["meta"]
         except Exception as e:
@@ -91,6 +93,14 @@ class Checkpoints:
     def close(self):
         self.manager.wait_until_finished()
         self.manager.close()
+
+
+def _check_json(path: str):
+    """Parse the run record before orbax does: orbax's failing JSON read leaves callbacks
+    for an event loop it has already closed, which surface later as unraisable errors."""
+    if os.path.exists(path):
+        with open(path) as f:
+            json.load(f)
 
 
 def checksum(tree) -> int:
