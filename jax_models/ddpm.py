@@ -9,6 +9,7 @@ samplers `sample` (ancestral) and `ddim_sample`, each one compiled loop (`lax.fo
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Sequence
 
 import jax
@@ -21,13 +22,52 @@ from .layers import attend, compute_dtype, gelu, torch_linear_init
 GN_EPS = 1e-5  # torch's GroupNorm default; flax's is 1e-6
 
 
+def _group_mean(sums, num_groups, n):
+    """(B, C) sums per channel -> (B, 1, C): the mean over n values of each channel's group."""
+    B, C = sums.shape
+    k = C // num_groups
+    return jnp.repeat(sums.reshape(B, num_groups, k).sum(-1), k, axis=-1)[:, None, :] / n
+
+
+def _group_stats(h, num_groups, epsilon):
+    """(normalized h, 1/std) of h (B, HW, C). Two passes; the second also corrects the mean's
+    rounding (m1), which a float32 sum of large values leaves at ~1e-5 of the signal."""
+    n = h.shape[1] * (h.shape[2] // num_groups)
+    d = h - _group_mean(h.sum(1), num_groups, n)
+    m1 = _group_mean(d.sum(1), num_groups, n)
+    rstd = jax.lax.rsqrt(_group_mean(jnp.square(d).sum(1), num_groups, n) - jnp.square(m1) + epsilon)
+    return (d - m1) * rstd, rstd
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def group_normalize(h, num_groups, epsilon):
+    """h (B, HW, C) normalized over each group of contiguous channels and HW. Its backward is
+    written out, (g - mean(g) - y mean(g y)) / std per group: 1.4-1.75x faster on XLA:CPU than
+    the derivative JAX takes through the two passes."""
+    return _group_stats(h, num_groups, epsilon)[0]
+
+
+def _group_normalize_fwd(h, num_groups, epsilon):
+    y, rstd = _group_stats(h, num_groups, epsilon)
+    return y, (y, rstd)
+
+
+def _group_normalize_bwd(num_groups, epsilon, res, g):
+    y, rstd = res
+    n = y.shape[1] * (y.shape[2] // num_groups)
+    return (rstd * (g - _group_mean(g.sum(1), num_groups, n)
+                    - y * _group_mean((g * y).sum(1), num_groups, n)),)
+
+
+group_normalize.defvjp(_group_normalize_fwd, _group_normalize_bwd)
+
+
 class GroupNorm(nn.Module):
     """Twin of `torch.nn.GroupNorm` on NHWC (params `scale`, `bias`): statistics over each group of
-    contiguous channels and the spatial axes. Two passes; the second also corrects the mean's
-    rounding (m1), which a float32 sum of large values leaves at ~1e-5 of the signal. Each pass
-    sums over the spatial axis with the channels minor, then over the channels of a group: on
-    XLA:CPU that is 6x faster than one reduction over (spatial, channels in group). Computed in
-    `compute_dtype` (float32 for bfloat16 inputs), returned in the dtype of x, scale and bias."""
+    contiguous channels and the spatial axes (`group_normalize`). Each pass sums over the spatial
+    axis with the channels minor, then over the channels of a group: on XLA:CPU that is 6x faster
+    than one reduction over (spatial, channels in group). Computed in `compute_dtype` (float32
+    for bfloat16 inputs), returned in the dtype of x, scale and bias."""
     num_groups: int
     epsilon: float = GN_EPS
 
@@ -38,17 +78,8 @@ class GroupNorm(nn.Module):
             raise ValueError(f"{C} channels do not split into {self.num_groups} groups")
         scale = self.param("scale", nn.initializers.ones, (C,))
         bias = self.param("bias", nn.initializers.zeros, (C,))
-        B, G, k = x.shape[0], self.num_groups, C // self.num_groups
-        h = x.reshape(B, -1, C).astype(compute_dtype(x.dtype))
-        n = h.shape[1] * k
-
-        def group_mean(sums):  # (B, C) sums per channel -> (B, 1, C) means of their groups
-            return jnp.repeat(sums.reshape(B, G, k).sum(-1), k, axis=-1)[:, None, :] / n
-
-        d = h - group_mean(h.sum(1))
-        m1 = group_mean(d.sum(1))
-        var = group_mean(jnp.square(d).sum(1)) - jnp.square(m1)
-        y = ((d - m1) * jax.lax.rsqrt(var + self.epsilon)).reshape(x.shape)
+        h = x.reshape(x.shape[0], -1, C).astype(compute_dtype(x.dtype))
+        y = group_normalize(h, self.num_groups, self.epsilon).reshape(x.shape)
         return (y * scale + bias).astype(jnp.result_type(x, scale, bias))
 
 
