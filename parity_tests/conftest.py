@@ -27,9 +27,8 @@ def _seed_torch():
 
 @pytest.fixture(autouse=True)
 def _release_memory_after_full_size_tests(request):
-    """After a `slow` (full-size) test, hand its memory back before the next one starts: the
-    clip-b16 float64 trajectory alone peaks at 22.5 GB, and run after the float32 one in the same
-    process it outgrew a 24 GB machine."""
+    """After a `slow` (full-size) test, hand its memory back before the next one starts: the two
+    clip-b16 trajectories once outgrew a 24 GB machine in one process (now 10.1 GB peak)."""
     yield
     if request.node.get_closest_marker("slow"):
         gc.collect()
