@@ -1,6 +1,6 @@
 """The fast paths of the Flax models: `attention_impl="fused"` (`jax.nn.dot_product_attention`)
-held to the torch twins at the float32 tolerances, GELU's hand-written derivative, and bfloat16 params and inputs (the trainer's
-mixed precision) giving finite outputs near the float32 ones."""
+held to the torch twins at the float32 tolerances, GELU's hand-written derivative, and bfloat16
+params and inputs (the trainer's mixed precision) giving finite outputs near the float32 ones."""
 
 from __future__ import annotations
 
