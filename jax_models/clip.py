@@ -62,7 +62,9 @@ def contrastive_loss(image_features, text_features, logit_scale, axis_name: str 
 
 class TextTransformer(nn.Module):
     """CLIP's text tower: (B, L <= context_length) token ids -> (B, width), the final-LayerNorm
-    feature at the end-of-text token (the largest id in each row, as in CLIP)."""
+    feature at the end-of-text token (the largest id in each row, as in CLIP); with
+    `return_tokens=True` every position's feature (B, L, width). Attention is causal, so padding
+    after the end-of-text token never reaches the tokens before it."""
     vocab_size: int = 49408
     context_length: int = 77
     width: int = 512
@@ -81,7 +83,7 @@ class TextTransformer(nn.Module):
         return self.width
 
     @nn.compact
-    def __call__(self, text, train: bool = False):
+    def __call__(self, text, return_tokens: bool = False, train: bool = False):
         if text.ndim != 2 or not jnp.issubdtype(text.dtype, jnp.integer) or text.shape[1] > self.context_length:
             raise ValueError(f"TextTransformer expects (B, L <= {self.context_length}) integer token ids; "
                              f"got {text.dtype} of shape {tuple(text.shape)}")
@@ -93,8 +95,10 @@ class TextTransformer(nn.Module):
         mask = jnp.tril(jnp.ones((L, L), bool))
         for i in range(self.layers):
             x = TransformerBlock(self.width, self.heads, self.mlp_ratio, self.dropout, self.attention_impl,
-                                 name=f"blocks_{i}")(x, train, mask)
+                                 name=f"blocks_{i}")(x, mask, train=train)
         x = nn.LayerNorm(epsilon=LN_EPS, name="ln_final")(x)
+        if return_tokens:
+            return x
         return x[jnp.arange(x.shape[0]), jnp.argmax(text, axis=-1)]
 
 
@@ -111,19 +115,19 @@ class CLIPModel(nn.Module):
         init = np.float32(np.log(1 / self.temperature))
         self.logit_scale = self.param("logit_scale", lambda _: jnp.asarray(init))
 
-    def encode_image(self, images, train: bool = False):
-        return normalize(self.image_projection(self.image_encoder(images, train)))
+    def encode_image(self, image, train: bool = False):
+        return normalize(self.image_projection(self.image_encoder(image, train=train)))
 
     def encode_text(self, text, train: bool = False):
-        return normalize(self.text_projection(self.text_encoder(text, train)))
+        return normalize(self.text_projection(self.text_encoder(text, train=train)))
 
-    def features(self, images, text, train: bool = False):
+    def features(self, image, text, train: bool = False):
         """(image features (B, E), text features (B', E), exp(logit_scale)): the inputs of
         `contrastive_loss`."""
-        return self.encode_image(images, train), self.encode_text(text, train), jnp.exp(self.logit_scale)
+        return self.encode_image(image, train), self.encode_text(text, train), jnp.exp(self.logit_scale)
 
-    def __call__(self, images, text, train: bool = False):
-        image_features, text_features, scale = self.features(images, text, train)
+    def __call__(self, image, text, train: bool = False):
+        image_features, text_features, scale = self.features(image, text, train)
         logits_per_image = scale * image_features @ text_features.T
         return logits_per_image, logits_per_image.T
 

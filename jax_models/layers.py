@@ -17,6 +17,12 @@ import flax.linen as nn
 # torch's default initializers, so that a model trained from scratch starts as its twin would.
 torch_linear_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 trunc_normal_02 = nn.initializers.truncated_normal(stddev=0.02)
+
+
+def torch_bias_init(fan_in: int):
+    """`nn.Linear`'s bias init: uniform in +-1/sqrt(fan_in)."""
+    bound = fan_in ** -0.5
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
 LN_EPS = 1e-5  # torch's LayerNorm default; flax's is 1e-6
 
 
@@ -52,6 +58,13 @@ def check_images(x: jax.Array, image_size: int, in_channels: int, owner: str) ->
     if tuple(x.shape[1:]) != (image_size, image_size, in_channels):
         hint = " (NCHW input? Flax models take NHWC)" if x.shape[1] == in_channels else ""
         raise ValueError(f"{owner} expects {expected}; got shape {tuple(x.shape)}{hint}")
+
+
+def add_class_token(x, cls_token, pos_embed):
+    """(B, N, D) patch tokens -> (B, 1 + N, D): the class token in front, then the position table
+    added (the prologue of both ViTs)."""
+    cls = jnp.broadcast_to(cls_token, (x.shape[0], 1, x.shape[-1]))
+    return jnp.concatenate([cls, x], axis=1) + pos_embed
 
 
 class _ConvThenFlatten(nn.Module):

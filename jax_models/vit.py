@@ -1,17 +1,17 @@
 """Vision Transformers of both sources, in Flax linen: twins of `torch_reference/vit.py`.
 
-Images are NHWC. `__call__(x, train=False)`: dropout is active only with `train=True` and a
-'dropout' rng. `num_classes=0` returns the pooled class-token feature (B, embed_dim). The last
+Images are NHWC. `__call__(x, return_tokens=False, train=False)`: dropout is active only with
+`train=True` and a 'dropout' rng. `num_classes=0` returns the pooled class-token feature
+(B, embed_dim); `return_tokens=True` every token after the encoder (B, 1 + patches, embed_dim). The last
 field, `attention_impl`, is Flax only: which `layers.attend` kernel runs ("xla", "fused", "cudnn").
 """
 
 from __future__ import annotations
 
-import jax.numpy as jnp
 import flax.linen as nn
 
 from .layers import (LN_EPS, Mlp, PatchEmbedding, TransformerEncoder, TransformerEncoderLayer,
-                     attend, trunc_normal_02)
+                     add_class_token, attend, torch_bias_init, torch_linear_init, trunc_normal_02)
 
 
 class MultiHeadAttention(nn.Module):
@@ -23,7 +23,7 @@ class MultiHeadAttention(nn.Module):
     attention_impl: str = "xla"
 
     @nn.compact
-    def __call__(self, x, train: bool = False, mask=None):
+    def __call__(self, x, mask=None, train: bool = False):
         B, N, C = x.shape
         head_dim = self.embed_dim // self.num_heads
         if head_dim * self.num_heads != self.embed_dim:
@@ -46,10 +46,10 @@ class TransformerBlock(nn.Module):
     attention_impl: str = "xla"
 
     @nn.compact
-    def __call__(self, x, train: bool = False, mask=None):
+    def __call__(self, x, mask=None, train: bool = False):
         x = x + MultiHeadAttention(self.embed_dim, self.num_heads, self.dropout, self.attention_impl,
                                    name="attn")(
-            nn.LayerNorm(epsilon=LN_EPS, name="norm1")(x), train, mask)
+            nn.LayerNorm(epsilon=LN_EPS, name="norm1")(x), mask, train)
         x = x + Mlp(self.embed_dim, int(self.embed_dim * self.mlp_ratio), dropout=self.dropout,
                     kernel_init=trunc_normal_02, name="mlp")(
             nn.LayerNorm(epsilon=LN_EPS, name="norm2")(x), train)
@@ -75,18 +75,18 @@ class VisionTransformer(nn.Module):
         return self.embed_dim if self.num_classes == 0 else self.num_classes
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, return_tokens: bool = False, train: bool = False):
         x = PatchEmbedding(self.image_size, self.patch_size, self.in_channels, self.embed_dim,
                            name="patch_embed")(x)
-        num_patches = x.shape[1]
-        pos_embed = self.param("pos_embed", trunc_normal_02, (1, num_patches + 1, self.embed_dim))
+        pos_embed = self.param("pos_embed", trunc_normal_02, (1, x.shape[1] + 1, self.embed_dim))
         cls_token = self.param("cls_token", trunc_normal_02, (1, 1, self.embed_dim))
-        x = jnp.concatenate([jnp.broadcast_to(cls_token, (x.shape[0], 1, self.embed_dim)), x], axis=1)
-        x = x + pos_embed
+        x = add_class_token(x, cls_token, pos_embed)
         for i in range(self.depth):
             x = TransformerBlock(self.embed_dim, self.num_heads, self.mlp_ratio, self.dropout,
-                                 self.attention_impl, name=f"blocks_{i}")(x, train)
+                                 self.attention_impl, name=f"blocks_{i}")(x, train=train)
         x = nn.LayerNorm(epsilon=LN_EPS, name="norm")(x)
+        if return_tokens:
+            return x
         if self.num_classes == 0:
             return x[:, 0]
         return nn.Dense(self.num_classes, kernel_init=trunc_normal_02, name="head")(x[:, 0])
@@ -105,17 +105,18 @@ class EncoderViT(nn.Module):
     attention_impl: str = "xla"
 
     @nn.compact
-    def __call__(self, x, train: bool = False):
+    def __call__(self, x, return_tokens: bool = False, train: bool = False):
         x = PatchEmbedding(self.img_size, self.patch_size, self.in_channels, self.embed_dim,
                            rearrange=False, name="patch_embed")(x)
-        num_patches = x.shape[1]
         cls_token = self.param("cls_token", nn.initializers.zeros, (1, 1, self.embed_dim))
-        pos_embed = self.param("pos_embed", nn.initializers.zeros, (1, num_patches + 1, self.embed_dim))
-        x = jnp.concatenate([jnp.broadcast_to(cls_token, (x.shape[0], 1, self.embed_dim)), x], axis=1)
-        x = x + pos_embed
+        pos_embed = self.param("pos_embed", nn.initializers.zeros, (1, x.shape[1] + 1, self.embed_dim))
+        x = add_class_token(x, cls_token, pos_embed)
         layer = TransformerEncoderLayer(self.embed_dim, self.num_heads, self.embed_dim * 4,
                                         self.dropout, attention_impl=self.attention_impl, parent=None)
         x = TransformerEncoder(layer, self.depth, name="transformer")(x, train=train)
+        if return_tokens:
+            return x
         if self.num_classes == 0:
             return x[:, 0]
-        return nn.Dense(self.num_classes, name="head")(x[:, 0])
+        return nn.Dense(self.num_classes, kernel_init=torch_linear_init, bias_init=torch_bias_init(self.embed_dim),
+                        name="head")(x[:, 0])

@@ -14,7 +14,7 @@ import jax_models
 import torch_reference
 from bridge.verify import random_tokens
 from jax_models import clip as jclip
-from parity_tests import harness, source_000, source_004
+from parity_tests import harness, source_architectures, source_multimodal
 from presets import get_preset, with_overrides
 from tokenizer import EOT, PAD, SOT, UNK, Tokenizer
 from torch_reference import clip as tclip
@@ -135,7 +135,7 @@ def test_source_state_dicts_load_strictly():
     with strict=True and give the same logits and loss."""
     preset = get_preset("clip-digits")
     (x, t), = clip_batches(preset, 1, 4)[0]
-    src = source_000.CLIPModel(*_encoders(preset), embed_dim=64).eval()
+    src = source_architectures.CLIPModel(*_encoders(preset), embed_dim=64).eval()
     ours = torch_reference.create_model(preset).eval()
     ours.load_state_dict(src.state_dict(), strict=True)
     with torch.no_grad():
@@ -143,7 +143,7 @@ def test_source_state_dicts_load_strictly():
             torch.testing.assert_close(a, b, rtol=0, atol=0)
         torch.testing.assert_close(ours.contrastive_loss(x, t), src.contrastive_loss(x, t), rtol=0, atol=0)
 
-    src = source_004.CLIPFromScratch(*_encoders(preset), embed_dim=64).eval()
+    src = source_multimodal.CLIPFromScratch(*_encoders(preset), embed_dim=64).eval()
     scratch = tclip.CLIPFromScratch(*_encoders(preset), embed_dim=64).eval()
     scratch.load_state_dict(src.state_dict(), strict=True)
     ours.load_state_dict(src.state_dict(), strict=True)

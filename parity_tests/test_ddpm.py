@@ -13,7 +13,7 @@ import bridge
 import jax_models
 import torch_reference
 from jax_models import ddpm as J
-from parity_tests import harness, source_000
+from parity_tests import harness, source_architectures
 from presets import get_preset
 from torch_reference import ddpm as T
 
@@ -135,7 +135,7 @@ def test_time_embedding():
     ref = T.SinusoidalPositionEmbeddings(64)(torch.from_numpy(t)).numpy()
     got = J.SinusoidalPositionEmbeddings(64)(jnp.asarray(t))
     assert harness.rel_err(ref, got) <= 1e-6
-    src = source_000.SinusoidalPositionEmbeddings(64)(torch.from_numpy(t)).numpy()
+    src = source_architectures.SinusoidalPositionEmbeddings(64)(torch.from_numpy(t)).numpy()
     assert harness.rel_err(src, ref) <= 1e-5  # the source's float32 exp, within a few ulp of t * w
 
 
@@ -171,15 +171,15 @@ def test_source_blocks_load_strictly_and_unet_keys_differ_only_by_the_fix():
     torch.manual_seed(0)
     x, t = torch.randn(2, 32, 4, 4), torch.tensor([3, 900])
     emb = torch.randn(2, 16)
-    for src, ours, args in [(source_000.ResidualBlock(32, 64, 16), T.ResidualBlock(32, 64, 16), (x, emb)),
-                            (source_000.ResidualBlock(32, 32, 16), T.ResidualBlock(32, 32, 16), (x, emb)),
-                            (source_000.AttentionBlock(32), T.AttentionBlock(32), (x,))]:
+    for src, ours, args in [(source_architectures.ResidualBlock(32, 64, 16), T.ResidualBlock(32, 64, 16), (x, emb)),
+                            (source_architectures.ResidualBlock(32, 32, 16), T.ResidualBlock(32, 32, 16), (x, emb)),
+                            (source_architectures.AttentionBlock(32), T.AttentionBlock(32), (x,))]:
         ours.load_state_dict(src.state_dict(), strict=True)
         src.eval(), ours.eval()
         with torch.no_grad():
             torch.testing.assert_close(ours(*args), src(*args), rtol=0, atol=0)
 
-    src = source_000.UNet(in_channels=1, out_channels=1, features=[16, 32], time_emb_dim=32)
+    src = source_architectures.UNet(in_channels=1, out_channels=1, features=[16, 32], time_emb_dim=32)
     with pytest.raises(RuntimeError, match="channels"):
         src(torch.randn(1, 1, 8, 8), t[:1])
     ours = T.UNet(in_channels=1, out_channels=1, features=[16, 32], time_emb_dim=32)
@@ -198,7 +198,7 @@ def test_schedule_buffers_are_bit_equal_and_checked_by_the_bridge():
     td, fd, variables, (x, t, noise) = twins()
     for k, v in td.named_buffers():
         np.testing.assert_array_equal(v.numpy(), np.asarray(variables["buffers"][k]), err_msg=k)
-    src = source_000.DDPM(source_000.UNet(1, 1, [16, 32], 32))
+    src = source_architectures.DDPM(source_architectures.UNet(1, 1, [16, 32], 32))
     for k in variables["buffers"]:
         assert harness.rel_err(getattr(src, k).numpy(), variables["buffers"][k]) <= 1e-5, k
     other = T.DDPM(td.model, beta_end=0.03)

@@ -16,7 +16,7 @@ import bridge
 import jax_models
 import torch_reference
 from jax_models import swin as jswin
-from parity_tests import harness, source_000
+from parity_tests import harness, source_architectures
 from presets import get_preset, with_overrides
 from torch_reference import swin as tswin
 
@@ -113,7 +113,7 @@ def check_trajectory(tm, fm, variables, losses, tb, fb, float64, falls=True):
 def test_source_block_state_dict_loads_strictly(shift):
     """A state dict saved by the source's SwinTransformerBlock loads with strict=True into both
     twins (the torch one directly, the Flax one through the bridge) and gives the same outputs."""
-    src = source_000.SwinTransformerBlock(**BLOCK, shift_size=shift).eval()
+    src = source_architectures.SwinTransformerBlock(**BLOCK, shift_size=shift).eval()
     assert ("attn_mask" in src.state_dict()) == (shift > 0)
     ours = tswin.SwinTransformerBlock(**BLOCK, shift_size=shift).eval()
     ours.load_state_dict(src.state_dict(), strict=True)
@@ -128,7 +128,7 @@ def test_source_block_state_dict_loads_strictly(shift):
 
 @pytest.mark.parametrize("window", [(4, 4), (3, 5)])
 def test_source_window_attention_loads_strictly(window):
-    src = source_000.WindowAttention(16, window, 2).eval()
+    src = source_architectures.WindowAttention(16, window, 2).eval()
     ours = tswin.WindowAttention(16, window, 2).eval()
     ours.load_state_dict(src.state_dict(), strict=True)
     x = torch.randn(3, window[0] * window[1], 16)
@@ -230,7 +230,7 @@ def test_converter_reports_a_wrong_buffer(key):
 
 
 def test_buffers_match_the_source():
-    src = source_000.SwinTransformerBlock(dim=8, input_resolution=(12, 12), num_heads=2, window_size=6,
+    src = source_architectures.SwinTransformerBlock(dim=8, input_resolution=(12, 12), num_heads=2, window_size=6,
                                           shift_size=3)
     np.testing.assert_array_equal(tswin.relative_position_index((6, 6)).numpy(),
                                   src.attn.relative_position_index.numpy())

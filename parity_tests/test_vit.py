@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import jax_models
 import torch_reference
-from parity_tests import harness, source_000, source_004
+from parity_tests import harness, source_architectures, source_multimodal
 from presets import get_preset, with_overrides
 
 TINY = ["vit-digits", "encoder-vit-digits"]
@@ -109,7 +109,7 @@ def test_round_trip_is_bit_exact(name):
 def test_source_state_dicts_load_strictly():
     """State dicts saved by the sources' own classes load with strict=True and give the same outputs."""
     x = torch.randn(2, 1, 32, 32)
-    src = source_000.VisionTransformer(image_size=32, patch_size=4, in_channels=1, num_classes=10,
+    src = source_architectures.VisionTransformer(image_size=32, patch_size=4, in_channels=1, num_classes=10,
                                        embed_dim=64, depth=2, num_heads=4, mlp_ratio=2).eval()
     ours = torch_reference.create_model("vit-digits", depth=2, patch_size=4).eval()
     ours.load_state_dict(src.state_dict(), strict=True)
@@ -117,7 +117,7 @@ def test_source_state_dicts_load_strictly():
         torch.testing.assert_close(ours(x), src(x), rtol=0, atol=0)
 
     x3 = torch.randn(2, 3, 32, 32)
-    src = source_004.VisionTransformer(img_size=32, patch_size=4, num_classes=10, embed_dim=64,
+    src = source_multimodal.VisionTransformer(img_size=32, patch_size=4, num_classes=10, embed_dim=64,
                                        depth=2, num_heads=4).eval()
     ours = torch_reference.create_model("encoder-vit-digits", depth=2, in_channels=3, patch_size=4).eval()
     ours.load_state_dict(src.state_dict(), strict=True)

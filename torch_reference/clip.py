@@ -73,8 +73,10 @@ def contrastive_loss(image_features, text_features, logit_scale, group=None, dis
 
 class TextTransformer(nn.Module):
     """CLIP's text tower: (B, L <= context_length) token ids -> (B, width), the final-LayerNorm
-    feature at the end-of-text token (the largest id in each row, as in CLIP). Pre-norm blocks
-    with a causal mask, token and learned position embeddings."""
+    feature at the end-of-text token (the largest id in each row, as in CLIP); with
+    `return_tokens=True` every position's feature (B, L, width). Pre-norm blocks with a causal
+    mask (padding after the end-of-text token never reaches the tokens before it), token and
+    learned position embeddings."""
 
     def __init__(self, vocab_size=49408, context_length=77, width=512, layers=12, heads=8,
                  mlp_ratio=4, dropout=0.0):
@@ -93,7 +95,7 @@ class TextTransformer(nn.Module):
                 if m.bias is not None:
                     nn.init.zeros_(m.bias)
 
-    def forward(self, text):
+    def forward(self, text, return_tokens=False):
         if text.ndim != 2 or text.is_floating_point() or text.shape[1] > self.context_length:
             raise ValueError(f"TextTransformer expects (B, L <= {self.context_length}) integer token ids; "
                              f"got {text.dtype} of shape {tuple(text.shape)}")
@@ -103,6 +105,8 @@ class TextTransformer(nn.Module):
         for block in self.blocks:
             x = block(x, mask)
         x = self.ln_final(x)
+        if return_tokens:
+            return x
         return x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)]
 
 

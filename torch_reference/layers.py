@@ -21,6 +21,12 @@ def check_images(x: torch.Tensor, image_size: int, in_channels: int, owner: str)
         raise ValueError(f"{owner} expects {expected}; got shape {tuple(x.shape)}")
 
 
+def add_class_token(x, cls_token, pos_embed):
+    """(B, N, D) patch tokens -> (B, 1 + N, D): the class token in front, then the position table
+    added (the prologue of both ViTs)."""
+    return torch.cat([cls_token.expand(x.shape[0], -1, -1), x], dim=1) + pos_embed
+
+
 class FlattenPatches(nn.Module):
     """`b e h w -> b (h w) e`: the source's einops `Rearrange`, which holds no weights."""
 

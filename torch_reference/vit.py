@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .layers import Mlp, PatchEmbedding, attend
+from .layers import Mlp, PatchEmbedding, add_class_token, attend
 
 
 class MultiHeadAttention(nn.Module):
@@ -92,15 +92,13 @@ class VisionTransformer(nn.Module):
             nn.init.constant_(m.bias, 0)
             nn.init.constant_(m.weight, 1.0)
 
-    def forward(self, x):
-        x = self.patch_embed(x)
-        cls_tokens = self.cls_token.expand(x.shape[0], -1, -1)
-        x = torch.cat([cls_tokens, x], dim=1)
-        x = x + self.pos_embed
+    def forward(self, x, return_tokens=False):
+        """`return_tokens=True`: every token after the final norm, (B, 1 + patches, embed_dim)."""
+        x = add_class_token(self.patch_embed(x), self.cls_token, self.pos_embed)
         for block in self.blocks:
             x = block(x)
         x = self.norm(x)
-        return self.head(x[:, 0])
+        return x if return_tokens else self.head(x[:, 0])
 
 
 class EncoderViT(nn.Module):
@@ -124,10 +122,8 @@ class EncoderViT(nn.Module):
                                                  enable_nested_tensor=False)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
 
-    def forward(self, x):
-        x = self.patch_embed(x)
-        cls_tokens = self.cls_token.expand(x.shape[0], -1, -1)
-        x = torch.cat([cls_tokens, x], dim=1)
-        x = x + self.pos_embed
+    def forward(self, x, return_tokens=False):
+        """`return_tokens=True`: every token after the encoder, (B, 1 + patches, embed_dim)."""
+        x = add_class_token(self.patch_embed(x), self.cls_token, self.pos_embed)
         x = self.transformer(x)
-        return self.head(x[:, 0])
+        return x if return_tokens else self.head(x[:, 0])

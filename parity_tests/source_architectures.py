@@ -1,4 +1,4 @@
-"""The first source document's classes, verbatim from `000_50c2328d4519ad3a.txt`.
+"""The classes of the first source document, "Modern Deep Learning Architectures", verbatim.
 
 The specification as code: the tests load state dicts saved by these classes into
 `torch_reference` with `strict=True`. Not part of the library.

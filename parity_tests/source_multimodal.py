@@ -1,4 +1,4 @@
-"""The second source document's classes, verbatim from `004_0c325b197f7550ce.txt`.
+"""The classes of the second source document, "Multimodal AI Fundamentals", verbatim.
 
 The specification as code: the tests load state dicts saved by these classes into
 `torch_reference` with `strict=True`. Not part of the library.
