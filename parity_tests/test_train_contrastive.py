@@ -11,7 +11,7 @@ import pytest
 
 from presets import get_preset
 from tokenizer import Tokenizer
-from train import contrastive
+from train.tasks import contrastive
 from train import data as data_lib
 from train import steps
 
@@ -72,7 +72,7 @@ TINY = dict(vision_layers=1, text_layers=1)
 
 
 def _config(workdir, backend="jax", **kw):
-    from train.train import Config
+    from train.loop import Config
     kw = {"steps": 4, **kw}
     return Config(preset="clip-digits", backend=backend, batch_size=32, log_every=1,
                   progress=False, workdir=str(workdir), model_overrides=TINY, **kw)
@@ -81,7 +81,7 @@ def _config(workdir, backend="jax", **kw):
 @pytest.mark.parametrize("backend", ["jax", "torch"])
 def test_short_run_writes_summary_tokenizer_and_weights(tmp_path, backend):
     from bridge import load_safetensors
-    from train.train import run
+    from train.loop import run
 
     s = run(_config(tmp_path, backend, export=str(tmp_path / "w.safetensors")))
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -102,11 +102,11 @@ def test_torch_and_jax_follow_the_same_steps(tmp_path):
     """The same 6 AdamW steps from the same weights, data and captions in both frameworks."""
     from train import torch_backend
     from train.jax_backend import make_state
-    from train.train import resolve
+    from train.loop import resolve
 
     r = resolve(_config(tmp_path, steps=6))
     r.task.setup(r)
-    state, _ = make_state(r)
+    state = make_state(r)
     trainer = torch_backend.build(r)
     step_fn = steps.jit_train_step(r.task.jax_step)
     jax_losses, torch_losses = [], []
@@ -124,7 +124,7 @@ def test_torch_and_jax_follow_the_same_steps(tmp_path):
 
 
 def test_resume_continues_the_run(tmp_path):
-    from train.train import run
+    from train.loop import run
 
     whole = run(_config(tmp_path / "whole", checkpoint_every=2))
     run(_config(tmp_path / "half", steps=4, checkpoint_every=2))

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from presets import get_preset, with_overrides
-from train import diffusion, steps
+from train import steps
+from train.tasks import diffusion
 
 
 def tiny_preset():
@@ -25,7 +26,7 @@ def tiny_preset():
 def _state(p, tx=None, seed=0):
     import optax
     ddpm = diffusion.build(p)
-    variables = ddpm.init(jax.random.key(seed), *diffusion.DiffusionTask().init_args(p))
+    variables = ddpm.init(jax.random.key(seed), *diffusion.Diffusion().init_args(p))
     return diffusion.create_state(ddpm, variables, tx or optax.adam(1e-3), jax.random.key(seed + 1))
 
 
@@ -79,7 +80,7 @@ def test_torch_step_equals_jax_step():
     from train.torch_backend import TorchTrainer
 
     p = tiny_preset()
-    task = diffusion.DiffusionTask()
+    task = diffusion.Diffusion()
     torch.manual_seed(0)
     td = task.torch_model(p)
     trainer = TorchTrainer(td, task, dict(p.train, weight_decay=0.0, grad_clip=0.0),
@@ -109,7 +110,7 @@ def test_short_run_writes_samples_summary_and_exports_the_unet(tmp_path, backend
     import presets
     import torch_reference
     from bridge import load_safetensors
-    from train.train import Config, run
+    from train.loop import Config, run
 
     p = tiny_preset()
     p = dataclasses.replace(p, name="ddpm-tiny", train=dict(p.train, num_samples=4, ddim_steps=2))

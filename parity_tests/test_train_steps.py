@@ -9,7 +9,8 @@ import pytest
 from parity_tests import harness
 from train import data as data_lib
 from train import steps
-from train.train import Config, resolve
+from train.tasks.classification import train_step
+from train.loop import Config, resolve
 
 TINY = {"depth": 2, "embed_dim": 32, "num_heads": 4}
 
@@ -28,8 +29,9 @@ def test_schedule_warms_up_then_decays():
 
 
 def test_decay_mask_covers_weight_matrices_only():
-    from train.jax_backend import init_variables
-    _, variables, _ = init_variables(_run(model_overrides=TINY))
+    from train.tasks import init_variables
+    r = _run(model_overrides=TINY)
+    _, variables, _ = init_variables(r.task, r.preset, 0)
     flat = jax.tree_util.tree_leaves_with_path(steps.decay_mask(variables["params"]))
     decayed = {jax.tree_util.keystr(p) for p, m in flat if m}
     assert decayed and all("kernel" in p for p in decayed)
@@ -41,12 +43,12 @@ def test_decay_mask_covers_weight_matrices_only():
 def test_pmap_on_8_shards_equals_jit_on_whole_batch():
     from train.jax_backend import make_state
     r = _run(model_overrides=TINY, batch_size=64)
-    state, _ = make_state(r)
+    state = make_state(r)
     batch = next(r.batches_from(0))[1]
     with jax.default_matmul_precision("highest"):
-        jit_state, jit_metrics = steps.jit_train_step(label_smoothing=0.1)(
+        jit_state, jit_metrics = steps.jit_train_step(train_step, label_smoothing=0.1)(
             jax.tree_util.tree_map(jnp.copy, state), batch)
-        pmap_state, pmap_metrics = steps.pmap_train_step(label_smoothing=0.1)(
+        pmap_state, pmap_metrics = steps.pmap_train_step(train_step, label_smoothing=0.1)(
             steps.replicate(state), data_lib.shard(batch, 8))
     err = jax.tree_util.tree_map(lambda a, b: float(jnp.abs(a - b[0]).max()),
                                  jit_state.params, pmap_state.params)
@@ -64,12 +66,12 @@ def test_pmap_on_8_shards_equals_jit_on_whole_batch():
 def test_pmap_devices_draw_different_dropout():
     from train.jax_backend import make_state
     r = _run(model_overrides=TINY, dropout=0.5, batch_size=8)
-    state, _ = make_state(r)
+    state = make_state(r)
     one = next(r.batches_from(0))[1]
     one = {k: v[:1] for k, v in one.items()}
     same = {k: np.repeat(v[None], 8, 0) for k, v in one.items()}
-    _, pm = steps.pmap_train_step()(steps.replicate(state), same)
-    _, device0 = jax.jit(steps.train_step)(state, one,
+    _, pm = steps.pmap_train_step(train_step)(steps.replicate(state), same)
+    _, device0 = jax.jit(train_step)(state, one,
                                            jax.random.fold_in(steps.step_rng(state), 0))
     assert abs(float(pm["loss"][0]) - float(device0["loss"])) > 1e-6
 
@@ -84,14 +86,14 @@ def test_torch_and_jax_follow_the_same_20_steps(preset):
     from train import torch_backend
     from train.jax_backend import make_state
     r = _run(preset, grad_clip=0.5, label_smoothing=0.1)
-    state, _ = make_state(r)
+    state = make_state(r)
     trainer = torch_backend.build(r)
     n_decay = sum(p.numel() for g in trainer.optimizer.param_groups if g["weight_decay"]
                   for p in g["params"])
     mask = steps.decay_mask(state.params)
     assert n_decay == sum(int(np.size(p)) for p, m in zip(
         jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(mask)) if m)
-    step_fn = steps.jit_train_step(label_smoothing=r.recipe["label_smoothing"])
+    step_fn = steps.jit_train_step(train_step, label_smoothing=r.recipe["label_smoothing"])
     jax_losses, torch_losses = [], []
     torch.set_flush_denormal(False)
     with jax.default_matmul_precision("highest"):

@@ -79,7 +79,8 @@ def _patient_cpu_collectives():
 def main(argv=None) -> int:
     args = parse_args(argv)
     _patient_cpu_collectives()
-    from train.train import Config, run
+    from train.config import Config
+    from train.loop import run
 
     config = Config(
         preset=args.preset, data=args.data, backend=args.backend, parallel=args.parallel,
@@ -90,8 +91,6 @@ def main(argv=None) -> int:
         keep=args.keep, resume=args.resume, export=args.export, log_every=args.log_every,
         eval_every=args.eval_every, model_overrides=_overrides(args.set),
         progress=not args.no_progress, precision=args.precision)
-    if args.backend == "torch" and args.parallel == "pmap":
-        raise SystemExit("--parallel pmap is for --backend jax")
     from train.checkpoint import CheckpointError
     try:
         s = run(config)
@@ -109,9 +108,8 @@ def main(argv=None) -> int:
 
 def _print_results(s: dict):
     from train.tasks import get_task
-    import presets
 
-    for key in get_task(presets.get_preset(s["preset"])).report:
+    for key in get_task(s["task"]).report:
         value = s.get(key)
         if isinstance(value, dict):
             value = ", ".join(f"{k} {v}" for k, v in value.items())
