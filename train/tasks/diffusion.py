@@ -168,8 +168,12 @@ class Diffusion(Task):
         return {"image": batch["image"]}
 
     def example_batch(self, preset, batch_size: int, seed: int = 0) -> dict:
+        """Images with their timesteps and noise fixed (the step draws them when absent), so
+        that runs on any number of devices compute the same loss."""
         from presets import example_inputs
-        return {"image": example_inputs(preset, batch_size, seed)[0]}
+        images, t = example_inputs(preset, batch_size, seed)
+        noise = np.random.RandomState(seed + 1).standard_normal(images.shape).astype(np.float32)
+        return {"image": np.clip(images, -1, 1), "t": t.astype(np.int32), "noise": noise}
 
     @property
     def jax_step(self):
