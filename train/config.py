@@ -42,7 +42,8 @@ class Config:
     log_every: int = LOG_EVERY
     eval_every: int | None = None        # default: once per epoch (0: only at the end)
     precision: str = "fp32"              # fp32 | bf16 (bf16 compute, fp32 master weights)
-    model_overrides: dict = dataclasses.field(default_factory=dict)
+    model_overrides: dict = dataclasses.field(default_factory=dict)   # constructor arguments
+    recipe_overrides: dict = dataclasses.field(default_factory=dict)  # the recipe's other keys
     progress: bool = True
 
 
@@ -130,6 +131,14 @@ def resolve(config: Config) -> Run:
         value = getattr(config, key)
         if value is not None:
             recipe[key] = value
+    unknown = sorted(set(config.recipe_overrides) - set(recipe))
+    if unknown:
+        raise ValueError(f"preset {preset.name!r} has no recipe key(s) {', '.join(unknown)}; its "
+                         f"recipe: {', '.join(sorted(recipe))}")
+    flagged = sorted(set(config.recipe_overrides) & set(RECIPE_FLAGS))
+    if flagged:
+        raise ValueError(f"set {', '.join(flagged)} with its own flag, not --recipe")
+    recipe.update(config.recipe_overrides)
     if recipe["batch_size"] <= 0:
         raise ValueError(f"batch size must be positive, not {recipe['batch_size']}")
     train_data, test_data = data_lib.load(recipe["data"], preset.image_size, preset.in_channels)
