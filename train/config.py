@@ -141,7 +141,7 @@ def resolve(config: Config) -> Run:
     recipe.update(config.recipe_overrides)
     if recipe["batch_size"] <= 0:
         raise ValueError(f"batch size must be positive, not {recipe['batch_size']}")
-    train_data, test_data = data_lib.load(recipe["data"], preset.image_size, preset.in_channels)
+    train_data, test_data = task.load_data(recipe["data"], preset, recipe)
     overrides = dict(config.model_overrides)
     if config.dropout is not None:
         overrides["dropout"] = config.dropout

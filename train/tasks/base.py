@@ -65,6 +65,12 @@ class Task:
 
     # -- both -----------------------------------------------------------------------------------
 
+    def load_data(self, spec: str, preset, recipe: dict):
+        """(train, test) `train.data.ArrayDataset`s for the `--data` spec; default: the image
+        sources of `train.data.load` (digits, imagefolder:DIR, cifar10:DIR)."""
+        from train import data as data_lib
+        return data_lib.load(spec, preset.image_size, preset.in_channels)
+
     def setup(self, r) -> dict:
         """Checks and files before training; returns entries for the summary."""
         return {}
