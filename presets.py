@@ -71,6 +71,8 @@ def _encoder_vit(name, img_size, patch_size, in_channels, num_classes, embed_dim
 PRESETS: dict[str, Preset] = {p.name: p for p in [
     _vit("vit-digits", 32, 8, 1, 10, 64, 4, 4, mlp_ratio=2, train=DIGITS_RECIPE,
          description="pre-norm ViT for 32x32 digits (16 patches of 8x8, 4 blocks of width 64)"),
+    _vit("vit-tiny-digits", 32, 8, 1, 10, 32, 2, 2, mlp_ratio=2, train=DIGITS_RECIPE,
+         description="the smallest ViT: 2 blocks of width 32 (the example preset of CONTRIBUTING.md)"),
     _encoder_vit("encoder-vit-digits", 32, 8, 1, 10, 64, 4, 4, train=DIGITS_RECIPE,
                  description="post-norm nn.TransformerEncoder ViT for 32x32 digits"),
     _vit("vit-ti16", 224, 16, 3, 1000, 192, 12, 3, description="ViT-Ti/16"),
