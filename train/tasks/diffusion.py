@@ -273,7 +273,7 @@ class Diffusion(Task):
         return torch_loss, flax_loss
 
     def parity_batches(self, preset, n: int, batch_size: int, seed: int = 0):
-        from jax_models.ddpm import linear_schedule
+        from model_math import linear_schedule
 
         schedule = linear_schedule(preset.train["timesteps"], preset.train["beta_start"],
                                    preset.train["beta_end"])
