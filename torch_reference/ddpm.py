@@ -225,7 +225,8 @@ class DDPM(nn.Module):
             img = torch.sqrt(a_prev) * x0 + torch.sqrt(1 - a_prev) * eps
         return img
 
-    def forward(self, x):
-        """The training loss at uniformly drawn timesteps."""
-        t = torch.randint(0, self.timesteps, (x.shape[0],), device=x.device).long()
-        return self.p_losses(x, t)
+    def forward(self, x, t=None, noise=None):
+        """The training loss at uniformly drawn timesteps (or the given `t` and `noise`)."""
+        if t is None:
+            t = torch.randint(0, self.timesteps, (x.shape[0],), device=x.device).long()
+        return self.p_losses(x, t, noise)
