@@ -37,19 +37,11 @@ import sys
 import time
 import traceback
 
-# Batches that keep `--all` to about half an hour on a 2-core CPU; the recipes' (up to 32768)
-# are for accelerators.
-DEFAULT_BATCH = {
-    "vit-digits": 128, "encoder-vit-digits": 128, "swin-digits": 128, "clip-digits": 128,
-    "ddpm-digits": 64, "ddpm-cifar10": 16,
-    "vit-ti16": 8, "vit-s16": 8, "swin-t": 8,
-    "vit-b16": 4, "encoder-vit-b16": 4, "swin-s": 4, "swin-b": 4, "clip-b16": 4,
-}
-FALLBACK_BATCH = 8
-
-
 def default_batch(preset: str) -> int:
-    return DEFAULT_BATCH.get(preset, FALLBACK_BATCH)
+    """The preset's `bench_batch`: CPU-sized, to keep `--all` to about half an hour on 2 cores
+    (the recipes', up to 32768, are for accelerators)."""
+    from presets import get_preset
+    return get_preset(preset).bench_batch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -227,18 +219,18 @@ def parse_args(argv):
 
     from .workloads import FRAMEWORKS
 
-    batches = ", ".join(f"{k} {v}" for k, v in DEFAULT_BATCH.items())
+    batches = ", ".join(f"{k} {p.bench_batch}" for k, p in PRESETS.items())
     ap = argparse.ArgumentParser(
         prog="python -m benchmarks", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__.split("\n\n")[0],
-        epilog=f"Default batch sizes (CPU-sized, not the recipes'): {batches}; others "
-               f"{FALLBACK_BATCH}.\nKnown presets: {', '.join(PRESETS)}.")
+        epilog=f"Default batch sizes (each preset's `bench_batch`: CPU-sized, not the recipes'): "
+               f"{batches}.")
     which = ap.add_mutually_exclusive_group(required=True)
     which.add_argument("--preset", nargs="+", metavar="P", help="one or more presets")
     which.add_argument("--all", action="store_true", help="every preset")
     ap.add_argument("--mode", choices=("train", "infer", "both"), default="both")
     ap.add_argument("--batch-size", type=int, nargs="+", metavar="B",
-                    help="batch sizes (default: the table below, per preset)")
+                    help="batch sizes (default: each preset's bench_batch, listed below)")
     ap.add_argument("--precision", choices=("fp32", "bf16"), nargs="+", default=["fp32"])
     ap.add_argument("--frameworks", default="jax,torch",
                     help=f"comma-separated, of {','.join(FRAMEWORKS)} (default: jax,torch)")
