@@ -23,8 +23,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("preset", help="preset name, e.g. vit-digits")
     p.add_argument("--data", help="digits (default) | imagefolder:DIR | cifar10:DIR")
     p.add_argument("--backend", choices=("jax", "torch"), default="jax")
-    p.add_argument("--parallel", choices=("jit", "pmap"), default="jit",
-                   help="jax only: jit on one device, or pmap over all local devices")
+    p.add_argument("--parallel", choices=("jit", "pmap", "mesh"), default="jit",
+                   help="jax only: jit on one device, pmap over the local devices, or jit over a "
+                        "mesh of every device (the batch split over it)")
+    p.add_argument("--fsdp", action="store_true",
+                   help="with --parallel mesh: shard parameters and optimizer state over the devices")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--steps", type=int, help="total optimizer steps")
     g.add_argument("--epochs", type=int, help="epochs (whole global batches of the train set)")
@@ -93,7 +96,7 @@ def main(argv=None) -> int:
         keep=args.keep, resume=args.resume, export=args.export, log_every=args.log_every,
         eval_every=args.eval_every, model_overrides=_overrides(args.set, "--set"),
         recipe_overrides=_overrides(args.recipe, "--recipe"),
-        progress=not args.no_progress, precision=args.precision)
+        progress=not args.no_progress, precision=args.precision, fsdp=args.fsdp)
     from train.checkpoint import CheckpointError
     try:
         s = run(config)

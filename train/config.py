@@ -12,7 +12,7 @@ from train import data as data_lib
 
 LOG_EVERY = 10
 BACKENDS = ("jax", "torch")
-PARALLEL = ("jit", "pmap")
+PARALLEL = ("jit", "pmap", "mesh")
 PRECISIONS = ("fp32", "bf16")
 RECIPE_FLAGS = ("lr", "weight_decay", "warmup_steps", "batch_size", "label_smoothing", "grad_clip",
                 "data")
@@ -23,7 +23,8 @@ class Config:
     preset: str
     data: str | None = None
     backend: str = "jax"                # jax | torch
-    parallel: str = "jit"               # jit | pmap (jax only)
+    parallel: str = "jit"               # jit | pmap | mesh (jax only)
+    fsdp: bool = False                  # mesh: shard params and optimizer state over the devices
     steps: int | None = None            # total updates; else epochs * steps per epoch
     epochs: int | None = None
     batch_size: int | None = None       # global, over all devices and hosts
@@ -122,6 +123,8 @@ def resolve(config: Config) -> Run:
             raise ValueError(f"--{name} must be one of {', '.join(allowed)}, not {value!r}")
     if config.backend == "torch" and config.parallel != "jit":
         raise ValueError(f"--parallel {config.parallel} is for --backend jax")
+    if config.fsdp and config.parallel != "mesh":
+        raise ValueError("--fsdp shards over a mesh: pass --parallel mesh")
     if config.steps is not None and config.epochs is not None:
         raise ValueError("give --steps or --epochs, not both")
     preset = presets.get_preset(config.preset)

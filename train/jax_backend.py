@@ -1,5 +1,6 @@
 """The JAX adapter of the training loop (`train.loop`): the task's pure step under jit on one
-device or pmap over the local devices, the state donated to each step."""
+device, pmap over the local devices, or jit over a mesh of every device (the batch split on its
+'data' axis; the state replicated, or sharded with --fsdp), the state donated to each step."""
 
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ def from_checkpoint_tree(state: steps.TrainState, tree: dict) -> steps.TrainStat
 
 
 class JaxBackend:
-    """jit (one device of one process) or pmap (every local device; gradients pmean'd)."""
+    """jit (one device of one process), pmap (every local device; gradients pmean'd) or mesh
+    (jit over every device of every process; XLA partitions the global batch's step)."""
 
     def __init__(self, r: Run):
         self.r, self.task = r, r.task
@@ -70,6 +72,20 @@ class JaxBackend:
             self.state = steps.replicate(state)
             self.put = lambda b: data_lib.shard(b, n)  # noqa: E731
             self.single = steps.unreplicate
+        elif self.parallel == "mesh":
+            mesh = steps.make_mesh()
+            n = mesh.devices.size // processes
+            if batch_size % mesh.devices.size:
+                raise ValueError(f"global batch size {batch_size} does not split evenly over the "
+                                 f"{mesh.devices.size} devices of the mesh ({batch_size} % "
+                                 f"{mesh.devices.size} = {batch_size % mesh.devices.size}); use a "
+                                 f"multiple of {mesh.devices.size}")
+            self.shardings = steps.state_shardings(state, mesh, r.config.fsdp)
+            self.step_fn = steps.mesh_train_step(self.task.jax_step, mesh, self.shardings, **kwargs)
+            self.state = steps.put_state(state, self.shardings)
+            self.put = lambda b: steps.put_batch(b, mesh)  # noqa: E731
+            self.single = lambda s: s  # noqa: E731
+            self.parallel = "mesh-fsdp" if r.config.fsdp else "mesh"
         else:
             if processes > 1:
                 raise ValueError("--parallel jit trains on one device of one process; use "
@@ -82,14 +98,19 @@ class JaxBackend:
         self.devices = n * processes
         # Fake CPU devices share one small thread pool: a pmap step dispatched while the last one
         # still runs can hold the threads its peers need to reach the all-reduce, and hang.
-        self.sync_each_step = self.parallel == "pmap" and jax.default_backend() == "cpu"
+        self.sync_each_step = self.parallel != "jit" and jax.default_backend() == "cpu"
 
     def state_tree(self) -> dict:
         return checkpoint_tree(self.single(self.state))
 
     def load_state_tree(self, tree: dict) -> int:
         state = from_checkpoint_tree(self.single(self.state), tree)
-        self.state = steps.replicate(state) if self.parallel == "pmap" else state
+        if self.parallel == "pmap":
+            self.state = steps.replicate(state)
+        elif self.parallel.startswith("mesh"):
+            self.state = steps.put_state(state, self.shardings)
+        else:
+            self.state = state
         return int(state.step)
 
     def step(self, batch: dict):

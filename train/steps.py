@@ -4,7 +4,8 @@ task's pure step is built on, and the thin jit and pmap wrappers.
 A task's step `(state, batch, rng, *, axis_name=None, **kw) -> (state, metrics)` knows nothing
 of devices: it hands its loss to `gradient_step`, which, given an `axis_name`, averages gradients
 and metrics over that axis with `lax.pmean` and folds the device index into the key.
-`jit_train_step` and `pmap_train_step` wrap any such step.
+`jit_train_step`, `pmap_train_step` and `mesh_train_step` (jit over a device mesh, the batch split
+on a 'data' axis, the state replicated or FSDP-sharded) wrap any such step.
 """
 
 from __future__ import annotations
@@ -167,6 +168,70 @@ def pmap_train_step(step: Callable, axis_name: str = PMAP_AXIS, **kwargs
     def wrapped(state, batch):
         return step(state, batch, step_rng(state), axis_name=axis_name, **kwargs)
     return jax.pmap(wrapped, axis_name=axis_name, donate_argnums=0)
+
+
+MESH_AXIS = "data"
+
+
+def make_mesh(devices=None) -> jax.sharding.Mesh:
+    """A one-axis mesh ('data') over `devices` (default: every device of every process)."""
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    return jax.sharding.Mesh(devices, (MESH_AXIS,))
+
+
+def fsdp_spec(x, n: int) -> jax.sharding.PartitionSpec:
+    """How FSDP splits one array over `n` devices: its largest axis that `n` divides (the first of
+    equals), or nothing (replicated) when none does, or when it is a scalar or small."""
+    P = jax.sharding.PartitionSpec
+    shape = np.shape(x)
+    if not shape or np.prod(shape) < 4 * n:
+        return P()
+    fits = [i for i, d in enumerate(shape) if d % n == 0]
+    if not fits:
+        return P()
+    axis = max(fits, key=lambda i: (shape[i], -i))
+    return P(*(MESH_AXIS if i == axis else None for i in range(len(shape))))
+
+
+def state_shardings(state, mesh, fsdp: bool = False):
+    """The sharding of every leaf of `state` on `mesh`: replicated, or with `fsdp` the parameters,
+    the optimizer state and any other float arrays (an EMA) split by `fsdp_spec`."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    if not fsdp:
+        return jax.tree_util.tree_map(lambda _: replicated, state)
+    n = mesh.devices.size
+    split = lambda x: jax.sharding.NamedSharding(mesh, fsdp_spec(x, n))  # noqa: E731
+    shardings = jax.tree_util.tree_map(split, state)
+    return shardings.replace(step=replicated, rng=replicated, constants=jax.tree_util.tree_map(
+        lambda _: replicated, state.constants))
+
+
+def mesh_train_step(step: Callable, mesh: jax.sharding.Mesh, state_sharding, **kwargs) -> Callable:
+    """(state, global batch) -> (state, metrics) under `jax.jit` on `mesh`: the batch split over
+    the 'data' axis, the state as `state_sharding` says (replicated, or FSDP). The step runs as
+    written for one device, on the global batch: XLA partitions it and adds the reductions, so no
+    `axis_name` (and no pmean) is involved and the result is jit's on the whole batch. The state is
+    donated."""
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(MESH_AXIS))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def wrapped(state, batch):
+        return step(state, batch, step_rng(state), **kwargs)
+    return jax.jit(wrapped, in_shardings=(state_sharding, batch_sharding),
+                   out_shardings=(state_sharding, replicated), donate_argnums=0)
+
+
+def put_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:
+    """A host's share of a global batch -> global arrays split over the mesh's 'data' axis (each
+    process passes its own rows; `jax.make_array_from_process_local_data` puts them together)."""
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(MESH_AXIS))
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def put_state(state, shardings):
+    """`state` placed as `shardings` say, on fresh buffers (a replicated `device_put` may share the
+    source's buffer, and the step donates it)."""
+    return jax.device_put(jax.tree_util.tree_map(jnp.copy, state), shardings)
 
 
 def replicate(tree, devices=None):
