@@ -57,6 +57,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--recipe", action="append", default=[], metavar="KEY=VALUE",
                    help="override another key of the preset's recipe, e.g. --recipe num_samples=16")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    g = p.add_argument_group("several processes (jax.distributed; or JAX_COORDINATOR_ADDRESS, "
+                             "JAX_NUM_PROCESSES, JAX_PROCESS_ID)")
+    g.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address, the same for all")
+    g.add_argument("--num-processes", type=int, help="how many processes take part")
+    g.add_argument("--process-id", type=int, help="this process's id, 0 .. N-1")
+    g.add_argument("--distributed-timeout", type=float, default=120.0,
+                   help="seconds to wait for every process to arrive (then exit status 3)")
     return p.parse_args(argv)
 
 
@@ -84,6 +91,18 @@ def _patient_cpu_collectives():
 def main(argv=None) -> int:
     args = parse_args(argv)
     _patient_cpu_collectives()
+    from train import distributed
+    try:
+        peers = (dict(coordinator=args.coordinator, num_processes=args.num_processes,
+                      process_id=args.process_id)
+                 if args.coordinator or args.num_processes or args.process_id is not None
+                 else distributed.from_env())
+        distributed.check(**{k: peers.get(k) for k in ("coordinator", "num_processes", "process_id")})
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if peers:
+        distributed.start(**peers, timeout=args.distributed_timeout)
     from train.config import Config
     from train.loop import run
 
@@ -103,6 +122,8 @@ def main(argv=None) -> int:
     except (CheckpointError, ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if not distributed.is_primary():
+        return 0
     _print_results(s)
     print(f"checkpoints: {s['checkpoint_dir']}")
     print(f"metrics:     {s['metrics']}")

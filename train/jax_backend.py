@@ -38,7 +38,15 @@ def checkpoint_tree(state: steps.TrainState) -> dict:
     buffers are donated to the next step."""
     tree = {name: getattr(state, name) for name in _array_fields(state)}
     tree["rng"] = jax.random.key_data(tree["rng"])
-    return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+    return jax.tree_util.tree_map(_host, tree)
+
+
+def _host(x) -> np.ndarray:
+    """A whole array on this host: FSDP shards held by other processes are gathered first."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
 
 
 def from_checkpoint_tree(state: steps.TrainState, tree: dict) -> steps.TrainState:
@@ -99,6 +107,7 @@ class JaxBackend:
         # Fake CPU devices share one small thread pool: a pmap step dispatched while the last one
         # still runs can hold the threads its peers need to reach the all-reduce, and hang.
         self.sync_each_step = self.parallel != "jit" and jax.default_backend() == "cpu"
+        self.first = True
 
     def state_tree(self) -> dict:
         return checkpoint_tree(self.single(self.state))
@@ -114,7 +123,13 @@ class JaxBackend:
         return int(state.step)
 
     def step(self, batch: dict):
-        self.state, metrics = self.step_fn(self.state, self.put(batch))
+        batch = self.put(batch)
+        if self.first and jax.process_count() > 1:
+            from train import distributed
+            self.step_fn = self.step_fn.lower(self.state, batch).compile()
+            distributed.barrier("train_first_step")
+        self.first = False
+        self.state, metrics = self.step_fn(self.state, batch)
         if self.sync_each_step:
             jax.block_until_ready(metrics)
         return metrics
@@ -132,4 +147,6 @@ class JaxBackend:
         return self.task.jax_finish(self.model, self.single(self.state), self.r)
 
     def export(self) -> dict:
-        return self.task.jax_export(self.single(self.state))
+        """Every process gathers the whole state (FSDP shards included); process 0 writes it."""
+        keep = lambda x: x if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else _host(x)  # noqa: E731
+        return self.task.jax_export(jax.tree_util.tree_map(keep, self.single(self.state)))

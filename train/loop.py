@@ -41,9 +41,19 @@ def run(config: Config) -> dict:
     r = resolve(config)
     os.makedirs(r.workdir, exist_ok=True)
     result = train(r, backend_class(config.backend))
-    with open(os.path.join(r.workdir, "summary.json"), "w") as f:
-        json.dump(result, f, indent=2)
+    if _primary(config.backend):
+        with open(os.path.join(r.workdir, "summary.json"), "w") as f:
+            json.dump(result, f, indent=2)
     return result
+
+
+def _primary(backend: str) -> bool:
+    """Whether this process writes the logs, the summary and the export (process 0 of a
+    multi-process run; the only one otherwise)."""
+    if backend != "jax":
+        return True
+    import jax
+    return jax.process_index() == 0
 
 
 def train(r: Run, backend_cls) -> dict:
@@ -66,7 +76,9 @@ def train(r: Run, backend_cls) -> dict:
             ckpt.save(step, backend.state_tree(), {**r.record(), "position": r.position(step)},
                       force=True)
 
-    log = MetricsLog(r.workdir, r.total_steps, start_step, cfg.progress, ("loss", *task.report))
+    primary = _primary(cfg.backend)
+    log = MetricsLog(r.workdir, r.total_steps, start_step, cfg.progress and primary, ("loss", *task.report),
+                     write=primary)
     speed = Throughput()
     step, metrics, last_eval = start_step, None, {}
     try:
@@ -89,7 +101,8 @@ def train(r: Run, backend_cls) -> dict:
         ckpt.close()
         log.close(step)
     extra.update(backend.finish())
-    export = export_weights(cfg.export, backend.export()) if cfg.export else None
+    exported = backend.export() if cfg.export else None
+    export = export_weights(cfg.export, exported) if exported is not None and primary else None
     return summary(
         r, final_metrics=final, eval_metrics=last_eval, extra=extra, step=step,
         throughput=speed.rate(), devices=backend.devices, parallel=backend.parallel,
@@ -133,10 +146,10 @@ class MetricsLog:
     """WORKDIR/metrics.jsonl (appended to, so a resumed run continues it) and the progress bar."""
 
     def __init__(self, workdir: str, total: int, initial: int, progress: bool,
-                 shown: tuple[str, ...] = ("loss", "accuracy", "eval_accuracy")):
+                 shown: tuple[str, ...] = ("loss", "accuracy", "eval_accuracy"), write: bool = True):
         self.shown = (*shown, "examples_per_second")
         self.path = os.path.join(workdir, "metrics.jsonl")
-        self.file = open(self.path, "a")
+        self.file = open(self.path, "a") if write else None
         self.bar = None
         if progress:
             from tqdm import tqdm
@@ -146,8 +159,9 @@ class MetricsLog:
     def write(self, record: dict):
         record = {k: (float(v) if isinstance(v, (np.floating, np.ndarray)) or hasattr(v, "item")
                       else v) for k, v in record.items()}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        if self.file is not None:
+            self.file.write(json.dumps(record) + "\n")
+            self.file.flush()
         if self.bar is not None:
             step = record.get("step", self.last)
             self.bar.update(step - self.last)
@@ -161,7 +175,8 @@ class MetricsLog:
         if self.bar is not None:
             self.bar.update(step - self.last)
             self.bar.close()
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
 
 
 class Throughput:

@@ -229,9 +229,15 @@ def put_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:
 
 
 def put_state(state, shardings):
-    """`state` placed as `shardings` say, on fresh buffers (a replicated `device_put` may share the
-    source's buffer, and the step donates it)."""
-    return jax.device_put(jax.tree_util.tree_map(jnp.copy, state), shardings)
+    """`state` (the same values in every process) placed as `shardings` say, as global arrays built
+    from each process's host copy: fresh buffers, so the step can donate them (a replicated
+    `device_put` may share its source's buffer), and valid when the mesh spans processes."""
+    def put(x, sharding):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(put(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
+        host = np.asarray(jax.device_get(x))
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    return jax.tree_util.tree_map(put, state, shardings)
 
 
 def replicate(tree, devices=None):
