@@ -157,10 +157,14 @@ def time_row(workload, framework: str, warmup: int, repeats: int, max_row_second
     if cuda:
         torch.cuda.reset_peak_memory_stats(workload.device)
     rss_before = _proc_status("VmRSS")
+    from jax_models import compile_cache
+
     runner = workload.runner(framework)
+    hits = compile_cache.stats()["hits"]
     t0 = time.perf_counter()
     runner.first()
     compile_s = time.perf_counter() - t0
+    cache_hit = compile_cache.stats()["hits"] > hits
     for _ in range(warmup):
         runner.step()
     times, start = [], time.perf_counter()
@@ -171,6 +175,8 @@ def time_row(workload, framework: str, warmup: int, repeats: int, max_row_second
         if len(times) >= min(3, repeats) and time.perf_counter() - start > max_row_seconds:
             break
     row = {"compile_s": compile_s, "times_ms": [t * 1e3 for t in times]}
+    if framework == "jax":
+        row["compile_cache"] = "warm" if cache_hit else "cold"
 
     if framework == "jax":
         compiled = runner.info["compiled"]
@@ -232,6 +238,10 @@ def parse_args(argv):
     ap.add_argument("--batch-size", type=int, nargs="+", metavar="B",
                     help="batch sizes (default: each preset's bench_batch, listed below)")
     ap.add_argument("--precision", choices=("fp32", "bf16"), nargs="+", default=["fp32"])
+    ap.add_argument("--compile-cache", metavar="DIR", help="JAX's persistent compilation cache "
+                    "(default: ~/.cache/twin-models/jax, or $TWIN_MODELS_COMPILE_CACHE); a warm cache "
+                    "shortens `compile_s`")
+    ap.add_argument("--no-compile-cache", action="store_true", help="compile every row afresh (cold)")
     ap.add_argument("--frameworks", default="jax,torch",
                     help=f"comma-separated, of {','.join(FRAMEWORKS)} (default: jax,torch)")
     ap.add_argument("--repeats", type=int, default=5, help="timed steps per row (default 5)")
@@ -267,6 +277,9 @@ def parse_args(argv):
 def main(argv=None) -> int:
     a = parse_args(argv)
     import jax  # noqa: F401  (after argparse: --help stays fast)
+
+    from jax_models import compile_cache
+    cache_dir = compile_cache.enable(None if a.no_compile_cache else (a.compile_cache or compile_cache.default_dir()))
     import torch
     from tqdm import tqdm
 
@@ -301,7 +314,8 @@ def main(argv=None) -> int:
                unit="row", dynamic_ncols=True)
     for preset, mode, batch, prec in groups:
         base = {"preset": preset, "mode": mode, "batch_size": batch, "precision": prec,
-                "batch_source": "--batch-size" if a.batch_size else "default table",
+                "batch_source": "--batch-size" if a.batch_size else "the preset's bench_batch",
+                "compile_cache_dir": cache_dir,
                 "device": f"{info['host']}; jax {info['jax_device']}; torch {info['torch_device']}",
                 "versions": {**info["versions"], "torch_threads": torch.get_num_threads(),
                              "jax_default_matmul_precision": info["jax_default_matmul_precision"],

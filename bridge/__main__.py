@@ -15,7 +15,13 @@ def main(argv=None) -> int:
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--tol", type=float, default=None, help="relative tolerance (default 1e-5)")
     v.add_argument("--weights", help="a .safetensors or .pt state_dict to verify instead of a fresh init")
+    v.add_argument("--compile-cache", metavar="DIR", help="JAX's persistent compilation cache "
+                   "(default: ~/.cache/twin-models/jax, or $TWIN_MODELS_COMPILE_CACHE)")
+    v.add_argument("--no-compile-cache", action="store_true")
     args = parser.parse_args(argv)
+
+    from jax_models import compile_cache
+    compile_cache.enable(None if args.no_compile_cache else (args.compile_cache or compile_cache.default_dir()))
 
     from presets import PRESETS
 

@@ -94,3 +94,26 @@ def test_mesh_with_fsdp_trains_resumes_and_exports(tmp_path, capsys):
     rc = main(["vit-digits", *TINY_ARGS, "--fsdp", "--steps", "1", "--no-progress",
                "--workdir", str(tmp_path / "c")])
     assert rc == 2 and "--fsdp shards over a mesh" in capsys.readouterr().err
+
+
+def test_compile_cache_makes_the_second_process_warm(tmp_path):
+    """Two processes with the same --compile-cache: the first compiles the step (cold), the second
+    finds it on disk (warm); --no-compile-cache turns it off. summary.json says which."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    summaries = []
+    for name, cache in (("a", ["--compile-cache", str(tmp_path / "cache")]),
+                        ("b", ["--compile-cache", str(tmp_path / "cache")]), ("c", ["--no-compile-cache"])):
+        done = subprocess.run([sys.executable, "-m", "train", "vit-digits", *TINY_ARGS, "--steps", "1",
+                               "--batch-size", "16", "--no-progress", "--workdir", str(tmp_path / name), *cache],
+                              cwd=root, env={**env, "PYTHONPATH": root}, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        summaries.append(json.loads((tmp_path / name / "summary.json").read_text()))
+    cold, warm, off = summaries
+    print(f"first step's compile: cold {cold['compile_seconds']:.2f} s, warm {warm['compile_seconds']:.2f} s")
+    assert (cold["compile_cache"], warm["compile_cache"], off["compile_cache"]) == ("cold", "warm", "off")
+    assert warm["compile_seconds"] < cold["compile_seconds"]

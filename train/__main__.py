@@ -57,6 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--recipe", action="append", default=[], metavar="KEY=VALUE",
                    help="override another key of the preset's recipe, e.g. --recipe num_samples=16")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--compile-cache", metavar="DIR",
+                   help="JAX's persistent compilation cache (default: ~/.cache/twin-models/jax, or "
+                        "$TWIN_MODELS_COMPILE_CACHE)")
+    p.add_argument("--no-compile-cache", action="store_true", help="compile everything afresh")
     g = p.add_argument_group("several processes (jax.distributed; or JAX_COORDINATOR_ADDRESS, "
                              "JAX_NUM_PROCESSES, JAX_PROCESS_ID)")
     g.add_argument("--coordinator", metavar="HOST:PORT", help="process 0's address, the same for all")
@@ -103,6 +107,9 @@ def main(argv=None) -> int:
         return 2
     if peers:
         distributed.start(**peers, timeout=args.distributed_timeout)
+    from jax_models import compile_cache
+    cache = None if args.no_compile_cache else (args.compile_cache or compile_cache.default_dir())
+    compile_cache.enable(cache)
     from train.config import Config
     from train.loop import run
 

@@ -107,7 +107,30 @@ class JaxBackend:
         # Fake CPU devices share one small thread pool: a pmap step dispatched while the last one
         # still runs can hold the threads its peers need to reach the all-reduce, and hang.
         self.sync_each_step = self.parallel != "jit" and jax.default_backend() == "cpu"
-        self.first = True
+        self.compiled = None   # {'seconds', 'cache'} once the step is compiled
+
+    def compile(self, batch):
+        """The step compiled ahead of time for this state and batch: its compile time and whether
+        the persistent cache held it go into the summary. Several processes then meet at a barrier
+        (their first collective must find every peer within 30 s)."""
+        import time
+
+        from jax_models import compile_cache
+
+        hits, t0 = compile_cache.stats()["hits"], time.perf_counter()
+        compiled = self.step_fn.lower(self.state, batch).compile()
+        self.compiled = {"seconds": time.perf_counter() - t0,
+                         "cache": "warm" if compile_cache.stats()["hits"] > hits else "cold"}
+        if jax.process_count() > 1:
+            from train import distributed
+            distributed.barrier("train_first_step")
+        return compiled
+
+    def info(self) -> dict:
+        """What the summary reports of this backend beyond the task's figures."""
+        return {"compile_seconds": (self.compiled or {}).get("seconds"),
+                "compile_cache": (self.compiled or {}).get("cache") if jax.config.jax_compilation_cache_dir
+                else "off"}
 
     def state_tree(self) -> dict:
         return checkpoint_tree(self.single(self.state))
@@ -124,11 +147,8 @@ class JaxBackend:
 
     def step(self, batch: dict):
         batch = self.put(batch)
-        if self.first and jax.process_count() > 1:
-            from train import distributed
-            self.step_fn = self.step_fn.lower(self.state, batch).compile()
-            distributed.barrier("train_first_step")
-        self.first = False
+        if self.compiled is None:
+            self.step_fn = self.compile(batch)
         self.state, metrics = self.step_fn(self.state, batch)
         if self.sync_each_step:
             jax.block_until_ready(metrics)

@@ -11,6 +11,7 @@ resume, metrics, progress, the final evaluation, export and summary; a backend i
     step(batch)             one update on a host batch; returns metrics (maybe still on device)
     read(metrics)           those metrics as floats
     evaluate() / finish()   the task's evaluation / its work after the last step (summary entries)
+    info()                  the backend's own summary entries (the step's compile time, cache)
     export()                the torch-keyed state dict `--export` writes
     parallel, devices       for the summary
 """
@@ -101,6 +102,7 @@ def train(r: Run, backend_cls) -> dict:
         ckpt.close()
         log.close(step)
     extra.update(backend.finish())
+    extra.update(backend.info())
     exported = backend.export() if cfg.export else None
     export = export_weights(cfg.export, exported) if exported is not None and primary else None
     return summary(

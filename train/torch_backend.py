@@ -154,6 +154,9 @@ class TorchBackend:
         self.r, self.task = r, r.task
         self.trainer = build(r)
 
+    def info(self) -> dict:
+        return {}
+
     def state_tree(self) -> dict:
         return self.trainer.state_tree()
 
