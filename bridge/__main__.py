@@ -15,6 +15,9 @@ def main(argv=None) -> int:
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--tol", type=float, default=None, help="relative tolerance (default 1e-5)")
     v.add_argument("--weights", help="a .safetensors or .pt state_dict to verify instead of a fresh init")
+    v.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                   help="bf16: what bfloat16 costs per layer, each backend against its own fp32 and "
+                        "against the other (torch under autocast, Flax with bf16 params, as the trainer)")
     v.add_argument("--compile-cache", metavar="DIR", help="JAX's persistent compilation cache "
                    "(default: ~/.cache/twin-models/jax, or $TWIN_MODELS_COMPILE_CACHE)")
     v.add_argument("--no-compile-cache", action="store_true")
@@ -31,8 +34,10 @@ def main(argv=None) -> int:
     from .verify import FORWARD_TOL, verify
 
     state_dict = load_state_dict(args.weights) if args.weights else None
-    report = verify(args.preset, args.batch_size, args.seed, args.tol or FORWARD_TOL, state_dict)
+    report = verify(args.preset, args.batch_size, args.seed, args.tol or FORWARD_TOL, state_dict, args.precision)
     print(report.table())
+    if args.precision == "bf16":
+        return 0 if report.finite else 1
     return 0 if report.ok else 1
 
 
