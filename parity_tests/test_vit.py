@@ -10,6 +10,7 @@ import bridge
 import jax
 import jax.numpy as jnp
 import jax_models
+import jax_models.layers
 import torch_reference
 from bridge.verify import build_twins
 from parity_tests import harness, source_architectures, source_multimodal
