@@ -238,6 +238,8 @@ def parse_args(argv):
     ap.add_argument("--batch-size", type=int, nargs="+", metavar="B",
                     help="batch sizes (default: each preset's bench_batch, listed below)")
     ap.add_argument("--precision", choices=("fp32", "bf16"), nargs="+", default=["fp32"])
+    ap.add_argument("--attention-impl", choices=("xla", "fused", "cudnn"), default="xla",
+                    help="the JAX models' attention kernel (cudnn: a GPU's, sequences padded to 16)")
     ap.add_argument("--compile-cache", metavar="DIR", help="JAX's persistent compilation cache "
                     "(default: ~/.cache/twin-models/jax, or $TWIN_MODELS_COMPILE_CACHE); a warm cache "
                     "shortens `compile_s`")
@@ -314,6 +316,7 @@ def main(argv=None) -> int:
                unit="row", dynamic_ncols=True)
     for preset, mode, batch, prec in groups:
         base = {"preset": preset, "mode": mode, "batch_size": batch, "precision": prec,
+                "attention_impl": a.attention_impl,
                 "batch_source": "--batch-size" if a.batch_size else "the preset's bench_batch",
                 "compile_cache_dir": cache_dir,
                 "device": f"{info['host']}; jax {info['jax_device']}; torch {info['torch_device']}",
@@ -324,7 +327,8 @@ def main(argv=None) -> int:
                 "peak_flops_by_framework": peaks[prec]}
         bar.set_description(f"{preset} {mode} b{batch} {prec} (check)")
         try:
-            workload = build_workload(preset, mode, batch, prec, seed=a.seed, device=str(device))
+            workload = build_workload(preset, mode, batch, prec, seed=a.seed, device=str(device),
+                                      attention_impl=a.attention_impl)
             base["task"] = workload.preset.task
             base["forward_tol"] = TOLERANCE[prec]
             base["forward_rel_err"] = workload.check()

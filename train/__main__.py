@@ -26,6 +26,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--parallel", choices=("jit", "pmap", "mesh"), default="jit",
                    help="jax only: jit on one device, pmap over the local devices, or jit over a "
                         "mesh of every device (the batch split over it)")
+    p.add_argument("--attention-impl", choices=("xla", "fused", "cudnn"), default="xla",
+                   help="jax only: the attention kernel (cudnn: a GPU's fused kernel, sequences padded "
+                        "to a multiple of 16)")
     p.add_argument("--fsdp", action="store_true",
                    help="with --parallel mesh: shard parameters and optimizer state over the devices")
     g = p.add_mutually_exclusive_group()
@@ -122,7 +125,8 @@ def main(argv=None) -> int:
         keep=args.keep, resume=args.resume, export=args.export, log_every=args.log_every,
         eval_every=args.eval_every, model_overrides=_overrides(args.set, "--set"),
         recipe_overrides=_overrides(args.recipe, "--recipe"),
-        progress=not args.no_progress, precision=args.precision, fsdp=args.fsdp)
+        progress=not args.no_progress, precision=args.precision, fsdp=args.fsdp,
+        attention_impl=args.attention_impl)
     from train.checkpoint import CheckpointError
     try:
         s = run(config)

@@ -25,6 +25,7 @@ class Config:
     backend: str = "jax"                # jax | torch
     parallel: str = "jit"               # jit | pmap | mesh (jax only)
     fsdp: bool = False                  # mesh: shard params and optimizer state over the devices
+    attention_impl: str = "xla"         # jax: xla | fused | cudnn (layers.attend)
     steps: int | None = None            # total updates; else epochs * steps per epoch
     epochs: int | None = None
     batch_size: int | None = None       # global, over all devices and hosts
@@ -123,6 +124,10 @@ def resolve(config: Config) -> Run:
             raise ValueError(f"--{name} must be one of {', '.join(allowed)}, not {value!r}")
     if config.backend == "torch" and config.parallel != "jit":
         raise ValueError(f"--parallel {config.parallel} is for --backend jax")
+    from jax_models.layers import ATTENTION_IMPLS
+    if config.attention_impl not in ATTENTION_IMPLS:
+        raise ValueError(f"--attention-impl must be one of {', '.join(ATTENTION_IMPLS)}, not "
+                         f"{config.attention_impl!r}")
     if config.fsdp and config.parallel != "mesh":
         raise ValueError("--fsdp shards over a mesh: pass --parallel mesh")
     if config.steps is not None and config.epochs is not None:

@@ -19,7 +19,7 @@ from train.tasks import init_variables
 def make_state(r: Run):
     """The state at step 0; under bf16 its `apply_fn` computes in bfloat16 over float32 master
     weights."""
-    model, variables, train_key = init_variables(r.task, r.preset, r.config.seed)
+    model, variables, train_key = init_variables(r.task, r.preset, r.config.seed, r.config.attention_impl)
     tx = steps.make_optimizer(r.schedule, r.recipe["weight_decay"], r.recipe["grad_clip"],
                               variables["params"])
     state = r.task.create_state(model, variables, tx, train_key)
@@ -61,7 +61,7 @@ class JaxBackend:
 
     def __init__(self, r: Run):
         self.r, self.task = r, r.task
-        self.model = self.task.flax_model(r.preset)
+        self.model = self.task.flax_model(r.preset, r.config.attention_impl)
         state = make_state(r)
         self.parallel = r.config.parallel
         batch_size, processes = r.recipe["batch_size"], jax.process_count()

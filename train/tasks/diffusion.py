@@ -27,13 +27,14 @@ class DiffusionState(steps.TrainState):
     ema_params: Any = None
 
 
-def build(preset):
+def build(preset, attention_impl: str = "xla"):
     """The Flax `DDPM` of a diffusion preset: the preset's U-Net inside the recipe's schedule."""
     import jax_models
     from jax_models.ddpm import DDPM
 
     r = preset.train
-    return DDPM(jax_models.create_model(preset), r["timesteps"], r["beta_start"], r["beta_end"])
+    return DDPM(jax_models.create_model(preset, attention_impl=attention_impl), r["timesteps"],
+                r["beta_start"], r["beta_end"])
 
 
 def create_state(model, variables: dict, tx: optax.GradientTransformation, rng: jax.Array
@@ -151,8 +152,8 @@ class Diffusion(Task):
     report = ("digit_check",)
     eval_by_default = False
 
-    def flax_model(self, preset):
-        return build(preset)
+    def flax_model(self, preset, attention_impl: str = "xla"):
+        return build(preset, attention_impl)
 
     def init_args(self, preset) -> tuple:
         x = np.zeros((1, *preset.input_shape_nhwc), np.float32)
