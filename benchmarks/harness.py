@@ -238,6 +238,9 @@ def parse_args(argv):
     ap.add_argument("--batch-size", type=int, nargs="+", metavar="B",
                     help="batch sizes (default: each preset's bench_batch, listed below)")
     ap.add_argument("--precision", choices=("fp32", "bf16"), nargs="+", default=["fp32"])
+    ap.add_argument("--peak-flops", type=float, metavar="FLOP/S",
+                    help="the peak that peak_fraction (MFU) divides by, e.g. 989e12 for an H100/H200's "
+                         "dense bf16 (default: the best large matmul measured at start)")
     ap.add_argument("--attention-impl", choices=("xla", "fused", "cudnn"), default="xla",
                     help="the JAX models' attention kernel (cudnn: a GPU's, sequences padded to 16)")
     ap.add_argument("--compile-cache", metavar="DIR", help="JAX's persistent compilation cache "
@@ -323,7 +326,9 @@ def main(argv=None) -> int:
                 "versions": {**info["versions"], "torch_threads": torch.get_num_threads(),
                              "jax_default_matmul_precision": info["jax_default_matmul_precision"],
                              "torch_allow_tf32": info["torch_allow_tf32"]},
-                "date": info["date"], "peak_flops": max(peaks[prec].values()),
+                "date": info["date"],
+                "peak_flops": a.peak_flops or max(peaks[prec].values()),
+                "peak_source": "--peak-flops (the device's datasheet)" if a.peak_flops else "measured matmul",
                 "peak_flops_by_framework": peaks[prec]}
         bar.set_description(f"{preset} {mode} b{batch} {prec} (check)")
         try:
