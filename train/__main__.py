@@ -60,6 +60,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--recipe", action="append", default=[], metavar="KEY=VALUE",
                    help="override another key of the preset's recipe, e.g. --recipe num_samples=16")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--max-bad-steps", type=int, default=5,
+                   help="stop (exit status 4) after this many steps in a row whose loss or gradients "
+                        "are not finite; each is skipped, the weights untouched")
     p.add_argument("--compile-cache", metavar="DIR",
                    help="JAX's persistent compilation cache (default: ~/.cache/twin-models/jax, or "
                         "$TWIN_MODELS_COMPILE_CACHE)")
@@ -126,10 +129,14 @@ def main(argv=None) -> int:
         eval_every=args.eval_every, model_overrides=_overrides(args.set, "--set"),
         recipe_overrides=_overrides(args.recipe, "--recipe"),
         progress=not args.no_progress, precision=args.precision, fsdp=args.fsdp,
-        attention_impl=args.attention_impl)
+        attention_impl=args.attention_impl, max_bad_steps=args.max_bad_steps)
     from train.checkpoint import CheckpointError
+    from train.loop import NonFiniteError
     try:
         s = run(config)
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
     except (CheckpointError, ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -157,8 +164,9 @@ def _print_results(s: dict):
         print(f"{name} {value}" + (f" ({s['eval_examples']} images)" if "eval_examples" in s
                                     and key == "eval_accuracy" else ""))
     loss = s["final_loss"]
+    rate = s["examples_per_second"]
     print(f"final train loss {loss if loss is None else round(loss, 4)}, {s['steps']} steps, "
-          f"{s['examples_per_second']:.0f} examples/s, {s['backend']} {s['parallel']} "
+          f"{'n/a' if rate is None else f'{rate:.0f}'} examples/s, {s['backend']} {s['parallel']} "
           f"{s['precision']} on {s['devices']} device(s), {s['wall_seconds']:.1f} s")
     for key in ("samples", "grid", "tokenizer"):
         if key in s:

@@ -26,6 +26,7 @@ class Config:
     parallel: str = "jit"               # jit | pmap | mesh (jax only)
     fsdp: bool = False                  # mesh: shard params and optimizer state over the devices
     attention_impl: str = "xla"         # jax: xla | fused | cudnn (layers.attend)
+    max_bad_steps: int = 5              # stop after this many non-finite steps in a row
     steps: int | None = None            # total updates; else epochs * steps per epoch
     epochs: int | None = None
     batch_size: int | None = None       # global, over all devices and hosts
@@ -124,6 +125,8 @@ def resolve(config: Config) -> Run:
             raise ValueError(f"--{name} must be one of {', '.join(allowed)}, not {value!r}")
     if config.backend == "torch" and config.parallel != "jit":
         raise ValueError(f"--parallel {config.parallel} is for --backend jax")
+    if config.max_bad_steps < 1:
+        raise ValueError(f"--max-bad-steps must be at least 1, not {config.max_bad_steps}")
     from jax_models.layers import ATTENTION_IMPLS
     if config.attention_impl not in ATTENTION_IMPLS:
         raise ValueError(f"--attention-impl must be one of {', '.join(ATTENTION_IMPLS)}, not "

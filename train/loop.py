@@ -42,10 +42,22 @@ def run(config: Config) -> dict:
     r = resolve(config)
     os.makedirs(r.workdir, exist_ok=True)
     result = train(r, backend_class(config.backend))
+    result = strict_json(result)
     if _primary(config.backend):
         with open(os.path.join(r.workdir, "summary.json"), "w") as f:
-            json.dump(result, f, indent=2)
+            json.dump(result, f, indent=2, allow_nan=False)
     return result
+
+
+def strict_json(x):
+    """`x` with every non-finite float (NaN, inf) as None: JSON allows no NaN."""
+    if isinstance(x, dict):
+        return {k: strict_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [strict_json(v) for v in x]
+    if isinstance(x, float) and not np.isfinite(x):
+        return None
+    return x
 
 
 def _primary(backend: str) -> bool:
@@ -67,8 +79,8 @@ def train(r: Run, backend_cls) -> dict:
     with closing_on_error(ckpt):
         if cfg.resume:
             tree, meta = ckpt.restore(backend.state_tree(), r.record())
-            start_step = backend.load_state_tree(tree)
-            check_position(r, meta, start_step)
+            backend.load_state_tree(tree)
+            start_step = check_position(r, meta)
         else:
             check_fresh(ckpt)
 
@@ -81,19 +93,27 @@ def train(r: Run, backend_cls) -> dict:
     log = MetricsLog(r.workdir, r.total_steps, start_step, cfg.progress and primary, ("loss", *task.report),
                      write=primary)
     speed = Throughput()
+    guard = NonFiniteGuard(cfg.max_bad_steps, ckpt)
     step, metrics, last_eval = start_step, None, {}
     try:
         for step, batch in r.batches_from(start_step):
+            previous = metrics
             metrics = backend.step(task.batch(batch, step, r))
+            if previous is not None:   # a step behind: its metrics are ready by now
+                guard.account(backend.read(previous), step)
             speed.tick(r.recipe["batch_size"])
             done = step + 1
             if done % cfg.log_every == 0 or done == r.total_steps:
                 log.write({"step": done, "epoch": done / r.steps_per_epoch, **backend.read(metrics),
-                           "lr": r.lr(step), "examples_per_second": speed.window_rate()})
+                           "lr": r.lr(step), "nonfinite_steps": guard.total + int(
+                               backend.read(metrics).get("nonfinite", 0)),
+                           "examples_per_second": speed.window_rate()})
             if r.eval_every and done % r.eval_every == 0 and done != r.total_steps:
                 log.write({"step": done, **backend.evaluate()})
             save(done)
             step = done
+        if metrics is not None:
+            guard.account(backend.read(metrics), step)
         final = backend.read(metrics) if metrics is not None else None
         last_eval = backend.evaluate()
         log.write({"step": step, **last_eval})
@@ -103,6 +123,7 @@ def train(r: Run, backend_cls) -> dict:
         log.close(step)
     extra.update(backend.finish())
     extra.update(backend.info())
+    extra["nonfinite_steps"] = guard.total
     exported = backend.export() if cfg.export else None
     export = export_weights(cfg.export, exported) if exported is not None and primary else None
     return summary(
@@ -124,10 +145,43 @@ def check_fresh(ckpt: Checkpoints):
                               "--workdir")
 
 
-def check_position(r: Run, meta: dict, step: int):
-    if meta.get("position") != r.position(step):
-        raise CheckpointError(f"checkpoint at step {step} records data position "
-                              f"{meta.get('position')}, expected {r.position(step)}")
+def check_position(r: Run, meta: dict) -> int:
+    """The step (data position) a checkpoint continues from; its epoch and batch must be this
+    run's for that step. (The optimizer's own count may be lower: skipped non-finite steps.)"""
+    position = meta.get("position") or {}
+    step = position.get("step")
+    if not isinstance(step, int) or position != r.position(step):
+        raise CheckpointError(f"checkpoint records data position {position or None}, which this run "
+                              f"does not have (expected {r.position(step) if isinstance(step, int) else 'a step'})")
+    return step
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+class NonFiniteGuard:
+    """Counts steps whose loss or gradients were not finite (the backends skip them: nothing
+    changes) and stops the run after `limit` in a row, naming the last good checkpoint."""
+
+    def __init__(self, limit: int, ckpt: Checkpoints):
+        self.limit, self.ckpt = limit, ckpt
+        self.in_row = self.total = 0
+
+    def account(self, metrics: dict, step: int):
+        if not metrics.get("nonfinite"):
+            self.in_row = 0
+            return
+        self.in_row += 1
+        self.total += 1
+        if self.in_row >= self.limit:
+            latest = self.ckpt.latest_step()
+            where = (f"the last checkpoint, {os.path.join(self.ckpt.directory, str(latest))}, holds the last "
+                     f"good weights (--resume continues from it)" if latest is not None else
+                     "no checkpoint was written yet")
+            raise NonFiniteError(f"stopped at step {step}: the loss or the gradients were not finite in "
+                                 f"{self.in_row} steps in a row (--max-bad-steps {self.limit}); each was "
+                                 f"skipped, nothing non-finite was saved; {where}. Lower --lr or check the data")
 
 
 @contextlib.contextmanager
@@ -159,10 +213,10 @@ class MetricsLog:
         self.last = initial
 
     def write(self, record: dict):
-        record = {k: (float(v) if isinstance(v, (np.floating, np.ndarray)) or hasattr(v, "item")
-                      else v) for k, v in record.items()}
+        record = strict_json({k: (float(v) if isinstance(v, (np.floating, np.ndarray)) or hasattr(v, "item")
+                                  else v) for k, v in record.items()})
         if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
+            self.file.write(json.dumps(record, allow_nan=False) + "\n")
             self.file.flush()
         if self.bar is not None:
             step = record.get("step", self.last)

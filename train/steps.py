@@ -131,7 +131,9 @@ def gradient_step(state: TrainState, loss_fn: Callable, rng: jax.Array,
 
     Under pmap (`axis_name` set) each device folds its index into `rng` (its own dropout and
     noise draws), and gradients and metrics are averaged over the axis with `lax.pmean`.
-    Returns the new state and the metrics with 'loss' and 'grad_norm' (after averaging)."""
+    A step whose loss or gradients are not finite changes nothing: the parameters, optimizer
+    state and step count come back bit for bit as they were, and `metrics['nonfinite']` is 1.
+    Returns the new state and the metrics with 'loss', 'grad_norm' and 'nonfinite'."""
     if axis_name is not None:
         rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, rng)
@@ -140,7 +142,20 @@ def gradient_step(state: TrainState, loss_fn: Callable, rng: jax.Array,
         grads = jax.lax.pmean(grads, axis_name)
         metrics = jax.lax.pmean(metrics, axis_name)
     metrics["grad_norm"] = optax.tree.norm(grads)
-    return state.apply_gradients(grads=grads), metrics
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    new = state.apply_gradients(grads=grads)
+    keep = lambda a, b: jax.tree_util.tree_map(lambda x, y: jnp.where(finite, x, y), a, b)  # noqa: E731
+    new = new.replace(params=keep(new.params, state.params), opt_state=keep(new.opt_state, state.opt_state),
+                      step=jnp.where(finite, new.step, state.step))
+    metrics["nonfinite"] = (~finite).astype(jnp.int32)
+    return new, metrics
+
+
+def where_finite(metrics: dict, new, old):
+    """`new` after a finite step, `old` after a skipped one (for what a task updates itself after
+    `gradient_step`: an EMA, a clamp)."""
+    ok = metrics["nonfinite"] == 0
+    return jax.tree_util.tree_map(lambda x, y: jnp.where(ok, x, y), new, old)
 
 
 # ---------------------------------------------------------------------------------------------

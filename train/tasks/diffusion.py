@@ -65,7 +65,7 @@ def diffusion_step(state: DiffusionState, batch: dict, rng: jax.Array, *, timest
 
     new, metrics = steps.gradient_step(state, loss_fn, rng, axis_name)
     ema = optax.incremental_update(new.params, state.ema_params, steps.ema_step_size(state.step, ema_decay))
-    return new.replace(ema_params=ema), metrics
+    return new.replace(ema_params=steps.where_finite(metrics, ema, state.ema_params)), metrics
 
 
 def sampler(preset, num_samples: int, ddim_steps: int | None = None):
