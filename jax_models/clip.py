@@ -64,7 +64,8 @@ class TextTransformer(nn.Module):
     """CLIP's text tower: (B, L <= context_length) token ids -> (B, width), the final-LayerNorm
     feature at the end-of-text token (the largest id in each row, as in CLIP); with
     `return_tokens=True` every position's feature (B, L, width). Attention is causal, so padding
-    after the end-of-text token never reaches the tokens before it."""
+    after the end-of-text token never reaches the tokens before it. `qkv_bias`, `norm_eps` (every
+    LayerNorm) and `act` (the MLPs' activation) as in `VisionTransformer`."""
     vocab_size: int = 49408
     context_length: int = 77
     width: int = 512
@@ -73,6 +74,9 @@ class TextTransformer(nn.Module):
     mlp_ratio: float = 4
     dropout: float = 0.0
     attention_impl: str = "xla"
+    qkv_bias: bool = False
+    norm_eps: float = LN_EPS
+    act: str = "gelu"
 
     @property
     def embed_dim(self) -> int:
@@ -95,23 +99,25 @@ class TextTransformer(nn.Module):
         mask = jnp.tril(jnp.ones((L, L), bool))
         for i in range(self.layers):
             x = TransformerBlock(self.width, self.heads, self.mlp_ratio, self.dropout, self.attention_impl,
-                                 name=f"blocks_{i}")(x, mask, train=train)
-        x = nn.LayerNorm(epsilon=LN_EPS, name="ln_final")(x)
+                                 self.qkv_bias, self.norm_eps, self.act, name=f"blocks_{i}")(x, mask, train=train)
+        x = nn.LayerNorm(epsilon=self.norm_eps, name="ln_final")(x)
         if return_tokens:
             return x
         return x[jnp.arange(x.shape[0]), jnp.argmax(text, axis=-1)]
 
 
 class CLIPModel(nn.Module):
-    """The first source's CLIP; `image_encoder` and `text_encoder` are unbound Flax modules."""
+    """The first source's CLIP; `image_encoder` and `text_encoder` are unbound Flax modules.
+    `projection_bias=False`: projections without bias (CLIP's own, in open_clip and Hugging Face)."""
     image_encoder: nn.Module
     text_encoder: nn.Module
     embed_dim: int = 512
     temperature: float = 0.07
+    projection_bias: bool = True
 
     def setup(self):
-        self.image_projection = nn.Dense(self.embed_dim, kernel_init=torch_linear_init)
-        self.text_projection = nn.Dense(self.embed_dim, kernel_init=torch_linear_init)
+        self.image_projection = nn.Dense(self.embed_dim, use_bias=self.projection_bias, kernel_init=torch_linear_init)
+        self.text_projection = nn.Dense(self.embed_dim, use_bias=self.projection_bias, kernel_init=torch_linear_init)
         init = np.float32(np.log(1 / self.temperature))
         self.logit_scale = self.param("logit_scale", lambda _: jnp.asarray(init))
 

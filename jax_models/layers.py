@@ -51,6 +51,29 @@ def _gelu_bwd(x, g):
 gelu.defvjp(_gelu_fwd, _gelu_bwd)
 
 
+def quick_gelu(x):
+    """x * sigmoid(1.702 x): the GELU approximation of OpenAI's CLIP (`act="quick_gelu"`)."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+class QuickGELU(nn.Module):
+    """Twin of torch's `layers.QuickGELU` (the models call `quick_gelu` through `activation`)."""
+
+    def __call__(self, x):
+        return quick_gelu(x)
+
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
+
+
+def activation(act: str):
+    """The activation function named `act`: "gelu" (exact, erf; torch's default), "gelu_tanh"
+    (tanh approximation) or "quick_gelu"."""
+    if act not in ACTIVATIONS:
+        raise ValueError(f"activation {act!r} is not one of {ACTIVATIONS}")
+    return {"gelu": gelu, "gelu_tanh": partial(nn.gelu, approximate=True), "quick_gelu": quick_gelu}[act]
+
+
 def check_images(x: jax.Array, image_size: int, in_channels: int, owner: str) -> None:
     """Raise a ValueError naming what `owner` expects when `x` is not (B, H, W, C) floats."""
     expected = f"(B, {image_size}, {image_size}, {in_channels}) floating-point images (NHWC)"
@@ -74,11 +97,12 @@ class _ConvThenFlatten(nn.Module):
     """The first source's `nn.Sequential(Conv2d, Rearrange)`: the conv is child '0'."""
     embed_dim: int
     patch_size: int
+    bias: bool = True
 
     @nn.compact
     def __call__(self, x):
         p = self.patch_size
-        x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID",
+        x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", use_bias=self.bias,
                     kernel_init=torch_linear_init, name="0")(x)
         return x.reshape(x.shape[0], -1, x.shape[-1])
 
@@ -87,12 +111,14 @@ class PatchEmbedding(nn.Module):
     """Non-overlapping patches -> tokens: (B, H, W, C) -> (B, (H/p)*(W/p), embed_dim).
 
     `rearrange=True`: the first source's layout (`projection/0` is the conv); False: the second's.
+    `bias=False`: a conv without bias (CLIP's, in open_clip and Hugging Face).
     """
     image_size: int = 224
     patch_size: int = 16
     in_channels: int = 3
     embed_dim: int = 768
     rearrange: bool = True
+    bias: bool = True
 
     @property
     def num_patches(self) -> int:
@@ -105,8 +131,8 @@ class PatchEmbedding(nn.Module):
         check_images(x, self.image_size, self.in_channels, type(self).__name__)
         p = self.patch_size
         if self.rearrange:
-            return _ConvThenFlatten(self.embed_dim, p, name="projection")(x)
-        x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID",
+            return _ConvThenFlatten(self.embed_dim, p, self.bias, name="projection")(x)
+        x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", use_bias=self.bias,
                     kernel_init=torch_linear_init, name="projection")(x)
         return x.reshape(x.shape[0], -1, x.shape[-1])
 
@@ -187,17 +213,19 @@ def _fused_attend(q, k, v, scale, bias, mask, implementation, pad_to: int | None
 
 
 class Mlp(nn.Module):
-    """Dense -> GELU -> Dropout -> Dense -> Dropout, children '0' and '3' as in torch's nn.Sequential."""
+    """Dense -> GELU -> Dropout -> Dense -> Dropout, children '0' and '3' as in torch's nn.Sequential.
+    `act` names the activation (`activation`): exact GELU by default."""
     in_features: int
     hidden_features: int
     out_features: int | None = None
     dropout: float = 0.0
     kernel_init: Any = torch_linear_init
+    act: str = "gelu"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
         x = nn.Dense(self.hidden_features, kernel_init=self.kernel_init, name="0")(x)
-        x = gelu(x)
+        x = activation(self.act)(x)
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
         x = nn.Dense(self.out_features or self.in_features, kernel_init=self.kernel_init, name="3")(x)
         return nn.Dropout(self.dropout)(x, deterministic=not train)

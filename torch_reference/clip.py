@@ -76,17 +76,19 @@ class TextTransformer(nn.Module):
     feature at the end-of-text token (the largest id in each row, as in CLIP); with
     `return_tokens=True` every position's feature (B, L, width). Pre-norm blocks with a causal
     mask (padding after the end-of-text token never reaches the tokens before it), token and
-    learned position embeddings."""
+    learned position embeddings. `qkv_bias`, `norm_eps` (every LayerNorm) and `act` (the MLPs'
+    activation) as in `VisionTransformer`."""
 
     def __init__(self, vocab_size=49408, context_length=77, width=512, layers=12, heads=8,
-                 mlp_ratio=4, dropout=0.0):
+                 mlp_ratio=4, dropout=0.0, qkv_bias=False, norm_eps=1e-5, act="gelu"):
         super().__init__()
         self.context_length = context_length
         self.embed_dim = self.output_dim = width
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
-        self.blocks = nn.ModuleList([TransformerBlock(width, heads, mlp_ratio, dropout) for _ in range(layers)])
-        self.ln_final = nn.LayerNorm(width)
+        self.blocks = nn.ModuleList([TransformerBlock(width, heads, mlp_ratio, dropout, qkv_bias, norm_eps, act)
+                                     for _ in range(layers)])
+        self.ln_final = nn.LayerNorm(width, eps=norm_eps)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         for m in self.blocks.modules():
@@ -112,15 +114,16 @@ class TextTransformer(nn.Module):
 
 class CLIPModel(nn.Module):
     """The first source's CLIP: `forward(image, text)` -> (logits_per_image (B, B'),
-    logits_per_text (B', B)), scaled cosine similarities; `contrastive_loss(image, text)`."""
+    logits_per_text (B', B)), scaled cosine similarities; `contrastive_loss(image, text)`.
+    `projection_bias=False`: projections without bias (CLIP's own, in open_clip and Hugging Face)."""
 
-    def __init__(self, image_encoder, text_encoder, embed_dim=512, temperature=0.07):
+    def __init__(self, image_encoder, text_encoder, embed_dim=512, temperature=0.07, projection_bias=True):
         super().__init__()
         self.image_encoder = image_encoder
         self.text_encoder = text_encoder
         self.temperature = temperature
-        self.image_projection = nn.Linear(feature_width(image_encoder), embed_dim)
-        self.text_projection = nn.Linear(feature_width(text_encoder), embed_dim)
+        self.image_projection = nn.Linear(feature_width(image_encoder), embed_dim, bias=projection_bias)
+        self.text_projection = nn.Linear(feature_width(text_encoder), embed_dim, bias=projection_bias)
         self.logit_scale = nn.Parameter(torch.ones([]) * np.log(1 / temperature))
 
     def encode_image(self, image):

@@ -39,9 +39,10 @@ class PatchEmbedding(nn.Module):
 
     `rearrange=True` is the first source's layout (`projection.0` is the conv, followed by a
     Rearrange); `rearrange=False` is the second's (`projection` is the conv, flattened in forward).
+    `bias=False`: a conv without bias (CLIP's, in open_clip and Hugging Face).
     """
 
-    def __init__(self, image_size=224, patch_size=16, in_channels=3, embed_dim=768, rearrange=True):
+    def __init__(self, image_size=224, patch_size=16, in_channels=3, embed_dim=768, rearrange=True, bias=True):
         super().__init__()
         self.image_size = image_size
         self.patch_size = patch_size
@@ -49,7 +50,7 @@ class PatchEmbedding(nn.Module):
         self.num_patches = (image_size // patch_size) ** 2
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
-        conv = nn.Conv2d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size)
+        conv = nn.Conv2d(in_channels, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
         self.projection = nn.Sequential(conv, FlattenPatches()) if rearrange else conv
 
     def forward(self, x):
@@ -71,13 +72,35 @@ def attend(q, k, v, scale, bias=None, mask=None, dropout=None):
     return attn @ v
 
 
-class Mlp(nn.Sequential):
-    """Linear -> GELU -> Dropout -> Linear -> Dropout, keyed `0` and `3` like the sources' nn.Sequential."""
+class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x): the GELU approximation of OpenAI's CLIP (`act="quick_gelu"`)."""
 
-    def __init__(self, in_features, hidden_features, out_features=None, dropout=0.0):
+    def __init__(self):
+        super().__init__()
+
+    def forward(self, x):
+        return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = ("gelu", "gelu_tanh", "quick_gelu")
+
+
+def activation(act: str) -> nn.Module:
+    """The activation module named `act`: "gelu" (exact, erf), "gelu_tanh" (tanh approximation) or
+    "quick_gelu"."""
+    if act not in ACTIVATIONS:
+        raise ValueError(f"activation {act!r} is not one of {ACTIVATIONS}")
+    return {"gelu": nn.GELU, "gelu_tanh": lambda: nn.GELU(approximate="tanh"), "quick_gelu": QuickGELU}[act]()
+
+
+class Mlp(nn.Sequential):
+    """Linear -> GELU -> Dropout -> Linear -> Dropout, keyed `0` and `3` like the sources' nn.Sequential.
+    `act` names the activation (`activation`): exact GELU by default."""
+
+    def __init__(self, in_features, hidden_features, out_features=None, dropout=0.0, act="gelu"):
         super().__init__(
             nn.Linear(in_features, hidden_features),
-            nn.GELU(),
+            activation(act),
             nn.Dropout(dropout),
             nn.Linear(hidden_features, out_features or in_features),
             nn.Dropout(dropout),

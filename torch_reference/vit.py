@@ -14,17 +14,17 @@ from .layers import Mlp, PatchEmbedding, add_class_token, attend
 
 
 class MultiHeadAttention(nn.Module):
-    """Self-attention with a fused `qkv` projection (no bias): (B, N, C) -> (B, N, C).
+    """Self-attention with a fused `qkv` projection (a bias with `qkv_bias=True`): (B, N, C) -> (B, N, C).
     `mask` (N, N) or (B, 1, N, N) bool is True where attention is allowed (causal text tower)."""
 
-    def __init__(self, embed_dim, num_heads, dropout=0.1):
+    def __init__(self, embed_dim, num_heads, dropout=0.1, qkv_bias=False):
         super().__init__()
         self.embed_dim = embed_dim
         self.num_heads = num_heads
         self.head_dim = embed_dim // num_heads
         if self.head_dim * num_heads != embed_dim:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
-        self.qkv = nn.Linear(embed_dim, embed_dim * 3, bias=False)
+        self.qkv = nn.Linear(embed_dim, embed_dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(embed_dim, embed_dim)
         self.dropout = nn.Dropout(dropout)
 
@@ -38,14 +38,16 @@ class MultiHeadAttention(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Pre-norm encoder block: x + attn(norm1(x)), then x + mlp(norm2(x))."""
+    """Pre-norm encoder block: x + attn(norm1(x)), then x + mlp(norm2(x)). `norm_eps`: the
+    LayerNorms' eps; `act`: the MLP's activation (`layers.activation`)."""
 
-    def __init__(self, embed_dim, num_heads, mlp_ratio=4, dropout=0.1):
+    def __init__(self, embed_dim, num_heads, mlp_ratio=4, dropout=0.1, qkv_bias=False, norm_eps=1e-5,
+                 act="gelu"):
         super().__init__()
-        self.norm1 = nn.LayerNorm(embed_dim)
-        self.attn = MultiHeadAttention(embed_dim, num_heads, dropout)
-        self.norm2 = nn.LayerNorm(embed_dim)
-        self.mlp = Mlp(embed_dim, int(embed_dim * mlp_ratio), dropout=dropout)
+        self.norm1 = nn.LayerNorm(embed_dim, eps=norm_eps)
+        self.attn = MultiHeadAttention(embed_dim, num_heads, dropout, qkv_bias)
+        self.norm2 = nn.LayerNorm(embed_dim, eps=norm_eps)
+        self.mlp = Mlp(embed_dim, int(embed_dim * mlp_ratio), dropout=dropout, act=act)
 
     def forward(self, x, mask=None):
         x = x + self.attn(self.norm1(x), mask)
@@ -55,22 +57,33 @@ class TransformerBlock(nn.Module):
 
 class VisionTransformer(nn.Module):
     """The first source's ViT: (B, C, H, W) -> (B, num_classes), or the pooled (B, embed_dim)
-    class-token feature when `num_classes=0`."""
+    class-token feature when `num_classes=0`.
+
+    Options of other libraries' ViTs (the defaults keep the first source's): `qkv_bias`, `norm_eps`
+    (every LayerNorm), `act` (the MLPs' activation), `patch_bias` (the patch conv's bias),
+    `pre_norm` (a LayerNorm `norm_pre` after the position embedding, as CLIP's `ln_pre`) and
+    `head_act` (an activation after the head: "tanh" for Hugging Face ViT's pooler)."""
 
     def __init__(self, image_size=224, patch_size=16, in_channels=3, num_classes=1000,
-                 embed_dim=768, depth=12, num_heads=12, mlp_ratio=4, dropout=0.1):
+                 embed_dim=768, depth=12, num_heads=12, mlp_ratio=4, dropout=0.1, qkv_bias=False,
+                 norm_eps=1e-5, act="gelu", patch_bias=True, pre_norm=False, head_act=None):
         super().__init__()
         self.embed_dim = embed_dim
         self.num_classes = num_classes
-        self.patch_embed = PatchEmbedding(image_size, patch_size, in_channels, embed_dim)
+        self.patch_embed = PatchEmbedding(image_size, patch_size, in_channels, embed_dim, bias=patch_bias)
         num_patches = self.patch_embed.num_patches
         self.pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, embed_dim))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
+        self.norm_pre = nn.LayerNorm(embed_dim, eps=norm_eps) if pre_norm else nn.Identity()
         self.blocks = nn.ModuleList([
-            TransformerBlock(embed_dim, num_heads, mlp_ratio, dropout) for _ in range(depth)
+            TransformerBlock(embed_dim, num_heads, mlp_ratio, dropout, qkv_bias, norm_eps, act)
+            for _ in range(depth)
         ])
-        self.norm = nn.LayerNorm(embed_dim)
+        self.norm = nn.LayerNorm(embed_dim, eps=norm_eps)
         self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.head_act = nn.Tanh() if head_act == "tanh" and num_classes > 0 else nn.Identity()
+        if head_act not in (None, "tanh"):
+            raise ValueError(f"head_act must be None or 'tanh'; got {head_act!r}")
         self.init_weights()
 
     @property
@@ -94,11 +107,11 @@ class VisionTransformer(nn.Module):
 
     def forward(self, x, return_tokens=False):
         """`return_tokens=True`: every token after the final norm, (B, 1 + patches, embed_dim)."""
-        x = add_class_token(self.patch_embed(x), self.cls_token, self.pos_embed)
+        x = self.norm_pre(add_class_token(self.patch_embed(x), self.cls_token, self.pos_embed))
         for block in self.blocks:
             x = block(x)
         x = self.norm(x)
-        return x if return_tokens else self.head(x[:, 0])
+        return x if return_tokens else self.head_act(self.head(x[:, 0]))
 
 
 class EncoderViT(nn.Module):
