@@ -1,4 +1,5 @@
-"""`python -m bridge verify PRESET [--batch-size B] [--seed S] [--tol T] [--weights FILE]`."""
+"""`python -m bridge verify PRESET [--batch-size B] [--seed S] [--tol T] [--weights FILE]`;
+`python -m bridge import --from timm|open_clip|hf --arch NAME CHECKPOINT --out DIR`."""
 
 from __future__ import annotations
 
@@ -21,7 +22,25 @@ def main(argv=None) -> int:
     v.add_argument("--compile-cache", metavar="DIR", help="JAX's persistent compilation cache "
                    "(default: ~/.cache/twin-models/jax, or $TWIN_MODELS_COMPILE_CACHE)")
     v.add_argument("--no-compile-cache", action="store_true")
+    i = sub.add_parser("import", help="a timm, open_clip or Hugging Face checkpoint as this project's model",
+                       description="Writes OUT/model.safetensors (this project's torch key names) and "
+                                   "OUT/config.json (family, class, constructor arguments); "
+                                   "torch_reference.from_config / jax_models.from_config build the model.")
+    i.add_argument("--from", dest="library", required=True, choices=("timm", "open_clip", "hf"))
+    i.add_argument("--arch", required=True, help="the library's architecture name: timm vit_base_patch16_224, "
+                   "swin_tiny_patch4_window7_224; open_clip ViT-B-16; hf CLIPModel, ViTModel, "
+                   "ViTForImageClassification, GPT2LMHeadModel, VisionEncoderDecoderModel")
+    i.add_argument("checkpoint", help="a .safetensors, a .pt/.bin state_dict (torch.load(weights_only=True)) "
+                   "or a Hugging Face model folder")
+    i.add_argument("--out", required=True, help="the folder to write model.safetensors and config.json to")
+    i.add_argument("--config", help="the library's config file (default: the one beside the checkpoint: "
+                   "config.json, open_clip_config.json)")
+    i.add_argument("--set", dest="overrides", action="append", metavar="NAME=VALUE", default=[],
+                   help="an architecture fact by the library's name (e.g. num_heads=12), over the config's")
+    i.add_argument("--check", action="store_true", help="then load both backends and compare them on one input")
     args = parser.parse_args(argv)
+    if args.command == "import":
+        return _import(args)
 
     from jax_models import compile_cache
     compile_cache.enable(None if args.no_compile_cache else (args.compile_cache or compile_cache.default_dir()))
@@ -39,6 +58,39 @@ def main(argv=None) -> int:
     if args.precision == "bf16":
         return 0 if report.finite else 1
     return 0 if report.ok else 1
+
+
+def _import(args) -> int:
+    from .imports import ImportMismatchError, describe, import_checkpoint
+
+    try:
+        imported = import_checkpoint(args.library, args.arch, args.checkpoint, args.config, args.overrides)
+    except (ImportMismatchError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    weights, config = imported.save(args.out)
+    print(describe(imported))
+    print(f"wrote {weights} and {config}")
+    if args.check:
+        import numpy as np
+        import torch
+
+        from .imports import example_inputs, load
+        from .verify import FORWARD_TOL
+
+        torch_model, flax_model, variables = load(args.out)
+        t_in, f_in = example_inputs(imported.config, 2)
+        with torch.no_grad():
+            ref = torch_model(*t_in)
+        got = flax_model.apply(variables, *f_in)
+        ref = ref[0] if isinstance(ref, tuple) else ref
+        got = got[0] if isinstance(got, tuple) else got
+        ref = getattr(ref, "logits", ref).numpy().astype(np.float64)
+        got = np.asarray(getattr(got, "logits", got), np.float64)
+        err = float(np.max(np.abs(ref - got)) / np.max(np.abs(ref)))
+        print(f"torch vs Flax on one batch: output rel err {err:.2e} (tolerance {FORWARD_TOL:g})")
+        return 0 if err <= FORWARD_TOL else 1
+    return 0
 
 
 if __name__ == "__main__":

@@ -23,12 +23,60 @@ def save_safetensors(tensors: Mapping[str, Any], path: str | os.PathLike) -> Non
     os.replace(tmp, path)
 
 
+class TruncatedFileError(ValueError):
+    """A safetensors file whose data ends before its header says: `cut` names every tensor that
+    does not fit, with its dtype, shape and the bytes it needs."""
+
+    def __init__(self, path, cut: list[str], size: int, needed: int):
+        self.path, self.cut, self.size, self.needed = os.fspath(path), cut, size, needed
+        super().__init__(f"{self.path} is truncated: {size} bytes of the {needed} its header describes; "
+                         f"{len(cut)} tensor(s) cut off: " + "; ".join(cut))
+
+
+def safetensors_header(path: str | os.PathLike) -> dict[str, dict]:
+    """{key: {"dtype", "shape", "data_offsets"}} from a safetensors file's header (no tensor read);
+    a ValueError if the header itself is damaged."""
+    import json
+
+    with open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        raw = f.read(n) if 0 < n < 1 << 30 else b""
+    if n <= 0 or len(raw) != n:
+        raise ValueError(f"{path} is not a safetensors file: its header is missing or cut off")
+    try:
+        header = json.loads(raw)
+    except ValueError as e:
+        raise ValueError(f"{path} is not a safetensors file: its header is not JSON ({e})") from e
+    header.pop("__metadata__", None)
+    return header
+
+
+def _truncation(path) -> TruncatedFileError | None:
+    try:
+        header = safetensors_header(path)
+    except (OSError, ValueError):
+        return None
+    start = 8 + int.from_bytes(open(path, "rb").read(8), "little")
+    size = os.path.getsize(path)
+    needed = start + max((v["data_offsets"][1] for v in header.values()), default=0)
+    if size >= needed:
+        return None
+    cut = [f"{k} ({v['dtype']} {tuple(v['shape'])}: bytes {start + v['data_offsets'][0]}..{start + v['data_offsets'][1]})"
+           for k, v in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])
+           if start + v["data_offsets"][1] > size]
+    return TruncatedFileError(path, cut, size, needed)
+
+
 def load_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
     from safetensors.numpy import load_file
 
     try:
         return load_file(os.fspath(path))
     except Exception as e:  # safetensors raises its own SafetensorError on a damaged header
+        truncated = _truncation(path)
+        if truncated is not None:
+            raise truncated from e
         raise ValueError(f"{path} is not a readable safetensors file ({type(e).__name__}: {e})") from e
 
 
