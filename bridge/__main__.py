@@ -1,10 +1,15 @@
-"""`python -m bridge verify PRESET [--batch-size B] [--seed S] [--tol T] [--weights FILE]`;
-`python -m bridge import --from timm|open_clip|hf --arch NAME CHECKPOINT --out DIR`."""
+"""`python -m bridge verify PRESET [--batch-size B] [--seed S] [--tol T] [--weights FILE]
+[--precision fp32|bf16]`; `python -m bridge import --from timm|open_clip|hf --arch NAME CHECKPOINT
+--out DIR`. Exit status: 0 pass, 1 over the tolerance (or a non-finite output), 2 a usage error,
+3 a weights file that cannot be used (missing, damaged, wrong keys or shapes)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+
+
+EXIT_BAD_WEIGHTS = 3   # distinct from a parity FAIL (1) and a usage error (2)
 
 
 def main(argv=None) -> int:
@@ -49,11 +54,17 @@ def main(argv=None) -> int:
 
     if args.preset not in PRESETS:
         parser.error(f"unknown preset {args.preset!r}; known presets: {', '.join(PRESETS)}")
-    from .io import load_state_dict
+    from .convert import WeightMismatchError
+    from .io import WeightsFileError, load_state_dict
     from .verify import FORWARD_TOL, verify
 
-    state_dict = load_state_dict(args.weights) if args.weights else None
-    report = verify(args.preset, args.batch_size, args.seed, args.tol or FORWARD_TOL, state_dict, args.precision)
+    try:
+        state_dict = load_state_dict(args.weights) if args.weights else None
+        report = verify(args.preset, args.batch_size, args.seed, args.tol or FORWARD_TOL, state_dict,
+                        args.precision)
+    except (WeightsFileError, WeightMismatchError) as e:
+        print(f"error: --weights {args.weights}: {e}", file=sys.stderr)
+        return EXIT_BAD_WEIGHTS
     print(report.table())
     if args.precision == "bf16":
         return 0 if report.finite else 1

@@ -57,6 +57,8 @@ class Report:
             mark = "  <- first over tolerance" if d is first else ("  over" if d.over else "")
             lines.append(f"{d.path:<{width}}  {str(d.shape):<18} {d.max_abs:>12.3e} {d.rel:>10.3e}{mark}")
         verdict = "PASS" if self.ok else "FAIL"
+        if np.isnan(self.output.rel):
+            verdict = "FAIL (non-finite values: a NaN or inf in an output)"
         lines.append(f"{verdict}: output rel diff {self.output.rel:.3e} (tolerance {self.tol:g})"
                      + (f"; first layer over tolerance: {first.path}" if first else ""))
         return "\n".join(lines)
@@ -78,7 +80,10 @@ def _diff(path: str, ref: np.ndarray, got: np.ndarray, tol: float) -> LayerDiff 
     max_abs = float(np.max(np.abs(ref64 - got64))) if ref.size else 0.0
     scale = float(np.max(np.abs(ref64))) if ref.size else 0.0
     rel = max_abs / scale if scale > 0 else max_abs
-    return LayerDiff(path, tuple(ref.shape), max_abs, rel, rel > tol)
+    finite = bool(np.isfinite(ref64).all() and np.isfinite(got64).all())
+    if not finite:
+        rel = float("nan")
+    return LayerDiff(path, tuple(ref.shape), max_abs, rel, not rel <= tol)
 
 
 def torch_layers(torch_model, torch_inputs, autocast: bool = False):
@@ -243,6 +248,25 @@ def example_inputs(preset, batch_size: int = 2, seed: int = 0):
     return framework_inputs(arrays(preset, batch_size, seed))
 
 
+def check_state_dict(state_dict, expected):
+    """Every missing key, unexpected key, shape and dtype kind that does not fit `expected` (a torch
+    model's state dict), in one `WeightMismatchError`."""
+    from .convert import WeightMismatchError
+
+    missing = [k for k in expected if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in expected]
+    shapes = []
+    for k in expected:
+        if k in state_dict:
+            got, want = np.asarray(state_dict[k]), expected[k]
+            if tuple(got.shape) != tuple(want.shape):
+                shapes.append(f"{k}: file {tuple(got.shape)}, the model {tuple(want.shape)}")
+            elif want.is_floating_point() and got.dtype.kind != "f":
+                shapes.append(f"{k}: file dtype {got.dtype}, the model holds floating-point {want.dtype}")
+    if missing or unexpected or shapes:
+        raise WeightMismatchError(missing, unexpected, shapes, target="the torch model")
+
+
 def build_twins(preset, seed: int = 0, state_dict=None, batch_size: int = 2, attention_impl: str = "xla"):
     """(torch model (eval mode), flax model, flax variables, torch inputs, flax inputs) with the
     same weights: torch's init from `seed` (or `state_dict`) carried over by the bridge; the
@@ -254,6 +278,7 @@ def build_twins(preset, seed: int = 0, state_dict=None, batch_size: int = 2, att
     torch.manual_seed(seed)
     torch_model = torch_reference.create_model(preset).eval()
     if state_dict is not None:
+        check_state_dict(state_dict, torch_model.state_dict())
         torch_model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in state_dict.items()},
                                     strict=True)
     flax_model = jax_models.create_model(preset, attention_impl=attention_impl)

@@ -96,3 +96,80 @@ def test_a_diverging_run_stops_with_the_last_good_checkpoint(tmp_path, backend, 
         ckpt.close()
     leaves = [np.asarray(x) for x in jax.tree_util.tree_leaves(tree) if np.asarray(x).dtype.kind == "f"]
     assert leaves and all(np.isfinite(x).all() for x in leaves), "a checkpoint holds non-finite values"
+
+
+TINY = ["vit-digits", "--set", "depth=1", "--set", "embed_dim=16", "--set", "num_heads=2", "--no-progress"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--log-every", "0"], "--log-every must be at least 1, not 0"),
+    (["--keep", "0"], "--keep must be at least 1"),
+    (["--lr", "nan"], "--lr must be a positive finite number, not nan"),
+    (["--lr", "-1"], "--lr must be a positive finite number"),
+    (["--dropout", "1.5"], "--dropout must be in [0, 1), not 1.5"),
+    (["--label-smoothing", "1"], "--label-smoothing must be in [0, 1)"),
+    (["--steps", "0"], "--steps must be at least 1"),
+    (["--max-bad-steps", "0"], "--max-bad-steps must be at least 1"),
+    (["--set", "depth=0.5"], "--set depth=0.5: preset 'vit-digits' takes a value of type int"),
+    (["--parallel", "mesh", "--batch-size", "12"], "does not split evenly over 8 devices of the mesh"),
+])
+def test_bad_settings_are_named_before_anything_is_built(tmp_path, capsys, flags, message):
+    from train.__main__ import main
+
+    assert main([*TINY, "--workdir", str(tmp_path / "w"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and message in err and "Traceback" not in err
+    assert not (tmp_path / "w" / "checkpoints").exists()
+
+
+def test_unwritable_export_and_workdir_are_named_first(tmp_path, capsys):
+    from train.__main__ import main
+
+    (tmp_path / "file").write_text("x")
+    assert main([*TINY, "--workdir", str(tmp_path / "file" / "w")]) == 2
+    assert "--workdir: cannot create" in capsys.readouterr().err
+    assert main([*TINY, "--workdir", str(tmp_path / "w"), "--export", str(tmp_path)]) == 2
+    assert "is a directory" in capsys.readouterr().err
+
+
+def test_a_failed_export_names_the_checkpoint_and_leaves_the_summary(tmp_path, capsys, monkeypatch):
+    import bridge
+    from train.__main__ import main
+
+    def full_disk(state_dict, path):
+        with open(path, "wb") as f:
+            f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(bridge, "save_safetensors", full_disk)
+    assert main([*TINY, "--steps", "2", "--batch-size", "16", "--workdir", str(tmp_path),
+                 "--export", str(tmp_path / "out" / "w.safetensors")]) == 5
+    err = capsys.readouterr().err
+    assert "No space left on device" in err and str(tmp_path / "checkpoints" / "2") in err
+    assert json.loads((tmp_path / "summary.json").read_text())["steps"] == 2
+    assert not any((tmp_path / "out").iterdir()), "a temporary file was left behind"
+
+
+def test_resume_keeps_a_finished_summary_and_the_metrics_have_no_duplicates(tmp_path):
+    import shutil
+
+    from train.__main__ import main
+
+    args = [*TINY, "--steps", "4", "--batch-size", "16", "--log-every", "1", "--checkpoint-every", "2",
+            "--workdir", str(tmp_path)]
+    assert main(args) == 0
+    summary = (tmp_path / "summary.json").read_text()
+    assert main([*args, "--resume", "--export", str(tmp_path / "w.safetensors")]) == 0
+    assert json.loads((tmp_path / "summary.json").read_text())["final_loss"] == json.loads(summary)["final_loss"]
+    assert (tmp_path / "w.safetensors").exists()
+    shutil.rmtree(tmp_path / "checkpoints" / "4")
+    (tmp_path / "summary.json").unlink()
+    assert main([*args, "--resume"]) == 0
+    steps = [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()
+             if "loss" in json.loads(x)]
+    assert steps == [1, 2, 3, 4]
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "metrics.jsonl").write_text('{"step": 99, "loss": 1.0}\n')
+    assert main([*TINY, "--steps", "1", "--batch-size", "16", "--log-every", "1", "--workdir", str(fresh)]) == 0
+    assert all(json.loads(x)["step"] <= 1 for x in (fresh / "metrics.jsonl").read_text().splitlines())

@@ -131,12 +131,15 @@ def main(argv=None) -> int:
         progress=not args.no_progress, precision=args.precision, fsdp=args.fsdp,
         attention_impl=args.attention_impl, max_bad_steps=args.max_bad_steps)
     from train.checkpoint import CheckpointError
-    from train.loop import NonFiniteError
+    from train.loop import ExportError, NonFiniteError
     try:
         s = run(config)
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 4
+    except ExportError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 5
     except (CheckpointError, ValueError, FileNotFoundError, KeyError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

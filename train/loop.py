@@ -41,12 +41,38 @@ def run(config: Config) -> dict:
     """Trains, evaluates, checkpoints and exports as `config` says; returns the summary."""
     r = resolve(config)
     os.makedirs(r.workdir, exist_ok=True)
-    result = train(r, backend_class(config.backend))
-    result = strict_json(result)
-    if _primary(config.backend):
-        with open(os.path.join(r.workdir, "summary.json"), "w") as f:
-            json.dump(result, f, indent=2, allow_nan=False)
-    return result
+    return train(r, backend_class(config.backend))
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def write_atomically(path: str, write) -> str:
+    """`write(tmp_path)`, then rename it to `path` (absolute, returned): a reader never sees half a
+    file, and a failure leaves no stray temporary file."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def write_summary(r: Run, summary: dict) -> dict:
+    """WORKDIR/summary.json, strict JSON (NaN -> null), written atomically by process 0."""
+    summary = strict_json(summary)
+    if _primary(r.config.backend):
+        def dump(tmp):
+            with open(tmp, "w") as f:
+                json.dump(summary, f, indent=2, allow_nan=False)
+        write_atomically(os.path.join(r.workdir, "summary.json"), dump)
+    return summary
 
 
 def strict_json(x):
@@ -81,6 +107,15 @@ def train(r: Run, backend_cls) -> dict:
             tree, meta = ckpt.restore(backend.state_tree(), r.record())
             backend.load_state_tree(tree)
             start_step = check_position(r, meta)
+            finished = _finished_summary(r, start_step)
+            if finished is not None:   # nothing to train: keep its summary, export if asked
+                ckpt.close()
+                if cfg.export:
+                    state_dict = backend.export()
+                    if _primary(cfg.backend):
+                        finished["export"] = export_weights(cfg.export, state_dict)
+                        finished = write_summary(r, finished)
+                return finished
         else:
             check_fresh(ckpt)
 
@@ -91,7 +126,7 @@ def train(r: Run, backend_cls) -> dict:
 
     primary = _primary(cfg.backend)
     log = MetricsLog(r.workdir, r.total_steps, start_step, cfg.progress and primary, ("loss", *task.report),
-                     write=primary)
+                     write=primary, resume=cfg.resume)
     speed = Throughput()
     guard = NonFiniteGuard(cfg.max_bad_steps, ckpt)
     step, metrics, last_eval = start_step, None, {}
@@ -124,13 +159,34 @@ def train(r: Run, backend_cls) -> dict:
     extra.update(backend.finish())
     extra.update(backend.info())
     extra["nonfinite_steps"] = guard.total
-    exported = backend.export() if cfg.export else None
-    export = export_weights(cfg.export, exported) if exported is not None and primary else None
-    return summary(
+    result = write_summary(r, summary(
         r, final_metrics=final, eval_metrics=last_eval, extra=extra, step=step,
         throughput=speed.rate(), devices=backend.devices, parallel=backend.parallel,
-        wall=time.perf_counter() - t_start, checkpoint_dir=ckpt.directory, export=export,
-        start_step=start_step)
+        wall=time.perf_counter() - t_start, checkpoint_dir=ckpt.directory, export=None,
+        start_step=start_step))
+    if cfg.export:
+        state_dict = backend.export()
+        if primary:
+            try:
+                result["export"] = export_weights(cfg.export, state_dict)
+            except OSError as e:
+                raise ExportError(f"could not write the export {cfg.export} ({e.strerror or e}); the trained "
+                                  f"weights are in the last checkpoint, {ckpt.directory}/{step}, and "
+                                  f"`--resume --export PATH` writes them without training") from e
+            result = write_summary(r, result)
+    return result
+
+
+def _finished_summary(r: Run, start_step: int) -> dict | None:
+    """The summary of a run that already ended (resumed at its last step): kept as it is, not
+    replaced by one of zero steps. None when there is still training to do."""
+    path = os.path.join(r.workdir, "summary.json")
+    if start_step < r.total_steps:
+        return None
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -202,10 +258,16 @@ class MetricsLog:
     """WORKDIR/metrics.jsonl (appended to, so a resumed run continues it) and the progress bar."""
 
     def __init__(self, workdir: str, total: int, initial: int, progress: bool,
-                 shown: tuple[str, ...] = ("loss", "accuracy", "eval_accuracy"), write: bool = True):
+                 shown: tuple[str, ...] = ("loss", "accuracy", "eval_accuracy"), write: bool = True,
+                 resume: bool = False):
         self.shown = (*shown, "examples_per_second")
         self.path = os.path.join(workdir, "metrics.jsonl")
-        self.file = open(self.path, "a") if write else None
+        self.file = None
+        if write:
+            kept = _lines_up_to(self.path, initial) if resume else []
+            self.file = open(self.path, "w")
+            self.file.writelines(kept)
+            self.file.flush()
         self.bar = None
         if progress:
             from tqdm import tqdm
@@ -233,6 +295,22 @@ class MetricsLog:
             self.bar.close()
         if self.file is not None:
             self.file.close()
+
+
+def _lines_up_to(path: str, step: int) -> list[str]:
+    """The lines of a metrics log up to `step`: a resumed run rewrites what came after its
+    checkpoint, so no step appears twice."""
+    if not os.path.exists(path):
+        return []
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except json.JSONDecodeError:
+                continue   # a line cut short by a kill
+    return kept
 
 
 class Throughput:
@@ -291,10 +369,7 @@ def _process_count(backend: str) -> int:
 
 
 def export_weights(path: str, state_dict) -> str:
-    """Write a torch-keyed state dict as safetensors at `path`; returns the absolute path."""
+    """Write a torch-keyed state dict as safetensors at `path`, atomically; the absolute path."""
     from bridge import save_safetensors
 
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_safetensors(state_dict, path)
-    return path
+    return write_atomically(path, lambda tmp: save_safetensors(state_dict, tmp))
