@@ -338,7 +338,7 @@ def apply_map(keymap: KeyMap, source: Mapping[str, np.ndarray], ours: Mapping[st
                 buffer_errors.append(f"{src_key} -> {key}: differs from the value our model computes")
             out[key] = mine
             continue
-        out[key] = np.ascontiguousarray(value.astype(np.asarray(want).dtype))
+        out[key] = np.require(value.astype(np.asarray(want).dtype), requirements="C")
     for target, (src_key, _) in placed.items():
         if target not in ours:
             unexpected.append(f"{src_key} (-> {target}, which our model does not have)")

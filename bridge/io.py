@@ -17,7 +17,7 @@ def save_safetensors(tensors: Mapping[str, Any], path: str | os.PathLike) -> Non
     """
     from safetensors.numpy import save_file
 
-    arrays = {k: np.ascontiguousarray(to_numpy(v)) for k, v in tensors.items()}
+    arrays = {k: np.require(to_numpy(v), requirements="C") for k, v in tensors.items()}   # (ascontiguousarray makes 0-d 1-d)
     tmp = f"{os.fspath(path)}.tmp"
     save_file(arrays, tmp)
     os.replace(tmp, path)
