@@ -32,9 +32,9 @@ def main(argv=None) -> int:
                                    "OUT/config.json (family, class, constructor arguments); "
                                    "torch_reference.from_config / jax_models.from_config build the model.")
     i.add_argument("--from", dest="library", required=True, choices=("timm", "open_clip", "hf"))
-    i.add_argument("--arch", required=True, help="the library's architecture name: timm vit_base_patch16_224, "
-                   "swin_tiny_patch4_window7_224; open_clip ViT-B-16; hf CLIPModel, ViTModel, "
-                   "ViTForImageClassification, GPT2LMHeadModel, VisionEncoderDecoderModel")
+    i.add_argument("--arch", required=True, help="the library's architecture name: timm vit_*_patch16_224, "
+                   "swin_*_patch4_window7_224; open_clip ViT-B-16; hf CLIPModel, ViTModel, "
+                   "ViTForImageClassification")
     i.add_argument("checkpoint", help="a .safetensors, a .pt/.bin state_dict (torch.load(weights_only=True)) "
                    "or a Hugging Face model folder")
     i.add_argument("--out", required=True, help="the folder to write model.safetensors and config.json to")
@@ -73,10 +73,14 @@ def main(argv=None) -> int:
 
 def _import(args) -> int:
     from .imports import ImportMismatchError, describe, import_checkpoint
+    from .io import WeightsFileError
 
     try:
         imported = import_checkpoint(args.library, args.arch, args.checkpoint, args.config, args.overrides)
-    except (ImportMismatchError, FileNotFoundError, ValueError) as e:
+    except (ImportMismatchError, WeightsFileError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_BAD_WEIGHTS
+    except ValueError as e:   # an unknown --arch, a malformed --set
         print(f"error: {e}", file=sys.stderr)
         return 2
     weights, config = imported.save(args.out)

@@ -24,7 +24,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from .convert import WeightMismatchError
-from .io import TruncatedFileError, save_safetensors
+from .io import TruncatedFileError, WeightsFileError, _check_file, _truncation, file_format, save_safetensors
 from .maps import KeyMap, Rule, Source, registry
 
 LIBRARIES = ("timm", "open_clip", "hf")
@@ -41,8 +41,9 @@ class ImportMismatchError(WeightMismatchError):
     differs from the value our model computes), `facts` (architecture facts missing or
     contradicting the shapes) and `truncated` (tensors cut off by the end of the file)."""
 
-    def __init__(self, what: str, missing=(), unexpected=(), shapes=(), buffers=(), facts=(), truncated=()):
-        self.what = what
+    def __init__(self, what: str, missing=(), unexpected=(), shapes=(), buffers=(), facts=(), truncated=(),
+                 hint: str = ""):
+        self.what, self.hint = what, hint
         self.facts, self.truncated = list(facts), list(truncated)
         self.missing, self.unexpected, self.shapes, self.buffers = (
             list(missing), list(unexpected), list(shapes), list(buffers))
@@ -53,7 +54,7 @@ class ImportMismatchError(WeightMismatchError):
                              ("Shape mismatch", self.shapes), ("Buffer differs from ours", self.buffers)):
             if items:
                 parts.append(f"{title} ({len(items)}):\n    " + "\n    ".join(items))
-        ValueError.__init__(self, f"{what} does not fit:\n  " + "\n  ".join(parts))
+        ValueError.__init__(self, f"{what} does not fit:\n  " + (f"{hint}\n  " if hint else "") + "\n  ".join(parts))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,24 +135,26 @@ def _checkpoint_files(path: str) -> tuple[list[str], str | None]:
         found = sorted(n for n in os.listdir(path) if n.endswith((".safetensors", ".bin", ".pt", ".pth")))
         if len(found) == 1:
             return [os.path.join(path, found[0])], path
-        raise FileNotFoundError(f"{path}: no checkpoint found (looked for {', '.join(WEIGHT_NAMES)}"
+        raise WeightsFileError(f"{path}: no checkpoint found (looked for {', '.join(WEIGHT_NAMES)}"
                                 f"{'; several candidates: ' + ', '.join(found) if found else ''})")
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: no such checkpoint")
+        raise WeightsFileError(f"{path}: no such file")
     return [path], os.path.dirname(os.path.abspath(path))
 
 
 def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Every tensor of a checkpoint as numpy: safetensors (a truncated one raises
-    `io.TruncatedFileError` naming each tensor cut off), or `.pt`/`.bin` through
+    """Every tensor of a checkpoint (a file, or a model folder, sharded or not) as numpy. The format
+    is read from the content (`io.file_format`): safetensors (a truncated one raises
+    `io.TruncatedFileError` naming each tensor cut off), or a torch.save file through
     `torch.load(weights_only=True)` only (a `{"state_dict": ...}` wrapper is opened). bfloat16
-    becomes float32 (numpy has no bfloat16; exact)."""
+    becomes float32 (numpy has no bfloat16; exact). Any other failure is one `io.WeightsFileError`."""
     import torch
 
     out: dict[str, np.ndarray] = {}
     for file in _checkpoint_files(os.fspath(path))[0]:
-        if file.endswith(".safetensors"):
-            from .io import _truncation
+        _check_file(file)
+        kind = file_format(file)
+        if kind == "safetensors":
             from safetensors.torch import load_file
             try:
                 tensors = load_file(file)
@@ -159,22 +162,25 @@ def read_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 truncated = _truncation(file)
                 if truncated is not None:
                     raise truncated from e
-                raise ValueError(f"{file} is not a readable safetensors file ({type(e).__name__}: {e})") from e
-        else:
+                raise WeightsFileError(f"{file} is not a readable safetensors file (truncated or damaged: "
+                                       f"{type(e).__name__}: {e})") from e
+        elif kind == "torch":
             try:
                 tensors = torch.load(file, map_location="cpu", weights_only=True)
             except Exception as e:
-                raise ValueError(
-                    f"{file} could not be read with torch.load(weights_only=True) ({type(e).__name__}: {e}); a "
-                    "truncated or damaged file, or one that needs full unpickling, which is refused (it can "
-                    "run arbitrary code)") from e
+                raise WeightsFileError(
+                    f"{file} could not be read with torch.load(weights_only=True) ({type(e).__name__}: "
+                    f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}): a truncated or damaged file, "
+                    "or one that needs full unpickling, which is refused (it can run arbitrary code)") from e
             if isinstance(tensors, Mapping) and isinstance(tensors.get("state_dict"), Mapping):
                 tensors = tensors["state_dict"]
             if not isinstance(tensors, Mapping):
-                raise ValueError(f"{file} holds a {type(tensors).__name__}, not a state_dict")
+                raise WeightsFileError(f"{file} holds a {type(tensors).__name__}, not a state_dict")
+        else:
+            raise WeightsFileError(f"{file} is neither a safetensors file nor one torch.save wrote")
         for k, v in tensors.items():
             if not isinstance(v, torch.Tensor):
-                raise ValueError(f"{file}: entry {k!r} is a {type(v).__name__}, not a tensor")
+                raise WeightsFileError(f"{file}: entry {k!r} is a {type(v).__name__}, not a tensor")
             v = v.detach().cpu()
             out[k] = (v.float() if v.dtype == torch.bfloat16 else v).numpy()
     return out
@@ -347,6 +353,19 @@ def apply_map(keymap: KeyMap, source: Mapping[str, np.ndarray], ours: Mapping[st
     return out, ignored, computed
 
 
+def _closest_map(keymap: KeyMap, source: Mapping[str, np.ndarray]) -> str:
+    """A line naming the key map that takes (nearly) every source key, when it is not `keymap`."""
+    def taken(m: KeyMap) -> int:
+        compiled = _compile(m.rules)
+        return sum(any(c.source.match(k) is not None for c in compiled) for k in source)
+    mine, best = taken(keymap), max(registry(), key=taken)
+    n = taken(best)
+    if best is keymap or n <= mine or n < 0.9 * len(source):
+        return ""
+    return (f"Its keys fit the {best.library} '{best.arch}' map ({n} of {len(source)}; this map takes {mine}): "
+            f"try --from {best.library} --arch {best.example.split('--arch ')[-1].split()[0]}")
+
+
 def _unmatched(keymap: KeyMap, source: Mapping[str, np.ndarray]) -> list[str]:
     compiled = _compile(keymap.rules)
     return [f"{k} {tuple(np.shape(v))} (no rule of the {keymap.library} map '{keymap.arch}' takes it)"
@@ -381,7 +400,8 @@ def import_checkpoint(library: str, arch: str, checkpoint: str | os.PathLike,
     spec = keymap.read_config(src)
     if problems or src.problems:
         raise ImportMismatchError(what, missing=[f"{k}: needed to read the architecture" for k in src.missing_keys],
-                                  unexpected=_unmatched(keymap, source), facts=problems + src.fact_problems)
+                                  unexpected=_unmatched(keymap, source), facts=problems + src.fact_problems,
+                                  hint=_closest_map(keymap, source))
     spec = {**spec, "source": {"library": library, "arch": arch, "checkpoint": os.path.abspath(checkpoint),
                                "config": config_path, "overrides": parse_overrides(overrides) or None}}
     try:
@@ -392,7 +412,13 @@ def import_checkpoint(library: str, arch: str, checkpoint: str | os.PathLike,
     ours = {k: v.detach().cpu().numpy() for k, v in model.state_dict().items()}
     buffers = {k for k in ours if k not in dict(model.named_parameters())}
     del model
-    state_dict, ignored, computed = apply_map(keymap, source, ours, buffers, what)
+    try:
+        state_dict, ignored, computed = apply_map(keymap, source, ours, buffers, what)
+    except ImportMismatchError as e:
+        hint = _closest_map(keymap, source)
+        if not hint:
+            raise
+        raise ImportMismatchError(what, e.missing, e.unexpected, e.shapes, e.buffers, hint=hint) from None
     del torch
     return Imported(state_dict, spec, ignored, computed)
 

@@ -85,7 +85,7 @@ def _config(src: Source) -> dict:
         src.require(name, (default,), default, "our CLIP towers have open_clip's default here")
     src.refuse_unknown(IGNORABLE | set(DEFAULTS))
     act = "quick_gelu" if src.fact("quick_gelu", default=False) else "gelu"
-    v_layers = src.count("visual.transformer.resblocks.{i}.ln_1.weight")
+    v_layers = src.count("visual.transformer.resblocks.{i}.ln_1.weight") or None
     head_width = src.fact("vision_cfg.head_width", default=HEAD_WIDTH)
     width = src.fact("vision_cfg.width", v_width)
     image = dict(
@@ -101,7 +101,7 @@ def _config(src: Source) -> dict:
         vocab_size=src.fact("text_cfg.vocab_size", src.dim("token_embedding.weight", 0, "text_cfg.vocab_size")),
         context_length=src.fact("text_cfg.context_length", src.dim("positional_embedding", 0, "context_length")),
         width=src.fact("text_cfg.width", t_width),
-        layers=src.fact("text_cfg.layers", src.count("transformer.resblocks.{i}.ln_1.weight")),
+        layers=src.fact("text_cfg.layers", src.count("transformer.resblocks.{i}.ln_1.weight") or None),
         heads=src.fact("text_cfg.heads", how="heads are not in the weights"),
         mlp_ratio=src.fact("text_cfg.mlp_ratio", None if t_hidden is None or not t_width else t_hidden / t_width),
         dropout=0.0, qkv_bias=True, norm_eps=1e-5, act=act)

@@ -78,7 +78,7 @@ def _vit_config(src: Source) -> dict:
         in_channels=src.fact("in_chans", channels),
         num_classes=src.fact("num_classes", src.dim("head.weight", 0) if src.has("head.weight") else 0),
         embed_dim=src.fact("embed_dim", width),
-        depth=src.fact("depth", src.count("blocks.{i}.norm1.weight")),
+        depth=src.fact("depth", src.count("blocks.{i}.norm1.weight") or None),
         num_heads=src.fact("num_heads", how="heads are not in the weights"),
         mlp_ratio=src.fact("mlp_ratio", None if hidden is None or not width else hidden / width),
         dropout=0.0,
