@@ -388,8 +388,8 @@ def import_checkpoint(library: str, arch: str, checkpoint: str | os.PathLike,
     try:
         source = read_checkpoint(checkpoint)
     except TruncatedFileError as e:
-        raise ImportMismatchError(what, truncated=e.cut + [
-            f"(the file has {e.size} bytes, its header describes {e.needed})"]) from e
+        raise ImportMismatchError(what, truncated=e.cut,
+                                  hint=f"The file has {e.size} bytes; its header describes {e.needed}.") from e
     lib_config, config_path = read_library_config(library, checkpoint, config)
     facts, origin, problems = keymap.read_facts(arch, lib_config)
     if config_path:
