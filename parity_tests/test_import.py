@@ -96,7 +96,7 @@ CASES = {
     "timm-vit": Case("timm", "vit_base_patch16_224", _timm(
         "vit_base_patch16_224", img_size=32, embed_dim=64, depth=2, num_heads=4, num_classes=10), _timm_outputs),
     "timm-swin": Case("timm", "swin_tiny_patch4_window7_224", _timm(
-        "swin_tiny_patch4_window7_224", img_size=56, embed_dim=32, depths=(2, 2), num_heads=(2, 4),
+        "swin_tiny_patch4_window7_224", img_size=56, embed_dim=32, depths=(2, 1), num_heads=(2, 4),
         num_classes=10), _timm_outputs),
     "open_clip": Case("open_clip", "ViT-B-16", _open_clip("ViT-B-16", dict(
         embed_dim=32, vision_cfg=dict(image_size=32, layers=2, width=64, patch_size=16, head_width=16),
