@@ -97,7 +97,9 @@ def _import(args) -> int:
         t_in, f_in = example_inputs(imported.config, 2)
         with torch.no_grad():
             ref = torch_model(*t_in)
-        got = flax_model.apply(variables, *f_in)
+        import jax
+
+        got = jax.jit(flax_model.apply)(variables, *f_in)
         ref = ref[0] if isinstance(ref, tuple) else ref
         got = got[0] if isinstance(got, tuple) else got
         ref = getattr(ref, "logits", ref).numpy().astype(np.float64)
