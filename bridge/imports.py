@@ -378,8 +378,6 @@ def import_checkpoint(library: str, arch: str, checkpoint: str | os.PathLike,
     (state dict in our torch key names, the config that builds our model). `config`: the
     library's config file (default: the one beside the checkpoint, if any); `overrides`: facts
     by the library's names ({"num_heads": 3} or ["num_heads=3"]) over the config's."""
-    import torch
-
     import torch_reference
 
     keymap = find_map(library, arch)
@@ -419,7 +417,6 @@ def import_checkpoint(library: str, arch: str, checkpoint: str | os.PathLike,
         if not hint:
             raise
         raise ImportMismatchError(what, e.missing, e.unexpected, e.shapes, e.buffers, hint=hint) from None
-    del torch
     return Imported(state_dict, spec, ignored, computed)
 
 
@@ -430,7 +427,7 @@ def import_checkpoint(library: str, arch: str, checkpoint: str | os.PathLike,
 def example_inputs(config: Mapping, batch_size: int = 2, seed: int = 0):
     """(torch inputs, Flax inputs) for the model of an import's config: its `inputs` entries
     drawn in order from one seeded stream (images N(0, 1), NCHW for torch and NHWC for Flax; CLIP
-    text tokens with the end-of-text id, the largest, once per row; decoder ids; image tokens)."""
+    text tokens with the end-of-text id, the largest, once per row)."""
     import torch
 
     from presets import random_tokens
@@ -447,14 +444,6 @@ def example_inputs(config: Mapping, batch_size: int = 2, seed: int = 0):
             x = random_tokens(rs, batch_size, entry["vocab_size"], shape[0])
             torch_in.append(torch.from_numpy(x))
             flax_in.append(x.astype(np.int32))
-        elif kind == "ids":
-            x = rs.randint(0, entry["vocab_size"], size=(batch_size, *shape)).astype(np.int64)
-            torch_in.append(torch.from_numpy(x))
-            flax_in.append(x.astype(np.int32))
-        elif kind == "features":
-            x = rs.standard_normal((batch_size, *shape)).astype(np.float32)
-            torch_in.append(torch.from_numpy(x))
-            flax_in.append(x)
         else:
             raise ValueError(f"unknown input kind {kind!r}")
     return torch_in, flax_in
@@ -464,8 +453,6 @@ def load(folder: str | os.PathLike, backends: Sequence[str] = ("torch", "flax"),
     """The models of an import folder with its weights: (torch model in eval mode or None, Flax
     model or None, Flax variables or None). Torch loads `strict=True`; Flax goes through
     `bridge.torch_to_flax` (strict too)."""
-    import torch
-
     from safetensors.torch import load_file
 
     import torch_reference
@@ -486,7 +473,6 @@ def load(folder: str | os.PathLike, backends: Sequence[str] = ("torch", "flax"),
         flax_model = jax_models.from_config(config, attention_impl=attention_impl)
         _, flax_in = example_inputs(config, 1)
         variables = torch_to_flax({k: v.numpy() for k, v in state_dict.items()}, flax_model, *flax_in)
-    del torch
     return (torch_model if "torch" in backends else None), flax_model, variables
 
 

@@ -264,3 +264,17 @@ def test_hf_clip_pooling_at_another_end_of_text_id_is_refused(tmp_path):
                                        num_attention_heads=2, image_size=32, patch_size=16))(str(tmp_path))
     with pytest.raises(ImportMismatchError, match="text_config.eos_token_id=7: transformers pools the text"):
         import_checkpoint("hf", "CLIPModel", folder)
+
+
+def test_hf_vit_reads_the_hub_layout_and_transformers_5_layout_alike(tmp_path):
+    model, folder = CASES["hf-vit-classifier"].build(str(tmp_path / "hub"))
+    v5 = tmp_path / "v5"
+    v5.mkdir()
+    bridge.save_safetensors(model.state_dict(), v5 / "model.safetensors")
+    (v5 / "config.json").write_text((tmp_path / "hub" / "config.json").read_text())
+    if not any(k.startswith("vit.layers.") for k in model.state_dict()):
+        pytest.skip("this transformers names its ViT layers as the hub does")
+    hub, new = (import_checkpoint("hf", "ViTForImageClassification", p) for p in (folder, v5))
+    assert hub.config["kwargs"] == new.config["kwargs"] and list(hub.state_dict) == list(new.state_dict)
+    for key, value in hub.state_dict.items():
+        np.testing.assert_array_equal(value, new.state_dict[key], err_msg=key)
