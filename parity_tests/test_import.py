@@ -278,3 +278,20 @@ def test_hf_vit_reads_the_hub_layout_and_transformers_5_layout_alike(tmp_path):
     assert hub.config["kwargs"] == new.config["kwargs"] and list(hub.state_dict) == list(new.state_dict)
     for key, value in hub.state_dict.items():
         np.testing.assert_array_equal(value, new.state_dict[key], err_msg=key)
+
+
+def test_swin_buffers_in_a_checkpoint_are_checked_against_ours(tmp_path):
+    """Older timm checkpoints carry each block's `relative_position_index` and `attn_mask`: they
+    must equal what our blocks compute, and are then taken from ours."""
+    model, path = CASES["timm-swin"].build(str(tmp_path))
+    buffers = {k: v for k, v in model.named_buffers() if k.endswith(("relative_position_index", "attn_mask"))}
+    assert any(k.endswith("attn_mask") for k in buffers) and any(k.endswith("index") for k in buffers)
+    state = {**bridge.load_safetensors(path), **{k: v.numpy() for k, v in buffers.items()}}
+    bridge.save_safetensors(state, path)
+    imported = import_checkpoint("timm", "swin_tiny_patch4_window7_224", path)
+    assert set(buffers) <= set(imported.state_dict) and not set(buffers) & set(imported.computed)
+    index = "layers.0.blocks.1.attn.relative_position_index"
+    state[index] = state[index][::-1].copy()
+    bridge.save_safetensors(state, path)
+    with pytest.raises(ImportMismatchError, match=f"Buffer differs from ours .*\\n    {index} -> {index}"):
+        import_checkpoint("timm", "swin_tiny_patch4_window7_224", path)
