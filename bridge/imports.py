@@ -277,7 +277,7 @@ def apply_map(keymap: KeyMap, source: Mapping[str, np.ndarray], ours: Mapping[st
     placed: dict[str, tuple[str, np.ndarray]] = {}
     parts: dict[str, dict[int, tuple[str, np.ndarray]]] = {}
     part_counts: dict[str, int] = {}
-    ignored, unexpected, shapes, buffer_errors, tied = [], [], [], [], []
+    ignored, unexpected, shapes, buffer_errors = [], [], [], []
     for key, value in source.items():
         hit = next(((c, f) for c in compiled for f in [c.source.match(key)] if f is not None), None)
         if hit is None:
@@ -286,9 +286,6 @@ def apply_map(keymap: KeyMap, source: Mapping[str, np.ndarray], ours: Mapping[st
             continue
         c, fields = hit
         op = c.rule.op
-        if op.startswith("tied "):
-            tied.append((key, op[5:]))
-            continue
         if c.target is None:
             ignored.append(f"{key}: {c.rule.why}")
             continue
@@ -305,13 +302,6 @@ def apply_map(keymap: KeyMap, source: Mapping[str, np.ndarray], ours: Mapping[st
             unexpected.append(f"{key} (gives {target}, which {placed[target][0]} gave already)")
             continue
         placed[target] = (key, value)
-    for key, other in tied:
-        if other not in source:
-            unexpected.append(f"{key} (tied to {other}, which the checkpoint lacks)")
-        elif np.shape(source[key]) != np.shape(source[other]) or not np.array_equal(source[key], source[other]):
-            shapes.append(f"{key} must equal {other} (our model ties them), but differs")
-        else:
-            ignored.append(f"{key}: the same tensor as {other} (tied)")
     for target, got in parts.items():
         n = part_counts[target]
         if len(got) < n:

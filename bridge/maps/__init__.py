@@ -7,16 +7,15 @@ source key (`blocks.{i}.mlp.fc1.{p}`) and ours (`blocks.{i}.mlp.0.{p}`); `{name}
 dot-free segment, and a target may shift a number (`layers.{s-1}.downsample.{m}`: timm opens a Swin
 stage with the merge that ends our previous one). A rule may also name one operation on the value:
 
-- `"T"`: transposed (Hugging Face GPT-2's `Conv1D` stores (in, out); open_clip's `proj` is a raw
-  (width, embed) matrix that ours applies as a Linear weight);
+- `"T"`: transposed (open_clip's `proj` is a raw (width, embed) matrix that ours applies as a
+  Linear weight);
 - `"reshape"`: reshaped to our shape, the same values (CLIP's class embedding (W,) is our
   `cls_token` (1, 1, W));
 - `"part k/n"`: slice k of n along the first axis of our key (separate q, k, v projections are
-  our fused `qkv`);
-- `"tied KEY"`: not loaded, but must equal the source key KEY (GPT-2's `lm_head` is its `wte`).
+  our fused `qkv`).
 
 A rule whose target is None loads nothing; its `why` says why (a buffer our model computes, a
-pooler the captioning model never calls). `read_config` reads our constructor arguments from the
+mask token no forward without a mask uses). `read_config` reads our constructor arguments from the
 checkpoint's shapes and the library's own config (`Source`).
 """
 
@@ -46,13 +45,8 @@ def R(source: str, target: str | None, op: str = "", why: str = "") -> Rule:
 
 def prefixed(rules, source_prefix: str = "", target_prefix: str = "") -> list[Rule]:
     """The same rules under a prefix on either side (a tower inside a larger model)."""
-    out = []
-    for r in rules:
-        op = r.op
-        if op.startswith("tied "):
-            op = "tied " + source_prefix + op[5:]
-        out.append(Rule(source_prefix + r.source, None if r.target is None else target_prefix + r.target, op, r.why))
-    return out
+    return [Rule(source_prefix + r.source, None if r.target is None else target_prefix + r.target, r.op, r.why)
+            for r in rules]
 
 
 @dataclasses.dataclass(frozen=True)
