@@ -9,7 +9,7 @@ import pytest
 
 
 def _torchvision_importable() -> None:
-    """timm and open_clip import torchvision. A torchvision wheel built for another torch (the CUDA
+    """timm, open_clip and transformers' vision models import torchvision. A torchvision wheel built for another torch (the CUDA
     one beside a CPU torch) fails at import: its C++ operators do not load, and registering fakes for
     `nms` and `qnms` then raises. Their schemas let its Python parts import; no model read here calls
     a torchvision operator."""
@@ -39,9 +39,8 @@ _keep: list = []
 
 def need(name: str):
     """`name` imported, or the test skipped naming the reason (absent, or failing at import)."""
-    if name in ("timm", "open_clip"):
-        try:
-            _torchvision_importable()
-        except Exception as e:  # noqa: BLE001 - any failure is the reason to skip
-            pytest.skip(f"{name} needs torchvision, which fails at import: {type(e).__name__}: {e}")
+    try:
+        _torchvision_importable()
+    except Exception as e:  # noqa: BLE001 - any failure is the reason to skip
+        pytest.skip(f"{name} imports torchvision, which fails at import: {type(e).__name__}: {e}")
     return pytest.importorskip(name, reason=f"{name} is not installed: pip install -e '.[test]'")

@@ -295,3 +295,13 @@ def test_swin_buffers_in_a_checkpoint_are_checked_against_ours(tmp_path):
     bridge.save_safetensors(state, path)
     with pytest.raises(ImportMismatchError, match=f"Buffer differs from ours .*\\n    {index} -> {index}"):
         import_checkpoint("timm", "swin_tiny_patch4_window7_224", path)
+
+
+def test_a_sharded_hf_folder_imports_as_one(tmp_path):
+    model, folder = CASES["hf-vit-classifier"].build(str(tmp_path / "whole"))
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    whole, sharded = (import_checkpoint("hf", "ViTForImageClassification", p) for p in (folder, tmp_path / "sharded"))
+    assert list(whole.state_dict) == list(sharded.state_dict)
+    for key, value in whole.state_dict.items():
+        np.testing.assert_array_equal(value, sharded.state_dict[key], err_msg=key)
