@@ -132,8 +132,11 @@ def torch_to_flax(state_dict: Mapping[str, Any], flax_model, *example_inputs, rn
     collections = [c for c in target if c in TRAINED + COMPUTED]
     computed = {}
     if any(c in target for c in COMPUTED):
-        init = flax_model.init(rng, *example_inputs, **call_kwargs)
-        computed = {c: flatten_dict(meta.unbox(init[c])) for c in COMPUTED if c in init}
+        def computed_collections(r):
+            init = flax_model.init(r, *example_inputs, **call_kwargs)
+            return {c: meta.unbox(init[c]) for c in COMPUTED if c in init}
+
+        computed = {c: flatten_dict(v) for c, v in jax.jit(computed_collections)(rng).items()}
     flat_target = {c: flatten_dict(target[c]) for c in collections}
     loaded: dict[str, dict] = {c: {} for c in collections if c in TRAINED}
     checked: dict[str, set] = {c: set() for c in collections if c in COMPUTED}
