@@ -14,11 +14,12 @@ $(VENV)/.installed: pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[test]'
 	touch $@
 
+# Two pytest workers (pytest-xdist): most tests wait on one XLA compile or one eager torch op.
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $${TEST_WORKERS:-2} --dist loadgroup
 
 test-all: setup
-	$(PY) -m pytest -q -m ''
+	$(PY) -m pytest -q -m '' -n $${TEST_WORKERS:-2} --dist loadgroup
 
 train: setup
 	rm -rf runs/vit-digits

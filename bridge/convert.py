@@ -132,11 +132,11 @@ def torch_to_flax(state_dict: Mapping[str, Any], flax_model, *example_inputs, rn
     collections = [c for c in target if c in TRAINED + COMPUTED]
     computed = {}
     if any(c in target for c in COMPUTED):
-        # Only the computed collections leave the jit, so XLA drops the parameters' initialisation
-        # (eager, or jitted whole, Swin's init took 30 to 60 s on 2 cores).
-        init = jax.jit(lambda r: {c: v for c, v in flax_model.init(r, *example_inputs, **call_kwargs).items()
-                                  if c in COMPUTED})(rng)
-        computed = {c: flatten_dict(meta.unbox(init[c])) for c in COMPUTED if c in init}
+        def computed_collections(r):
+            init = flax_model.init(r, *example_inputs, **call_kwargs)
+            return {c: meta.unbox(init[c]) for c in COMPUTED if c in init}
+
+        computed = {c: flatten_dict(v) for c, v in jax.jit(computed_collections)(rng).items()}
     flat_target = {c: flatten_dict(target[c]) for c in collections}
     loaded: dict[str, dict] = {c: {} for c in collections if c in TRAINED}
     checked: dict[str, set] = {c: set() for c in collections if c in COMPUTED}

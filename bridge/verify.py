@@ -129,8 +129,8 @@ def flax_layers(flax_model, variables, flax_inputs, dtype=None):
         variables = {**variables, "params": jax.tree_util.tree_map(cast, variables["params"])}
         flax_inputs = [cast(jnp.asarray(x)) for x in flax_inputs]
     with jax.default_matmul_precision("highest"):
-        out, state = flax_model.apply(variables, *flax_inputs, capture_intermediates=True,
-                                      mutable=["intermediates"])
+        out, state = jax.jit(lambda v, *x: flax_model.apply(v, *x, capture_intermediates=True,
+                                                            mutable=["intermediates"]))(variables, *flax_inputs)
     outs = {}
     for path, value in flatten_dict(state["intermediates"]).items():
         if path[-1] == "__call__" and len(path) > 1:

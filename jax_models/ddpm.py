@@ -18,8 +18,8 @@ import numpy as np
 
 from model_math import ddim_timesteps, linear_schedule
 
-from .layers import (ConvTranspose2d, GroupNorm, attend, compute_dtype, conv, gelu,  # noqa: F401
-                     torch_linear_init)
+from .layers import (ConvTranspose2d, GroupNorm, attend, check_feature_map, check_timesteps,  # noqa: F401
+                     compute_dtype, conv, gelu, torch_linear_init)
 
 class SinusoidalPositionEmbeddings(nn.Module):
     """(B,) timesteps -> (B, dim): [sin(t w_i), cos(t w_i)], w_i = 10000^(-i / (dim/2 - 1))."""
@@ -103,6 +103,8 @@ class UNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, timestep, train: bool = False):
+        check_feature_map(x, self.in_channels, 2 ** len(self.features), type(self).__name__)
+        check_timesteps(timestep, x.shape[0], type(self).__name__)
         feats, T, d = list(self.features), self.time_emb_dim, self.dropout
 
         def run(blocks, x):

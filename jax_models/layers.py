@@ -84,6 +84,32 @@ def check_images(x: jax.Array, image_size: int, in_channels: int, owner: str) ->
     if tuple(x.shape[1:]) != (image_size, image_size, in_channels):
         hint = " (NCHW input? Flax models take NHWC)" if x.shape[1] == in_channels else ""
         raise ValueError(f"{owner} expects {expected}; got shape {tuple(x.shape)}{hint}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{owner} expects {expected}; got an empty batch")
+
+
+def check_feature_map(x: jax.Array, in_channels: int, multiple: int, owner: str) -> None:
+    """Raise a ValueError unless `x` is (B > 0, H, W, in_channels) floats with H and W multiples of
+    `multiple` (a U-Net that halves the resolution log2(multiple) times)."""
+    expected = (f"(B, H, W, {in_channels}) floating-point images (NHWC) with H and W multiples "
+                f"of {multiple}")
+    if x.ndim != 4:
+        raise ValueError(f"{owner} expects {expected}; got a rank-{x.ndim} array of shape {tuple(x.shape)}")
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"{owner} expects {expected}; got dtype {x.dtype}")
+    if x.shape[-1] != in_channels or x.shape[1] % multiple or x.shape[2] % multiple:
+        hint = " (NCHW input? Flax models take NHWC)" if x.shape[1] == in_channels else ""
+        raise ValueError(f"{owner} expects {expected}; got shape {tuple(x.shape)}{hint}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{owner} expects {expected}; got an empty batch")
+
+
+def check_timesteps(t, batch: int, owner: str) -> None:
+    """Raise a ValueError unless `t` holds one timestep per image, shape (batch,)."""
+    shape = tuple(getattr(t, "shape", ()))
+    if shape != (batch,):
+        raise ValueError(f"{owner} expects one timestep per image, shape ({batch},); got "
+                         f"{'a ' + type(t).__name__ if not shape else 'shape ' + str(shape)}")
 
 
 def add_class_token(x, cls_token, pos_embed):

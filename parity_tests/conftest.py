@@ -17,7 +17,8 @@ jax.config.update("jax_compilation_cache_dir",
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 torch.backends.cuda.matmul.allow_tf32 = False
 torch.backends.cudnn.allow_tf32 = False
-torch.set_num_threads(max(1, os.cpu_count() or 1))
+# One torch thread per pytest-xdist worker (`make test` runs two on two cores), all otherwise.
+torch.set_num_threads(1 if os.environ.get("PYTEST_XDIST_WORKER") else max(1, os.cpu_count() or 1))
 
 
 @pytest.fixture(autouse=True)

@@ -65,7 +65,7 @@ def forward_error(torch_model, flax_model, variables, torch_inputs: Sequence, fl
     torch_model.eval()
     with torch.no_grad():
         ref = torch_model(*torch_inputs)
-    got = flax_model.apply(variables, *flax_inputs)
+    got = jax.jit(flax_model.apply)(variables, *flax_inputs)
     refs, gots = jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(got)
     assert len(refs) == len(gots), f"torch gives {len(refs)} outputs, Flax {len(gots)}"
     return max(rel_err(r.numpy(), as_reference_layout(r.numpy(), g)) for r, g in zip(refs, gots, strict=True))
@@ -126,8 +126,8 @@ def relu_sign_flips(torch_model, flax_model, variables, torch_inputs, flax_input
         torch_model(*torch_inputs)
     for h in hooks:
         h.remove()
-    _, state = flax_model.apply(variables, *flax_inputs, capture_intermediates=True,
-                                mutable=["intermediates"])
+    _, state = jax.jit(lambda v, *x: flax_model.apply(v, *x, capture_intermediates=True,
+                                                      mutable=["intermediates"]))(variables, *flax_inputs)
     from flax.traverse_util import flatten_dict
     flips = 0
     for path, value in flatten_dict(state["intermediates"]).items():

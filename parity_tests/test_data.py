@@ -68,6 +68,17 @@ def test_imagefolder_empty_is_an_error(tmp_path):
         data.load_imagefolder(str(tmp_path), 8, 1)
 
 
+@pytest.mark.parametrize("damage", ["truncated", "not_an_image", "empty"])
+def test_imagefolder_unreadable_file_is_named(tmp_path, damage):
+    _write_images(tmp_path, ["a", "b"], 3)
+    bad = tmp_path / "b" / "1.png"
+    raw = bad.read_bytes()
+    bad.write_bytes({"truncated": raw[: len(raw) // 2], "not_an_image": b"just some notes\n",
+                     "empty": b""}[damage])
+    with pytest.raises(ValueError, match=rf"{bad}: not a readable image \(.+\); remove"):
+        data.load_imagefolder(str(tmp_path), 8, 3)
+
+
 def _write_cifar(root, n_train=(6, 4), n_test=5):
     rng = np.random.default_rng(1)
     os.makedirs(root, exist_ok=True)
@@ -108,6 +119,35 @@ def test_cifar10_refuses_code_in_pickles(tmp_path):
     with open(tmp_path / "test_batch", "wb") as f:
         pickle.dump({b"data": _Evil(), b"labels": []}, f)
     with pytest.raises(ValueError, match="refusing to load"):
+        data.load_cifar10(str(tmp_path))
+
+
+@pytest.mark.parametrize("entries, message", [
+    ({b"data": [b"abc"] * 5, b"labels": [0] * 5}, "'data' is a list; expected a uint8 array"),
+    ({b"data": np.zeros((5, 3072), np.float64), b"labels": [0] * 5}, "float64 array of shape"),
+    ({b"data": np.zeros((5, 100), np.uint8), b"labels": [0] * 5}, r"shape \(5, 100\)"),
+    ({b"data": np.zeros((5, 3072), np.uint8), b"labels": [0] * 4}, "5 images but 4 labels"),
+    ({b"data": np.zeros((5, 3072), np.uint8), b"labels": 7}, "not a list of integers"),
+    ({b"data": np.zeros((5, 3072), np.uint8), b"labels": ["x"] * 5}, "not a list of integers"),
+    ({b"data": np.zeros((2, 3072), np.uint8), b"labels": [3, 12]}, r"labels range 3\.\.12"),
+    ({b"labels": [0]}, "no b'data' entry"),
+])
+def test_cifar10_malformed_batch(tmp_path, entries, message):
+    _write_cifar(str(tmp_path))
+    with open(tmp_path / "data_batch_2", "wb") as f:
+        pickle.dump(entries, f, protocol=2)
+    with pytest.raises(ValueError, match=rf"data_batch_2: .*{message}"):
+        data.load_cifar10(str(tmp_path))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
+def test_cifar10_unreadable_pickle(tmp_path, damage):
+    _write_cifar(str(tmp_path))
+    path = tmp_path / "test_batch"
+    raw = path.read_bytes()
+    path.write_bytes({"truncated": raw[: len(raw) // 3], "garbage": bytes(range(256)) * 4,
+                      "empty": b""}[damage])
+    with pytest.raises(ValueError, match="test_batch: not a readable CIFAR-10 batch"):
         data.load_cifar10(str(tmp_path))
 
 

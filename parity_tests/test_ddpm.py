@@ -147,17 +147,18 @@ def test_q_sample_p_losses_p_sample():
     with torch.no_grad():
         q_t = td.q_sample(*tt(x, t, noise)).numpy()
         loss_t = td.p_losses(*tt(x, t, noise)).item()
-    q_f = fd.apply(variables, xf, tf, nf, method=J.DDPM.q_sample)
-    loss_f = fd.apply(variables, xf, tf, nf, method=J.DDPM.p_losses)
+    q_f = jax.jit(lambda v, *a: fd.apply(v, *a, method=J.DDPM.q_sample))(variables, xf, tf, nf)
+    loss_f = jax.jit(lambda v, *a: fd.apply(v, *a, method=J.DDPM.p_losses))(variables, xf, tf, nf)
+    p_sample = jax.jit(lambda v, *a: fd.apply(v, *a, method=J.DDPM.p_sample))
     assert harness.rel_err(q_t, nchw(q_f)) <= harness.FORWARD_TOL
     assert abs(loss_t - float(loss_f)) <= harness.FORWARD_TOL * loss_t
     for t_index in (5, 0):
         ts = np.full_like(t, t_index)
         ref = td.p_sample(*tt(x, ts), t_index, torch.from_numpy(noise)).numpy()
-        got = fd.apply(variables, xf, jnp.asarray(ts), t_index, nf, method=J.DDPM.p_sample)
+        got = p_sample(variables, xf, jnp.asarray(ts), t_index, nf)
         assert harness.rel_err(ref, nchw(got)) <= harness.FORWARD_TOL, t_index
     ref = td.p_sample(*tt(x, t), 7, torch.from_numpy(noise)).numpy()  # mixed t in one batch
-    assert harness.rel_err(ref, nchw(fd.apply(variables, xf, tf, 7, nf, method=J.DDPM.p_sample))) <= harness.FORWARD_TOL
+    assert harness.rel_err(ref, nchw(p_sample(variables, xf, tf, 7, nf))) <= harness.FORWARD_TOL
 
 
 def test_ancestral_trajectory():
@@ -192,13 +193,13 @@ def test_samplers_draw_from_the_key():
     a, b, c = sample(variables, jax.random.key(1)), sample(variables, jax.random.key(1)), \
         sample(variables, jax.random.key(2))
     assert a.shape == (3, 8, 8, 1) and np.array_equal(a, b) and not np.allclose(a, c)
-    d = fd.apply(variables, jax.random.key(1), 8, 3, 1, 5, method=J.DDPM.ddim_sample)
+    d = jax.jit(lambda v, k: fd.apply(v, k, 8, 3, 1, 5, method=J.DDPM.ddim_sample))(variables, jax.random.key(1))
     assert d.shape == (3, 8, 8, 1) and np.all(np.isfinite(d))
 
 
 def test_training_loss_draws_t_and_noise():
     _, fd, variables, (x, _, _) = twins(batch=4)
-    loss = lambda k: fd.apply(variables, nhwc(x), rngs={"diffusion": k})
+    loss = jax.jit(lambda k: fd.apply(variables, nhwc(x), rngs={"diffusion": k}))
     assert float(loss(jax.random.key(0))) == float(loss(jax.random.key(0))) != float(loss(jax.random.key(1)))
 
 

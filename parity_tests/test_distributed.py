@@ -15,6 +15,8 @@ import time
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.xdist_group("distributed")   # one worker: the module fixture runs once
+
 from bridge import load_safetensors
 from parity_tests import harness
 

@@ -122,6 +122,23 @@ def test_bad_settings_are_named_before_anything_is_built(tmp_path, capsys, flags
     assert not (tmp_path / "w" / "checkpoints").exists()
 
 
+def test_a_damaged_image_in_the_data_is_named_in_one_line(tmp_path, capsys):
+    from PIL import Image
+
+    from train.__main__ import main
+
+    for c in ("a", "b"):
+        (tmp_path / "data" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.new("L", (8, 8), 40 * i).save(tmp_path / "data" / c / f"{i}.png")
+    (tmp_path / "data" / "b" / "2.png").write_bytes(b"\x89PNG\r\n\x1a\n truncated")
+    assert main([*TINY, "--workdir", str(tmp_path / "w"), "--data",
+                 f"imagefolder:{tmp_path / 'data'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {tmp_path / 'data' / 'b' / '2.png'}: not a readable image")
+    assert err.count("\n") == 1 and not (tmp_path / "w" / "checkpoints").exists()
+
+
 def test_unwritable_export_and_workdir_are_named_first(tmp_path, capsys):
     from train.__main__ import main
 

@@ -137,3 +137,26 @@ def test_verify_cli_passes(name, capsys):
     assert main(["verify", name, "--batch-size", "1"]) == 0
     out = capsys.readouterr().out
     assert "PASS" in out and out.count("\n") > 5, out
+
+
+@pytest.mark.parametrize("name", [n for n in PRESETS if n not in SLOW])
+def test_bad_inputs_get_a_value_error_in_both_twins(name):
+    """Every twin refuses what it cannot take with a ValueError naming what it expects: an empty
+    batch, images of another channel count, and (torch) images of another dtype than its weights."""
+    import torch
+
+    tm, fm, variables, t_in, f_in = build_twins(get_preset(name), batch_size=2)
+    empty_t, empty_f = tuple(t[:0] for t in t_in), tuple(f[:0] for f in f_in)
+    wrong_t = (torch.cat([t_in[0], t_in[0]], dim=1), *t_in[1:])
+    wrong_f = (np.concatenate([f_in[0], f_in[0]], axis=-1), *f_in[1:])
+    cases = [("torch", tm, empty_t, "got an empty batch"), ("flax", fm, empty_f, "got an empty batch"),
+             ("torch", tm, wrong_t, "expects"), ("flax", fm, wrong_f, "expects"),
+             ("torch", tm, (t_in[0].double(), *t_in[1:]),
+              "has torch.float32 weights but got torch.float64 images")]
+    for framework, model, inputs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            if framework == "torch":
+                with torch.no_grad():
+                    model(*inputs)
+            else:
+                model.apply(variables, *inputs)

@@ -18,6 +18,8 @@ import torch.nn.functional as F
 
 from model_math import ddim_timesteps, linear_schedule
 
+from .layers import check_feature_map, check_timesteps
+
 
 class SinusoidalPositionEmbeddings(nn.Module):
     """(B,) timesteps -> (B, dim): [sin(t w_i), cos(t w_i)], w_i = 10000^(-i / (dim/2 - 1))."""
@@ -143,6 +145,9 @@ class UNet(nn.Module):
         )
 
     def forward(self, x, timestep):
+        check_feature_map(x, self.init_conv.in_channels, 2 ** len(self.pool), type(self).__name__,
+                          self.init_conv.weight.dtype)
+        check_timesteps(timestep, x.shape[0], type(self).__name__)
         t = self.time_mlp(timestep)
         x = self.init_conv(x)
         skip_connections = []

@@ -10,8 +10,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
-def check_images(x: torch.Tensor, image_size: int, in_channels: int, owner: str) -> None:
-    """Raise a ValueError naming what `owner` expects when `x` is not (B, C, H, W) floats."""
+def _check_dtype(x: torch.Tensor, dtype: torch.dtype, owner: str) -> None:
+    if x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):
+        raise ValueError(f"{owner} has {dtype} weights but got {x.dtype} images; convert the input "
+                         f"(x.to({dtype})) or the model (model.to({x.dtype}))")
+
+
+def check_images(x: torch.Tensor, image_size: int, in_channels: int, owner: str,
+                 dtype: torch.dtype | None = None) -> None:
+    """Raise a ValueError naming what `owner` expects when `x` is not (B, C, H, W) floats of the
+    weights' `dtype`."""
     expected = f"(B, {in_channels}, {image_size}, {image_size}) floating-point images (NCHW)"
     if x.ndim != 4:
         raise ValueError(f"{owner} expects {expected}; got a rank-{x.ndim} tensor of shape {tuple(x.shape)}")
@@ -19,6 +27,36 @@ def check_images(x: torch.Tensor, image_size: int, in_channels: int, owner: str)
         raise ValueError(f"{owner} expects {expected}; got dtype {x.dtype}")
     if tuple(x.shape[1:]) != (in_channels, image_size, image_size):
         raise ValueError(f"{owner} expects {expected}; got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{owner} expects {expected}; got an empty batch")
+    if dtype is not None:
+        _check_dtype(x, dtype, owner)
+
+
+def check_feature_map(x: torch.Tensor, in_channels: int, multiple: int, owner: str,
+                      dtype: torch.dtype | None = None) -> None:
+    """Raise a ValueError unless `x` is (B > 0, in_channels, H, W) floats of the weights' `dtype`
+    with H and W multiples of `multiple` (a U-Net that halves the resolution log2(multiple) times)."""
+    expected = (f"(B, {in_channels}, H, W) floating-point images (NCHW) with H and W multiples "
+                f"of {multiple}")
+    if x.ndim != 4:
+        raise ValueError(f"{owner} expects {expected}; got a rank-{x.ndim} tensor of shape {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise ValueError(f"{owner} expects {expected}; got dtype {x.dtype}")
+    if x.shape[1] != in_channels or x.shape[2] % multiple or x.shape[3] % multiple:
+        raise ValueError(f"{owner} expects {expected}; got shape {tuple(x.shape)}")
+    if x.shape[0] == 0:
+        raise ValueError(f"{owner} expects {expected}; got an empty batch")
+    if dtype is not None:
+        _check_dtype(x, dtype, owner)
+
+
+def check_timesteps(t, batch: int, owner: str) -> None:
+    """Raise a ValueError unless `t` holds one timestep per image, shape (batch,)."""
+    shape = tuple(getattr(t, "shape", ()))
+    if shape != (batch,):
+        raise ValueError(f"{owner} expects one timestep per image, shape ({batch},); got "
+                         f"{'a ' + type(t).__name__ if not shape else 'shape ' + str(shape)}")
 
 
 def add_class_token(x, cls_token, pos_embed):
@@ -54,7 +92,8 @@ class PatchEmbedding(nn.Module):
         self.projection = nn.Sequential(conv, FlattenPatches()) if rearrange else conv
 
     def forward(self, x):
-        check_images(x, self.image_size, self.in_channels, type(self).__name__)
+        conv = self.projection[0] if isinstance(self.projection, nn.Sequential) else self.projection
+        check_images(x, self.image_size, self.in_channels, type(self).__name__, conv.weight.dtype)
         x = self.projection(x)
         return x if x.ndim == 3 else x.flatten(2).transpose(1, 2)
 

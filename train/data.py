@@ -128,14 +128,13 @@ def load_cifar10(root: str, image_size: int = 32, in_channels: int = 3
     def read(files):
         images, labels = [], []
         for f in files:
-            batch = _safe_unpickle(os.path.join(root, f))
+            path = os.path.join(root, f)
+            batch = _safe_unpickle(path)
             try:
-                data, lab = np.asarray(batch[b"data"], np.uint8), batch[b"labels"]
+                data, lab = batch[b"data"], batch[b"labels"]
             except KeyError as e:
-                raise ValueError(f"{f}: not a CIFAR-10 batch (no {e.args[0]!r} entry)") from None
-            if data.ndim != 2 or data.shape[1] != 3 * 32 * 32 or len(data) != len(lab):
-                raise ValueError(f"{f}: data of shape {data.shape} with {len(lab)} labels; "
-                                 "expected (N, 3072) and N labels")
+                raise ValueError(f"{path}: not a CIFAR-10 batch (no {e.args[0]!r} entry)") from None
+            data, lab = _cifar_arrays(path, data, lab)
             images.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
             labels.append(np.asarray(lab, np.int32))
         images = _fit(np.concatenate(images).astype(np.float32), image_size, in_channels)
@@ -160,12 +159,39 @@ class _DataUnpickler(pickle.Unpickler):
                                      "only dicts, lists, bytes and numpy arrays")
 
 
+def _cifar_arrays(path: str, data, labels) -> tuple[np.ndarray, np.ndarray]:
+    """Checks one batch's entries: (N, 3072) uint8 pixels and N integer labels in 0..9."""
+    data_ok = isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 \
+        and data.shape[1] == 3 * 32 * 32
+    if not data_ok:
+        kind = (f"{data.dtype} array of shape {data.shape}" if isinstance(data, np.ndarray)
+                else type(data).__name__)
+        raise ValueError(f"{path}: malformed CIFAR-10 batch: 'data' is a {kind}; expected a "
+                         "uint8 array of shape (N, 3072)")
+    try:
+        labels = np.asarray(labels)
+    except (TypeError, ValueError):
+        labels = np.asarray(None)
+    if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+        raise ValueError(f"{path}: malformed CIFAR-10 batch: 'labels' is not a list of integers")
+    if len(labels) != len(data):
+        raise ValueError(f"{path}: malformed CIFAR-10 batch: {len(data)} images but "
+                         f"{len(labels)} labels")
+    if len(labels) and (labels.min() < 0 or labels.max() > 9):
+        raise ValueError(f"{path}: malformed CIFAR-10 batch: labels range "
+                         f"{labels.min()}..{labels.max()}; expected 0..9")
+    return data, labels.astype(np.int32)
+
+
 def _safe_unpickle(path: str) -> dict:
     with open(path, "rb") as f:
         try:
             obj = _DataUnpickler(f, encoding="bytes").load()
-        except (pickle.UnpicklingError, EOFError, ValueError) as e:
+        except pickle.UnpicklingError as e:
             raise ValueError(f"{path}: not a readable CIFAR-10 batch ({e})") from None
+        except Exception as e:
+            raise ValueError(f"{path}: not a readable CIFAR-10 batch (a malformed pickle: "
+                             f"{type(e).__name__}: {e})") from None
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a dict, found {type(obj).__name__}")
     return obj
@@ -189,13 +215,22 @@ def _read_folder(root: str, names: tuple[str, ...], image_size: int, in_channels
         folder = os.path.join(root, name)
         files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS))
         for f in files:
-            with Image.open(os.path.join(folder, f)) as im:
-                im = im.convert(mode).resize((image_size, image_size), Image.BILINEAR)
-                images.append(np.asarray(im, np.float32).reshape(image_size, image_size, -1))
+            images.append(_read_image(os.path.join(folder, f), mode, image_size))
             labels.append(label)
     if not images:
         raise ValueError(f"no images under {root!r} (looked for {', '.join(IMAGE_EXTENSIONS)})")
     return ArrayDataset(_normalize(np.stack(images)), np.asarray(labels, np.int32), names)
+
+
+def _read_image(path: str, mode: str, image_size: int) -> np.ndarray:
+    """One image as (image_size, image_size, C) float32; an unreadable file is named with why."""
+    try:
+        with Image.open(path) as im:
+            im = im.convert(mode).resize((image_size, image_size), Image.BILINEAR)
+            return np.asarray(im, np.float32).reshape(image_size, image_size, -1)
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+        reason = str(e) or type(e).__name__
+        raise ValueError(f"{path}: not a readable image ({reason}); remove or replace it") from None
 
 
 def _stratified_split(data: ArrayDataset) -> tuple[ArrayDataset, ArrayDataset]:

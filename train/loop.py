@@ -27,6 +27,7 @@ import time
 import numpy as np
 
 from train.checkpoint import CheckpointError, Checkpoints
+from train import distributed
 from train.config import Config, Run, resolve
 
 BACKEND_CLASSES = {"jax": "train.jax_backend:JaxBackend", "torch": "train.torch_backend:TorchBackend"}
@@ -100,6 +101,7 @@ def train(r: Run, backend_cls) -> dict:
     t_start = time.perf_counter()
     extra = task.setup(r)
     backend = backend_cls(r)
+    distributed.barrier("checkpoints")   # orbax's first step is a device collective (see barrier)
     ckpt = Checkpoints(os.path.join(r.workdir, "checkpoints"), r.checkpoint_every, cfg.keep)
     start_step = 0
     with closing_on_error(ckpt):
