@@ -188,7 +188,10 @@ def facts_of(model_types: tuple[str, ...], classes: tuple[str, ...]):
         if not config:
             return {}, {}, [f"config.json: Hugging Face {arch} needs the model's config.json (beside the "
                             "checkpoint, or --config)"]
-        if config.get("model_type") not in (None, *model_types):
+        if "model_type" not in config:
+            problems.append(f"model_type: the config has none, so it is not a transformers config.json "
+                            f"(transformers' {arch} config says model_type {' or '.join(map(repr, model_types))})")
+        elif config["model_type"] not in model_types:
             problems.append(f"model_type: config.json says {config.get('model_type')!r}, {arch} is "
                             f"{' or '.join(model_types)}")
         named = [a for a in config.get("architectures") or [] if a not in classes]
