@@ -157,6 +157,7 @@ def test_zero_shot_classify_batched_with_prompt_ensembling():
     assert harness.rel_err(probs.numpy(), flax_probs) <= harness.FORWARD_TOL
 
 
+@pytest.mark.slow   # the default run holds one contrastive step on 8 devices equal to jit: test_parallel
 @pytest.mark.skipif(jax.local_device_count() < 8, reason="needs 8 (fake) devices; conftest sets "
                     "XLA_FLAGS=--xla_force_host_platform_device_count=8")
 def test_pmap_gathered_loss_and_gradients_equal_jit_on_whole_batch():

@@ -51,6 +51,9 @@ def cases():
 
 
 FLOAT = pytest.mark.parametrize("float64", [False, True], ids=["float32", "float64"])
+# The float64 trajectories (the final weights held to the tolerance too) run in `make test-all`.
+FLOAT_TRAJECTORY = pytest.mark.parametrize(
+    "float64", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["float32", "float64"])
 
 
 @functools.lru_cache(maxsize=2)
@@ -102,7 +105,7 @@ def test_gradients(name, float64):
                             f"{name} ({'float64' if float64 else 'float32'})", float64=float64)
 
 
-@FLOAT
+@FLOAT_TRAJECTORY
 @pytest.mark.parametrize("name", cases())
 def test_adamw_trajectory(name, float64):
     """20 AdamW steps on 20 batches at the recipe's rate and weight decay: losses within the
