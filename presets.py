@@ -153,6 +153,33 @@ PRESETS.update({p.name: p for p in [
 ]})
 
 
+def _captioner(name, image_size, patch_size, in_channels, vision_width, vision_layers, vision_heads,
+               vocab_size, max_positions, width, layers, heads, mlp_ratio=4, dropout=0.0, train=None,
+               description=""):
+    kwargs = dict(image_size=image_size, patch_size=patch_size, in_channels=in_channels,
+                  vision_width=vision_width, vision_layers=vision_layers, vision_heads=vision_heads,
+                  vocab_size=vocab_size, max_positions=max_positions, width=width, layers=layers,
+                  heads=heads, mlp_ratio=mlp_ratio, dropout=dropout)
+    return Preset(name, "captioning", "Captioner", kwargs, image_size, in_channels, task="captioning",
+                  train=dict(train or {}), description=description)
+
+
+# Scenes (train/scenes.py): up to 6 squares and circles in 6 colours on a plain 48x48 ground,
+# captioned left to right ("a red circle , a blue square and a gray circle"): at most 23 words, 25
+# tokens with bos and eos. Ids are `scenes_tokenizer()`'s (35 words of questions and captions: pad 0,
+# bos 35 and eos 36, the last two), so `vocab_size` is 37. Sized to train on 2 CPU cores in minutes;
+# `max_length` (generated tokens, eos included) and `num_beams` are what evaluation decodes with.
+CAPTION_SCENES_RECIPE = dict(lr=1e-3, weight_decay=0.05, warmup_steps=200, batch_size=64, steps=3000,
+                             grad_clip=1.0, label_smoothing=0.0, data="scenes", image_size=48,
+                             max_length=24, num_beams=1)
+
+PRESETS.update({p.name: p for p in [
+    _captioner("caption-scenes", 48, 8, 3, 64, 3, 4, 37, 32, 64, 2, 4, train=CAPTION_SCENES_RECIPE,
+               description="captioner for 48x48 scenes: ViT 8x8 patches 64 wide x 3 (37 tokens), "
+                           "GPT-2-style decoder 64 wide x 2 with cross-attention, 32 positions"),
+]})
+
+
 def get_preset(name: str) -> Preset:
     """The preset called `name`; a KeyError lists the known names otherwise."""
     try:
