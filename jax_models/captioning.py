@@ -61,7 +61,7 @@ class KVCache:
     cross_v: tuple
     index: Any = 0
 
-    def reorder(self, rows) -> "KVCache":
+    def reorder(self, rows) -> KVCache:
         """Keep the self-attention rows `rows` (beam search); beams never leave their image, whose
         cross keys they share."""
         take = lambda xs: tuple(x[rows] for x in xs)

@@ -50,7 +50,7 @@ def decoder_config(vocab_size, max_positions, bos_token_id=None, eos_token_id=No
 @dataclasses.dataclass
 class DecoderOutput:
     logits: torch.Tensor                   # (B, T, vocab_size)
-    past_key_values: "KVCache | None" = None
+    past_key_values: KVCache | None = None
 
 
 @dataclasses.dataclass
