@@ -75,17 +75,20 @@ def bench(preset="caption-scenes", batch_sizes=(1, 64), max_length=None, num_bea
             "torch beam": lambda: tm.generate(xt, max_length, num_beams=num_beams, **kw),
             "torch greedy uncached": lambda: tm.generate(xt, max_length, use_cache=False, **kw),
         }
-        same = {"greedy": np.array_equal(np.asarray(decoders["jax greedy"]()), decoders["torch greedy"]().numpy()),
-                "beam": np.array_equal(np.asarray(decoders["jax beam"]()), decoders["torch beam"]().numpy())}
+        timed = []
         for name, fn in decoders.items():
             n = uncached_runs if (uncached_runs and "uncached" in name) else runs
             first, median, times = _time(fn, n)
-            rows.append(dict(preset=preset, decoder=name, batch_size=B, max_length=max_length,
-                             num_beams=num_beams if "beam" in name else 1,
-                             tokens_per_s=round(B * max_length / median, 1), median_s=round(median, 5),
-                             first_call_s=round(first, 3), runs=[round(t, 5) for t in times],
-                             same_tokens_as_other_framework=same["beam" if "beam" in name else "greedy"],
-                             machine=machine, load_average_1min=load))
+            timed.append(dict(preset=preset, decoder=name, batch_size=B, max_length=max_length,
+                              num_beams=num_beams if "beam" in name else 1,
+                              tokens_per_s=round(B * max_length / median, 1), median_s=round(median, 5),
+                              first_call_s=round(first, 3), runs=[round(t, 5) for t in times],
+                              machine=machine, load_average_1min=load))
+        same = {"greedy": np.array_equal(np.asarray(decoders["jax greedy"]()), decoders["torch greedy"]().numpy()),
+                "beam": np.array_equal(np.asarray(decoders["jax beam"]()), decoders["torch beam"]().numpy())}
+        for r in timed:
+            r["same_tokens_as_other_framework"] = same["beam" if "beam" in r["decoder"] else "greedy"]
+        rows += timed
     return rows
 
 
