@@ -93,7 +93,8 @@ def _dense(features, name, std=0.02):
 class CausalSelfAttention(nn.Module):
     """GPT-2's self-attention: fused `c_attn` (q, k, v), `c_proj`; causal. (B, T, W) -> (B, T, W).
     With a cache, the T new positions are written at `cache.index` and see every position before
-    them; returns (out, cache)."""
+    them; returns (out, cache). `proj_std`: the initial spread of `c_proj` (GPT-2 scales it down
+    with the depth)."""
     width: int
     heads: int
     dropout: float = 0.0

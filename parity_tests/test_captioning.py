@@ -203,6 +203,23 @@ def test_names_follow_gpt2_and_round_trip_is_bit_exact():
     assert not any(k.startswith("image_proj") for k in same.state_dict())
 
 
+def test_twins_take_the_same_arguments():
+    """Every module class has its twin, with the same constructor arguments and defaults (Flax
+    adds only `attention_impl`, last), and the factories agree."""
+    import inspect
+
+    for name in ("CausalSelfAttention", "CrossAttention", "MLP", "Block", "TextDecoder", "ImageCaptioningModel"):
+        torch_args = [(k, p.default) for k, p in inspect.signature(getattr(T, name)).parameters.items()]
+        fields = [f for f in dataclasses.fields(getattr(J, name)) if f.name not in ("parent", "name")]
+        flax_args = [(f.name, f.default if f.default is not dataclasses.MISSING else inspect.Parameter.empty)
+                     for f in fields if f.name != "attention_impl"]
+        assert torch_args == flax_args, name
+        assert all(f.name != "attention_impl" for f in fields) or fields[-1].name == "attention_impl", name
+    torch_factory = list(inspect.signature(T.Captioner).parameters.items())
+    flax_factory = list(inspect.signature(J.Captioner).parameters.items())
+    assert torch_factory == flax_factory[:-1] and flax_factory[-1][0] == "attention_impl"
+
+
 def test_source_class_loads_strictly_and_its_uncached_decode_agrees():
     """The source's ImageCaptioningModel over our ViT (asked for its tokens) and TextDecoder: our
     state dict loads with strict=True, the logits are equal, and its uncached `generate_caption`

@@ -70,6 +70,14 @@ class KVCache:
         self.self_v = [v.index_select(0, rows) for v in self.self_v]
 
 
+def linear(in_features, out_features, std=0.02):
+    """GPT-2's Linear initialisation: weights N(0, std^2), zero bias."""
+    layer = nn.Linear(in_features, out_features)
+    nn.init.normal_(layer.weight, std=std)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
 def split_heads(x, heads):
     """(B, T, W) -> (B, heads, T, W / heads)."""
     B, T, W = x.shape
@@ -84,15 +92,16 @@ def merge_heads(x):
 
 class CausalSelfAttention(nn.Module):
     """GPT-2's self-attention: fused `c_attn` (q, k, v), `c_proj`; causal. (B, T, W) -> (B, T, W).
-    With a cache, the T new positions start at `cache.index` and see every position before them."""
+    With a cache, the T new positions start at `cache.index` and see every position before them.
+    `proj_std`: the initial spread of `c_proj` (GPT-2 scales it down with the depth)."""
 
-    def __init__(self, width, heads, dropout=0.0):
+    def __init__(self, width, heads, dropout=0.0, proj_std=0.02):
         super().__init__()
         if width % heads:
             raise ValueError(f"width {width} is not divisible by heads {heads}")
         self.heads = heads
-        self.c_attn = nn.Linear(width, 3 * width)
-        self.c_proj = nn.Linear(width, width)
+        self.c_attn = linear(width, 3 * width)
+        self.c_proj = linear(width, width, proj_std)
         self.attn_dropout = nn.Dropout(dropout)
         self.resid_dropout = nn.Dropout(dropout)
 
@@ -116,14 +125,14 @@ class CrossAttention(nn.Module):
     """GPT-2's cross-attention: queries `q_attn` from the text, fused keys and values `c_attn` from
     the image tokens, `c_proj`. (B, T, W), (B, N, W) -> (B, T, W)."""
 
-    def __init__(self, width, heads, dropout=0.0):
+    def __init__(self, width, heads, dropout=0.0, proj_std=0.02):
         super().__init__()
         if width % heads:
             raise ValueError(f"width {width} is not divisible by heads {heads}")
         self.heads = heads
-        self.q_attn = nn.Linear(width, width)
-        self.c_attn = nn.Linear(width, 2 * width)
-        self.c_proj = nn.Linear(width, width)
+        self.q_attn = linear(width, width)
+        self.c_attn = linear(width, 2 * width)
+        self.c_proj = linear(width, width, proj_std)
         self.attn_dropout = nn.Dropout(dropout)
         self.resid_dropout = nn.Dropout(dropout)
 
@@ -142,11 +151,11 @@ class CrossAttention(nn.Module):
 class MLP(nn.Module):
     """GPT-2's feed-forward: `c_fc`, tanh GELU, `c_proj`, dropout."""
 
-    def __init__(self, width, hidden, dropout=0.0):
+    def __init__(self, width, hidden, dropout=0.0, proj_std=0.02):
         super().__init__()
-        self.c_fc = nn.Linear(width, hidden)
+        self.c_fc = linear(width, hidden)
         self.act = nn.GELU(approximate="tanh")
-        self.c_proj = nn.Linear(hidden, width)
+        self.c_proj = linear(hidden, width, proj_std)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x):
@@ -157,14 +166,14 @@ class Block(nn.Module):
     """Pre-norm decoder block: x + attn(ln_1(x)), x + crossattention(ln_cross_attn(x), image),
     x + mlp(ln_2(x))."""
 
-    def __init__(self, width, heads, mlp_ratio=4, dropout=0.0, layer_norm_eps=1e-5):
+    def __init__(self, width, heads, mlp_ratio=4, dropout=0.0, layer_norm_eps=1e-5, proj_std=0.02):
         super().__init__()
         self.ln_1 = nn.LayerNorm(width, eps=layer_norm_eps)
-        self.attn = CausalSelfAttention(width, heads, dropout)
+        self.attn = CausalSelfAttention(width, heads, dropout, proj_std)
         self.ln_cross_attn = nn.LayerNorm(width, eps=layer_norm_eps)
-        self.crossattention = CrossAttention(width, heads, dropout)
+        self.crossattention = CrossAttention(width, heads, dropout, proj_std)
         self.ln_2 = nn.LayerNorm(width, eps=layer_norm_eps)
-        self.mlp = MLP(width, int(width * mlp_ratio), dropout)
+        self.mlp = MLP(width, int(width * mlp_ratio), dropout, proj_std)
 
     def forward(self, x, encoder_hidden_states=None, cache=None, layer=0):
         x = x + self.attn(self.ln_1(x), cache, layer)
@@ -188,22 +197,14 @@ class TextDecoder(nn.Module):
         self.image_width = width if image_width is None else image_width
         self.wte = nn.Embedding(vocab_size, width)
         self.wpe = nn.Embedding(max_positions, width)
+        nn.init.normal_(self.wte.weight, std=0.02)
+        nn.init.normal_(self.wpe.weight, std=0.02)
         self.drop = nn.Dropout(dropout)
-        self.h = nn.ModuleList([Block(width, heads, mlp_ratio, dropout, layer_norm_eps) for _ in range(layers)])
+        proj_std = 0.02 / math.sqrt(2 * layers)
+        self.h = nn.ModuleList([Block(width, heads, mlp_ratio, dropout, layer_norm_eps, proj_std)
+                                for _ in range(layers)])
         self.ln_f = nn.LayerNorm(width, eps=layer_norm_eps)
-        self.image_proj = nn.Linear(self.image_width, width) if self.image_width != width else None
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, std=0.02 / math.sqrt(2 * layers))
-
-    @staticmethod
-    def _init_weights(m):
-        """GPT-2's: normal(0.02) weights and embeddings, zero biases."""
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, std=0.02)
-        if isinstance(m, nn.Linear):
-            nn.init.zeros_(m.bias)
+        self.image_proj = linear(self.image_width, width) if self.image_width != width else None
 
     def project_image(self, encoder_hidden_states):
         """(B, N, image_width) -> (B, N, width)."""
