@@ -61,6 +61,13 @@ class KVCache:
     cross_v: tuple
     index: Any = 0
 
+    def write(self, layer: int, k, v) -> KVCache:
+        """Layer `layer`'s new keys and values (B, heads, T, head_dim) written at `index`."""
+        def put(xs, x):
+            new = jax.lax.dynamic_update_slice(xs[layer], x, (0, 0, self.index, 0))
+            return xs[:layer] + (new,) + xs[layer + 1:]
+        return self.replace(self_k=put(self.self_k, k), self_v=put(self.self_v, v))
+
     def reorder(self, rows) -> KVCache:
         """Keep the self-attention rows `rows` (beam search); beams never leave their image, whose
         cross keys they share."""
@@ -106,15 +113,12 @@ class CausalSelfAttention(nn.Module):
         if self.width % self.heads:
             raise ValueError(f"width {self.width} is not divisible by heads {self.heads}")
         T = x.shape[1]
-        q, k, v = (split_heads(t, self.heads) for t in jnp.split(_dense(3 * self.width, "c_attn")(x), 3, -1))
+        qkv = jnp.split(_dense(3 * self.width, "c_attn")(x), 3, axis=-1)
+        q, k, v = (split_heads(t, self.heads) for t in qkv)
         start = 0
         if cache is not None:
-            start = cache.index
-            at = (0, 0, start, 0)
-            ks = cache.self_k[:layer] + (jax.lax.dynamic_update_slice(cache.self_k[layer], k, at),) + cache.self_k[layer + 1:]
-            vs = cache.self_v[:layer] + (jax.lax.dynamic_update_slice(cache.self_v[layer], v, at),) + cache.self_v[layer + 1:]
-            cache = cache.replace(self_k=ks, self_v=vs)
-            k, v = ks[layer], vs[layer]
+            start, cache = cache.index, cache.write(layer, k, v)
+            k, v = cache.self_k[layer], cache.self_v[layer]
         mask = jnp.arange(k.shape[2])[None, :] <= (start + jnp.arange(T))[:, None]
         drop = nn.Dropout(self.dropout, deterministic=not train, name="attn_dropout")
         out = attend(q, k, v, q.shape[-1] ** -0.5, mask=mask, dropout=drop, impl=self.attention_impl)
@@ -149,7 +153,8 @@ class CrossAttention(nn.Module):
         q = split_heads(self.q_attn(x), self.heads)
         drop = nn.Dropout(self.dropout, deterministic=not train, name="attn_dropout")
         out = attend(q, k, v, q.shape[-1] ** -0.5, dropout=drop, impl=self.attention_impl)
-        return nn.Dropout(self.dropout, name="resid_dropout")(self.c_proj(merge_heads(out)), deterministic=not train)
+        out = self.c_proj(merge_heads(out))
+        return nn.Dropout(self.dropout, name="resid_dropout")(out, deterministic=not train)
 
 
 class MLP(nn.Module):
@@ -238,7 +243,8 @@ class TextDecoder(nn.Module):
         """(B, N, image_width) -> (B, N, width)."""
         x = encoder_hidden_states
         if x.ndim != 3 or x.shape[-1] != self._image_width:
-            raise ValueError(f"TextDecoder expects image tokens (B, N, {self._image_width}); got shape {tuple(x.shape)}")
+            raise ValueError(f"TextDecoder expects image tokens (B, N, {self._image_width}); "
+                             f"got shape {tuple(x.shape)}")
         return x if self._image_width == self.width else self.image_proj(x)
 
     def init_cache(self, encoder_hidden_states, max_length: int) -> KVCache:
@@ -440,7 +446,8 @@ def _beam_search(next_logits, tokens, cache, B, K, max_length, config, length_pe
     return take(pool_tokens, jnp.argmax(pool_scores, axis=1))
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_length", "num_beams", "do_sample", "top_k", "use_cache"))
+@functools.partial(jax.jit, static_argnames=("model", "max_length", "num_beams", "do_sample", "top_k",
+                                             "use_cache"))
 def _compiled_generate(model, variables, images, max_length, num_beams, do_sample, top_k, use_cache,
                        temperature, length_penalty, min_length, uniforms):
     return model.apply(variables, images, max_length, num_beams, do_sample, temperature, top_k, length_penalty,

@@ -63,6 +63,14 @@ class KVCache:
     cross_v: list
     index: int = 0
 
+    def write(self, layer, k, v):
+        """Layer `layer`'s new keys and values (B, heads, T, head_dim) written at `index`; returns
+        the layer's keys and values up to them."""
+        end = self.index + k.shape[2]
+        self.self_k[layer][:, :, self.index:end] = k
+        self.self_v[layer][:, :, self.index:end] = v
+        return self.self_k[layer][:, :, :end], self.self_v[layer][:, :, :end]
+
     def reorder(self, rows: torch.Tensor) -> None:
         """Keep the self-attention rows `rows` (beam search); the cross keys are shared by the
         beams of an image, which never leave it."""
@@ -111,10 +119,7 @@ class CausalSelfAttention(nn.Module):
         start = 0
         if cache is not None:
             start = cache.index
-            cache.self_k[layer][:, :, start:start + T] = k
-            cache.self_v[layer][:, :, start:start + T] = v
-            k = cache.self_k[layer][:, :, :start + T]
-            v = cache.self_v[layer][:, :, :start + T]
+            k, v = cache.write(layer, k, v)
         query_pos = torch.arange(start, start + T, device=x.device)
         mask = torch.arange(start + T, device=x.device)[None, :] <= query_pos[:, None]
         out = attend(q, k, v, q.shape[-1] ** -0.5, mask=mask, dropout=self.attn_dropout)
@@ -210,7 +215,8 @@ class TextDecoder(nn.Module):
         """(B, N, image_width) -> (B, N, width)."""
         x = encoder_hidden_states
         if x.ndim != 3 or x.shape[-1] != self.image_width:
-            raise ValueError(f"TextDecoder expects image tokens (B, N, {self.image_width}); got shape {tuple(x.shape)}")
+            raise ValueError(f"TextDecoder expects image tokens (B, N, {self.image_width}); "
+                             f"got shape {tuple(x.shape)}")
         return x if self.image_proj is None else self.image_proj(x)
 
     def init_cache(self, encoder_hidden_states, max_length) -> KVCache:
@@ -333,7 +339,8 @@ class ImageCaptioningModel(nn.Module):
         """(B, C, H, W) images -> (B, 1 + max_length) ids: greedy, beam search (`num_beams` > 1) or
         sampling (`do_sample`; `uniforms` (B, max_length) in [0, 1), else `torch.rand` from
         `generator`). `eos` is barred before `min_length` generated tokens. `use_cache=False`
-        re-runs the decoder over the whole prefix at each step, as the source does."""
+        re-runs the decoder over the whole prefix at each step, as the source does. Dropout
+        follows the module's mode, as in the source: call `.eval()` first."""
         config = self.text_decoder.config
         check_generation_args(max_length, config.max_positions, num_beams, do_sample, temperature, top_k,
                               min_length)
@@ -342,7 +349,8 @@ class ImageCaptioningModel(nn.Module):
             if uniforms is None:
                 uniforms = torch.rand((B, max_length), generator=generator, device=images.device)
             if tuple(uniforms.shape) != (B, max_length):
-                raise ValueError(f"uniforms must be (B, max_length) = {(B, max_length)}; got {tuple(uniforms.shape)}")
+                raise ValueError(f"uniforms must be (B, max_length) = {(B, max_length)}; "
+                                 f"got {tuple(uniforms.shape)}")
         image_features = self.encode_images(images)
         if num_beams > 1:
             image_features = image_features.repeat_interleave(num_beams, dim=0)
