@@ -1,14 +1,19 @@
 """Named model presets: one table, importing neither framework.
 
 A preset names a family (the module in both `jax_models` and `torch_reference`), a class, the
-constructor arguments shared by both twins, the input it takes, and a default training recipe.
-`jax_models.create_model(name)` and `torch_reference.create_model(name)` build the twins.
+constructor arguments shared by both twins, the inputs its forward takes (`inputs`, kinds from
+`INPUT_KINDS`), the task that trains it and its whole training recipe.
+`jax_models.create_model(name)` and `torch_reference.create_model(name)` build the twins;
+`example_inputs(preset)` makes a batch of its inputs (numpy, images NHWC).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import fnmatch
+from typing import Any, Callable
+
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +27,7 @@ class Preset:
     task: str = "classification"
     train: dict[str, Any] = dataclasses.field(default_factory=dict)
     description: str = ""
+    inputs: tuple[str, ...] = ("image",)   # the forward's arguments, kinds of INPUT_KINDS
 
     @property
     def input_shape_nhwc(self) -> tuple[int, int, int]:
@@ -32,9 +38,14 @@ class Preset:
         return (self.in_channels, self.image_size, self.image_size)
 
 
+# What every recipe holds (the trainer reads nothing else from elsewhere); a task adds its own keys.
+RECIPE_KEYS = ("lr", "weight_decay", "warmup_steps", "batch_size", "label_smoothing", "grad_clip",
+               "data")
+
 # The recipe of the source's train_vision_transformer (AdamW, lr 3e-4, weight decay 0.3, cosine).
+# Full-size presets train on the digits unless told otherwise (--data), for 10 epochs.
 SOURCE_RECIPE = dict(lr=3e-4, weight_decay=0.3, warmup_steps=10_000, batch_size=4096,
-                     label_smoothing=0.0, grad_clip=1.0)
+                     label_smoothing=0.0, grad_clip=1.0, epochs=10, data="digits")
 DIGITS_RECIPE = dict(lr=1e-3, weight_decay=0.05, warmup_steps=100, batch_size=128, epochs=40,
                      label_smoothing=0.1, grad_clip=1.0, data="digits")
 
@@ -83,7 +94,7 @@ def _swin(name, image_size, patch_size, in_channels, num_classes, embed_dim, dep
 # The Swin paper's ImageNet-1K recipe: AdamW, lr 1e-3 at batch 1024, weight decay 0.05, 20 warm-up
 # epochs of 300, label smoothing 0.1, gradient clipping at 5.
 SWIN_RECIPE = dict(lr=1e-3, weight_decay=0.05, warmup_steps=25_000, batch_size=1024,
-                   label_smoothing=0.1, grad_clip=5.0)
+                   label_smoothing=0.1, grad_clip=5.0, epochs=10, data="digits")
 
 PRESETS.update({p.name: p for p in [
     _swin("swin-digits", 32, 4, 1, 10, 64, (2, 2), (2, 4), window_size=4,
@@ -107,13 +118,14 @@ def _clip(name, image_size, patch_size, in_channels, vision_width, vision_layers
                   text_layers=text_layers, text_heads=text_heads, embed_dim=embed_dim,
                   mlp_ratio=mlp_ratio, dropout=dropout)
     return Preset(name, "clip", "CLIP", kwargs, image_size, in_channels, task="contrastive",
-                  train=dict(train or CLIP_RECIPE), description=description)
+                  train=dict(train or CLIP_RECIPE), description=description,
+                  inputs=("image", "tokens"))
 
 
 # CLIP's recipe (Radford et al. 2021): AdamW lr 5e-4, weight decay 0.2, batch 32768, 2000 warm-up
 # steps, no clipping. The digits recipe trains captions drawn from templates in a few minutes.
 CLIP_RECIPE = dict(lr=5e-4, weight_decay=0.2, warmup_steps=2000, batch_size=32768,
-                   label_smoothing=0.0, grad_clip=0.0)
+                   label_smoothing=0.0, grad_clip=0.0, epochs=10, data="digits")
 CLIP_DIGITS_RECIPE = dict(lr=2e-3, weight_decay=0.05, warmup_steps=50, batch_size=128, epochs=40,
                           label_smoothing=0.0, grad_clip=1.0, data="digits")
 
@@ -132,14 +144,16 @@ def _ddpm(name, image_size, in_channels, features, time_emb_dim, num_res_blocks=
     kwargs = dict(in_channels=in_channels, out_channels=in_channels, features=tuple(features),
                   time_emb_dim=time_emb_dim, num_res_blocks=num_res_blocks, dropout=dropout)
     return Preset(name, "ddpm", "UNet", kwargs, image_size, in_channels, task="diffusion",
-                  train=dict(train or DDPM_RECIPE), description=description)
+                  train=dict(train or DDPM_RECIPE), description=description,
+                  inputs=("image", "timestep"))
 
 
 # The preset's model is the denoiser (UNet), what `python -m bridge verify` compares; `DDPM(model,
 # timesteps, beta_start, beta_end)` is built around it from the recipe. The source's recipe: Adam
 # at 2e-4, the linear schedule 1e-4 .. 0.02 over 1000 steps.
 DDPM_RECIPE = dict(timesteps=1000, beta_start=1e-4, beta_end=0.02, lr=2e-4, weight_decay=0.0,
-                   warmup_steps=0, batch_size=128, grad_clip=0.0, ema_decay=0.9999)
+                   warmup_steps=0, batch_size=128, grad_clip=0.0, ema_decay=0.9999,
+                   label_smoothing=0.0, epochs=10, data="digits")
 # Digits: sized to train in minutes on 2 CPU cores; samples with 100 DDIM steps on the EMA weights.
 DDPM_DIGITS_RECIPE = dict(DDPM_RECIPE, lr=1e-3, warmup_steps=100, batch_size=64, steps=2000,
                           grad_clip=1.0, ema_decay=0.995, data="digits", num_samples=256,
@@ -161,7 +175,7 @@ def _captioner(name, image_size, patch_size, in_channels, vision_width, vision_l
                   vocab_size=vocab_size, max_positions=max_positions, width=width, layers=layers,
                   heads=heads, mlp_ratio=mlp_ratio, dropout=dropout)
     return Preset(name, "captioning", "Captioner", kwargs, image_size, in_channels, task="captioning",
-                  train=dict(train or {}), description=description)
+                  train=dict(train or {}), description=description, inputs=("image", "caption"))
 
 
 # Scenes (train/scenes.py): up to 6 squares and circles in 6 colours on a plain 48x48 ground,
@@ -180,6 +194,17 @@ PRESETS.update({p.name: p for p in [
 ]})
 
 
+def _check_recipes():
+    for p in PRESETS.values():
+        missing = [k for k in RECIPE_KEYS if k not in p.train]
+        if missing or not ("steps" in p.train or "epochs" in p.train):
+            raise ValueError(f"preset {p.name!r}: its recipe lacks {missing or ['steps or epochs']}")
+        unknown = [k for k in p.inputs if k not in INPUT_KINDS]
+        if unknown:
+            raise ValueError(f"preset {p.name!r}: unknown input kind(s) {unknown}; known: "
+                             f"{', '.join(INPUT_KINDS)}")
+
+
 def get_preset(name: str) -> Preset:
     """The preset called `name`; a KeyError lists the known names otherwise."""
     try:
@@ -191,3 +216,57 @@ def get_preset(name: str) -> Preset:
 def with_overrides(preset: Preset, **kwargs: Any) -> Preset:
     """A copy of `preset` whose constructor arguments are updated by `kwargs`."""
     return dataclasses.replace(preset, kwargs={**preset.kwargs, **kwargs})
+
+
+def without_dropout(preset: Preset) -> Preset:
+    """`preset` with every dropout-like constructor argument (dropout, drop_path_rate, ...) at 0:
+    deterministic in training mode, as the parity checks need."""
+    off = {k: 0.0 for k in preset.kwargs if "drop" in k}
+    return with_overrides(preset, **off) if off else preset
+
+
+def matching(names, patterns: dict[str, str]) -> dict[str, str]:
+    """{name: reason} for each name that matches a glob of `patterns` ({glob: reason})."""
+    return {n: reason for n in names for glob, reason in patterns.items() if fnmatch.fnmatch(n, glob)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Example inputs: what each kind of forward argument looks like (numpy; images NHWC float32).
+
+
+def random_tokens(rs: np.random.RandomState, batch_size: int, vocab_size: int, length: int) -> np.ndarray:
+    """(B, length) int64 ids below `vocab_size - 1`, with the end-of-text id `vocab_size - 1` (the
+    largest, where CLIP's text tower pools) at a random position of each row."""
+    tokens = rs.randint(0, vocab_size - 1, size=(batch_size, length)).astype(np.int64)
+    tokens[np.arange(batch_size), rs.randint(1, length, size=batch_size)] = vocab_size - 1
+    return tokens
+
+
+def random_captions(rs: np.random.RandomState, batch_size: int, vocab_size: int, length: int) -> np.ndarray:
+    """(B, length) int64 teacher-forcing rows in the tokenizer's layout (pad 0, bos and eos the two
+    largest ids): bos, 1 to length - 2 word ids, eos, then pad."""
+    bos, eos = vocab_size - 2, vocab_size - 1
+    out = np.zeros((batch_size, length), np.int64)
+    for row in out:
+        k = rs.randint(1, length - 1)
+        row[:k + 2] = [bos, *rs.randint(1, bos, size=k), eos]
+    return out
+
+
+INPUT_KINDS: dict[str, Callable[[Preset, np.random.RandomState, int], np.ndarray]] = {
+    "image": lambda p, rs, b: np.ascontiguousarray(
+        rs.standard_normal((b, *p.input_shape_nchw)).astype(np.float32).transpose(0, 2, 3, 1)),
+    "timestep": lambda p, rs, b: rs.randint(0, p.train["timesteps"], size=b),
+    "tokens": lambda p, rs, b: random_tokens(rs, b, p.kwargs["vocab_size"], p.kwargs["context_length"]),
+    "caption": lambda p, rs, b: random_captions(rs, b, p.kwargs["vocab_size"], p.kwargs["max_positions"]),
+}
+
+
+def example_inputs(preset: Preset, batch_size: int = 2, seed: int = 0) -> tuple[np.ndarray, ...]:
+    """One batch of the preset's forward arguments, drawn in order from one seeded stream:
+    images N(0, 1) NHWC float32 (drawn NCHW, as torch takes them), integer timesteps, token ids."""
+    rs = np.random.RandomState(seed)
+    return tuple(INPUT_KINDS[kind](preset, rs, batch_size) for kind in preset.inputs)
+
+
+_check_recipes()

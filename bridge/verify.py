@@ -16,7 +16,11 @@ from flax.traverse_util import flatten_dict
 
 from .convert import flax_module_path_to_torch, to_numpy, torch_to_flax
 
+# The project's tolerances (float32, CPU), relative to the largest magnitude of the reference
+# (torch) value: forward, each gradient leaf, and the losses / final weights of 20 AdamW steps.
 FORWARD_TOL = 1e-5
+GRAD_TOL = 1e-4
+TRAJECTORY_TOL = 1e-4
 
 
 @dataclasses.dataclass
@@ -127,35 +131,37 @@ def compare_layers(torch_model, flax_model, variables, torch_inputs: Sequence, f
     return Report(layers, tol)
 
 
-def example_inputs(preset, batch_size: int = 2, seed: int = 0):
-    """(torch inputs, flax inputs) for a preset: images N(0, 1), NCHW for torch and NHWC for Flax;
-    for 'diffusion' (the denoiser) also integer timesteps in [0, timesteps)."""
+def framework_inputs(arrays) -> tuple[tuple, tuple]:
+    """numpy arrays -> (torch tensors, jax arrays): float images NHWC -> NCHW for torch; integers
+    int64 for torch and JAX's default integer for Flax; other arrays as they are."""
     import torch
 
-    rs = np.random.RandomState(seed)
-    x = rs.standard_normal((batch_size, *preset.input_shape_nchw)).astype(np.float32)
-    images = (torch.from_numpy(x),), (jax.numpy.asarray(x.transpose(0, 2, 3, 1)),)
-    if preset.task == "classification":
-        return images
-    if preset.task == "diffusion":
-        t = rs.randint(0, preset.train.get("timesteps", 1000), size=batch_size)
-        return images[0] + (torch.from_numpy(t),), images[1] + (jax.numpy.asarray(t),)
-    if preset.task == "contrastive":
-        tokens = random_tokens(rs, batch_size, preset.kwargs["vocab_size"], preset.kwargs["context_length"])
-        return images[0] + (torch.from_numpy(tokens),), images[1] + (jax.numpy.asarray(tokens, np.int32),)
-    raise NotImplementedError(f"no example inputs for task {preset.task!r}")
+    torch_in, flax_in = [], []
+    for a in arrays:
+        a = np.asarray(a)
+        if a.ndim == 4 and np.issubdtype(a.dtype, np.floating):
+            t = np.ascontiguousarray(a.transpose(0, 3, 1, 2))
+        elif np.issubdtype(a.dtype, np.integer):
+            t = a.astype(np.int64)
+        else:
+            t = a
+        torch_in.append(torch.from_numpy(t))
+        flax_in.append(jax.numpy.asarray(a))
+    return tuple(torch_in), tuple(flax_in)
 
 
-def random_tokens(rs: np.random.RandomState, batch_size: int, vocab_size: int, length: int) -> np.ndarray:
-    """(B, length) int64 ids below `vocab_size - 1`, with the end-of-text id `vocab_size - 1` (the
-    largest, where CLIP's text tower pools) at a random position of each row."""
-    tokens = rs.randint(0, vocab_size - 1, size=(batch_size, length)).astype(np.int64)
-    tokens[np.arange(batch_size), rs.randint(1, length, size=batch_size)] = vocab_size - 1
-    return tokens
+def example_inputs(preset, batch_size: int = 2, seed: int = 0):
+    """(torch inputs, flax inputs) of a preset's forward (`presets.example_inputs`): images N(0, 1),
+    NCHW for torch and NHWC for Flax; timesteps and token ids int64 for torch."""
+    from presets import example_inputs as arrays
+
+    return framework_inputs(arrays(preset, batch_size, seed))
 
 
-def build_twins(preset, seed: int = 0, state_dict=None, batch_size: int = 2):
-    """(torch model, flax model, flax variables, torch inputs, flax inputs) with the same weights."""
+def build_twins(preset, seed: int = 0, state_dict=None, batch_size: int = 2, attention_impl: str = "xla"):
+    """(torch model (eval mode), flax model, flax variables, torch inputs, flax inputs) with the
+    same weights: torch's init from `seed` (or `state_dict`) carried over by the bridge; the
+    inputs are the preset's `example_inputs`. `attention_impl` is the Flax model's."""
     import torch
     import jax_models
     import torch_reference
@@ -165,7 +171,7 @@ def build_twins(preset, seed: int = 0, state_dict=None, batch_size: int = 2):
     if state_dict is not None:
         torch_model.load_state_dict({k: torch.as_tensor(np.asarray(v)) for k, v in state_dict.items()},
                                     strict=True)
-    flax_model = jax_models.create_model(preset)
+    flax_model = jax_models.create_model(preset, attention_impl=attention_impl)
     t_in, f_in = example_inputs(preset, batch_size, seed)
     variables = torch_to_flax(torch_model.state_dict(), flax_model, *f_in)
     return torch_model, flax_model, variables, t_in, f_in

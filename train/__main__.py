@@ -51,16 +51,18 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "for classification and CLIP, none for DDPM; 0: only at the end)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a model constructor argument, e.g. --set depth=2")
+    p.add_argument("--recipe", action="append", default=[], metavar="KEY=VALUE",
+                   help="override another key of the preset's recipe, e.g. --recipe num_samples=16")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p.parse_args(argv)
 
 
-def _overrides(pairs: list[str]) -> dict:
+def _overrides(pairs: list[str], flag: str) -> dict:
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
-            raise SystemExit(f"--set wants KEY=VALUE, got {pair!r}")
+            raise SystemExit(f"{flag} wants KEY=VALUE, got {pair!r}")
         try:
             out[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -79,7 +81,8 @@ def _patient_cpu_collectives():
 def main(argv=None) -> int:
     args = parse_args(argv)
     _patient_cpu_collectives()
-    from train.train import Config, run
+    from train.config import Config
+    from train.loop import run
 
     config = Config(
         preset=args.preset, data=args.data, backend=args.backend, parallel=args.parallel,
@@ -88,10 +91,9 @@ def main(argv=None) -> int:
         label_smoothing=args.label_smoothing, grad_clip=args.grad_clip, dropout=args.dropout,
         seed=args.seed, workdir=args.workdir, checkpoint_every=args.checkpoint_every,
         keep=args.keep, resume=args.resume, export=args.export, log_every=args.log_every,
-        eval_every=args.eval_every, model_overrides=_overrides(args.set),
+        eval_every=args.eval_every, model_overrides=_overrides(args.set, "--set"),
+        recipe_overrides=_overrides(args.recipe, "--recipe"),
         progress=not args.no_progress, precision=args.precision)
-    if args.backend == "torch" and args.parallel == "pmap":
-        raise SystemExit("--parallel pmap is for --backend jax")
     from train.checkpoint import CheckpointError
     try:
         s = run(config)
@@ -109,9 +111,8 @@ def main(argv=None) -> int:
 
 def _print_results(s: dict):
     from train.tasks import get_task
-    import presets
 
-    for key in get_task(presets.get_preset(s["preset"])).report:
+    for key in get_task(s["task"]).report:
         value = s.get(key)
         if isinstance(value, dict):
             value = ", ".join(f"{k} {v}" for k, v in value.items())
