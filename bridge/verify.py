@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from flax.traverse_util import flatten_dict
 
-from .convert import flax_module_path_to_torch, to_numpy, torch_to_flax
+from .convert import flax_module_path_to_torch, module_paths, to_numpy, torch_to_flax
 
 # The project's tolerances (float32, CPU), relative to the largest magnitude of the reference
 # (torch) value: forward, each gradient leaf, and the losses / final weights of 20 AdamW steps.
@@ -113,9 +113,10 @@ def compare_layers(torch_model, flax_model, variables, torch_inputs: Sequence, f
         out, state = flax_model.apply(variables, *flax_inputs, capture_intermediates=True,
                                       mutable=["intermediates"])
     flax_outs = {}
+    modules = module_paths(variables["params"]) | module_paths(state["intermediates"])
     for path, value in flatten_dict(state["intermediates"]).items():
         if path[-1] == "__call__" and len(path) > 1:
-            flax_outs[flax_module_path_to_torch(path[:-1])] = np.asarray(_first_array(value[-1]))
+            flax_outs[flax_module_path_to_torch(path[:-1], modules)] = np.asarray(_first_array(value[-1]))
 
     layers = []
     for name in order:
