@@ -184,8 +184,8 @@ def _captioner(name, image_size, patch_size, in_channels, vision_width, vision_l
 # bos 35 and eos 36, the last two), so `vocab_size` is 37. Sized to train on 2 CPU cores in minutes;
 # `max_length` (generated tokens, eos included) and `num_beams` are what evaluation decodes with.
 CAPTION_SCENES_RECIPE = dict(lr=1e-3, weight_decay=0.05, warmup_steps=200, batch_size=64, steps=3000,
-                             grad_clip=1.0, label_smoothing=0.0, data="scenes", image_size=48,
-                             max_length=24, num_beams=1)
+                             grad_clip=1.0, label_smoothing=0.0, data="scenes", num_train=10_000,
+                             num_test=500, num_objects=3, max_length=24, num_beams=1)
 
 PRESETS.update({p.name: p for p in [
     _captioner("caption-scenes", 48, 8, 3, 64, 3, 4, 37, 32, 64, 2, 4, train=CAPTION_SCENES_RECIPE,
