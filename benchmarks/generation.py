@@ -1,7 +1,8 @@
 """Caption generation speed: JAX's compiled decode against the torch twin, with and without its cache.
 
 `python -m benchmarks.generation [--preset caption-scenes] [--batch-sizes 1 64] [--max-length N]
-[--num-beams 3] [--runs 5] [--torch-threads N]`, or `bench(...)` from the benchmark harness: one row
+[--num-beams 3] [--runs 5] [--torch-threads N] [--weights PATH]`, or `python -m benchmarks --mode
+generate --preset caption-scenes [--batch-size 1 64] [--repeats 5] ...` (the harness): one row
 per (decoder, batch size) with tokens/s, the median of `runs` timed calls after one warm-up call,
 and the first call (JAX: trace + compile + run) apart. Decoders: "jax greedy" and "jax beam" (one
 compiled `lax.while_loop` each), "torch greedy" and "torch beam" (eager, key-value cache), "torch
@@ -37,7 +38,7 @@ def _time(fn, runs):
 
 
 def bench(preset="caption-scenes", batch_sizes=(1, 64), max_length=None, num_beams=3, runs=5,
-          torch_threads=None, uncached_runs=None, seed=0) -> list[dict]:
+          torch_threads=None, uncached_runs=None, seed=0, weights=None) -> list[dict]:
     import jax
     import jax.numpy as jnp
     import numpy as np
@@ -55,6 +56,9 @@ def bench(preset="caption-scenes", batch_sizes=(1, 64), max_length=None, num_bea
     max_length = max_length or p.train.get("max_length", 24)
     torch.manual_seed(seed)
     tm = torch_reference.create_model(p).eval()
+    if weights:
+        tm.load_state_dict({k: torch.from_numpy(v) for k, v in bridge.load_safetensors(weights).items()},
+                           strict=True)
     fm = jax_models.create_model(p)
     x = np.random.RandomState(seed).standard_normal((max(batch_sizes), *p.input_shape_nchw)).astype(np.float32)
     variables = bridge.torch_to_flax(tm.state_dict(), fm, jnp.asarray(x[:1].transpose(0, 2, 3, 1)),
@@ -83,6 +87,7 @@ def bench(preset="caption-scenes", batch_sizes=(1, 64), max_length=None, num_bea
                               num_beams=num_beams if "beam" in name else 1,
                               tokens_per_s=round(B * max_length / median, 1), median_s=round(median, 5),
                               first_call_s=round(first, 3), runs=[round(t, 5) for t in times],
+                              weights=weights or f"random (torch init, seed {seed})",
                               machine=machine, load_average_1min=load))
         same = {"greedy": np.array_equal(np.asarray(decoders["jax greedy"]()), decoders["torch greedy"]().numpy()),
                 "beam": np.array_equal(np.asarray(decoders["jax beam"]()), decoders["torch beam"]().numpy())}
@@ -111,9 +116,11 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--uncached-runs", type=int, default=None, help="runs of the uncached torch decode")
     ap.add_argument("--torch-threads", type=int, default=None, help="default: torch's own choice")
+    ap.add_argument("--weights", help="a safetensors state dict of the preset (default: random init)")
     ap.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     a = ap.parse_args(argv)
-    rows = bench(a.preset, a.batch_sizes, a.max_length, a.num_beams, a.runs, a.torch_threads, a.uncached_runs)
+    rows = bench(a.preset, a.batch_sizes, a.max_length, a.num_beams, a.runs, a.torch_threads, a.uncached_runs,
+                 weights=a.weights)
     print("\n".join(json.dumps(r) for r in rows) if a.json else table(rows))
     print(rows[0]["machine"], f"load average {rows[0]['load_average_1min']}")
     return 0
