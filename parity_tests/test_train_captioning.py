@@ -194,7 +194,7 @@ def test_coco_run_writes_report_tokenizer_and_picture(tmp_path):
 
 
 def test_trained_weights_decode_alike_in_both_backends(tmp_path):
-    """A small captioner trained for 60 steps by the JAX trainer (its exported weights), loaded into
+    """A small captioner trained for 40 steps by the JAX trainer (its exported weights), loaded into
     both twins: greedy and beam search give the same tokens for held-out scenes, and the greedy
     decisions are not near ties (their top-1 - top-2 logit gap dwarfs the forward tolerance)."""
     import bridge
@@ -204,11 +204,11 @@ def test_trained_weights_decode_alike_in_both_backends(tmp_path):
     from jax_models import captioning as J
     from train.loop import Config, resolve, run
 
-    config = Config(preset="caption-scenes", steps=60, batch_size=32, progress=False, workdir=str(tmp_path),
+    config = Config(preset="caption-scenes", steps=40, batch_size=32, progress=False, workdir=str(tmp_path),
                     export=str(tmp_path / "w.safetensors"), model_overrides=TINY,
-                    recipe_overrides=dict(num_train=1920, num_test=12, warmup_steps=10), lr=3e-3)
+                    recipe_overrides=dict(num_train=1920, num_test=12), warmup_steps=10, lr=3e-3)
     s = run(config)
-    assert s["final_loss"] < 1.0, s["final_loss"]
+    assert s["final_loss"] < 2.0, s["final_loss"]   # down from ln 37 = 3.6
     r = resolve(config)
     tm = torch_reference.create_model(r.preset).eval()
     tm.load_state_dict({k: torch.from_numpy(v) for k, v in bridge.load_safetensors(s["export"]).items()}, strict=True)
