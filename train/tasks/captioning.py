@@ -123,6 +123,7 @@ def save_caption_grid(images: np.ndarray, hypotheses, references, path: str, sca
         tile = Image.fromarray(pixels[..., 0] if c == 1 else pixels).convert("RGB")
         y = pad + i * tile_h
         canvas.paste(tile.resize((w * scale, h * scale), Image.NEAREST), (pad, y))
+        draw.rectangle((pad - 1, y - 1, pad + w * scale, y + h * scale), outline=(160, 160, 160))
         ok = hyp in refs
         x = w * scale + 2 * pad
         draw.text((x, y + 4), hyp or "(empty)", fill=(0, 128, 0) if ok else (200, 0, 0), font=font)
