@@ -136,7 +136,7 @@ class _Pieces:
     infer_module: Callable           # torch model -> the module run in eval mode (and compared)
 
 
-def _pieces(preset, batch_size, seed, precision, key, device) -> _Pieces:
+def _pieces(preset, batch_size, seed, precision, key, device, attention_impl="xla") -> _Pieces:
     """The trainer's own pieces for `preset`'s task (`train.tasks`): the JAX state and pure step,
     the torch `TorchTrainer` and its loss, from the same Flax init; the eval forward is the
     preset's own model (for DDPM the U-Net inside the trained DDPM)."""
@@ -145,7 +145,7 @@ def _pieces(preset, batch_size, seed, precision, key, device) -> _Pieces:
 
     task = get_task(preset)
     recipe = dict(preset.train)
-    model = task.flax_model(preset)
+    model = task.flax_model(preset, attention_impl)
     init_key, rng = jax.random.split(key)
     args = task.init_args(preset)
     variables = jax.jit(lambda k: model.init(k, *args))(init_key)
@@ -157,7 +157,7 @@ def _pieces(preset, batch_size, seed, precision, key, device) -> _Pieces:
     state = state.replace(apply_fn=cast(model.apply))
     jax_step = steps.jit_train_step(task.jax_step, **task.step_kwargs(recipe))
     host = task.example_batch(preset, batch_size, seed)
-    forward = jax_models.create_model(preset).apply
+    forward = jax_models.create_model(preset, attention_impl=attention_impl).apply
     jax_forward = lambda v, *x: cast(forward)(v, *x, train=False)  # noqa: E731
 
     def torch_trainer(precision_):
@@ -174,9 +174,10 @@ def _pieces(preset, batch_size, seed, precision, key, device) -> _Pieces:
 
 
 def build_workload(preset: str | Preset, mode: str, batch_size: int, precision: str = "fp32",
-                   seed: int = 0, device: str | None = None) -> Workload:
+                   seed: int = 0, device: str | None = None, attention_impl: str = "xla") -> Workload:
     """Everything needed to time one row group: the checked forward, a Runner per framework, the
-    model FLOPs. `device`: torch's ('cuda' when available, else 'cpu'); JAX uses its default."""
+    model FLOPs. `device`: torch's ('cuda' when available, else 'cpu'); JAX uses its default and
+    `attention_impl` (`layers.attend`: xla, fused, cudnn)."""
     preset = get_preset(preset) if isinstance(preset, str) else preset
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
@@ -187,7 +188,7 @@ def build_workload(preset: str | Preset, mode: str, batch_size: int, precision: 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     t_in, f_in = example_inputs(preset, batch_size, seed)
     t_in = tuple(x.to(device) for x in t_in)
-    pieces = _pieces(preset, batch_size, seed, precision, jax.random.key(seed), device)
+    pieces = _pieces(preset, batch_size, seed, precision, jax.random.key(seed), device, attention_impl)
     amp = (lambda m: Autocast(m, device.type)) if precision == "bf16" else (lambda m: m)
     jax_forward = jax.jit(pieces.jax_forward)
 

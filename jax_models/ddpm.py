@@ -16,6 +16,8 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
+from model_math import ddim_timesteps, linear_schedule
+
 from .layers import (ConvTranspose2d, GroupNorm, attend, compute_dtype, conv, gelu,  # noqa: F401
                      torch_linear_init)
 
@@ -137,32 +139,6 @@ class UNet(nn.Module):
             in_ch = f
 
         return _NormActConv(self.out_channels, name="final_conv")(x)
-
-
-def linear_schedule(timesteps, beta_start, beta_end) -> dict[str, np.ndarray]:
-    """The source's schedule, float32: computed in float64 and rounded once, as the torch twin does."""
-    i = np.arange(timesteps, dtype=np.float64)
-    betas = beta_start + (beta_end - beta_start) * i / max(timesteps - 1, 1)
-    alphas = 1 - betas
-    alphas_cumprod = np.cumprod(alphas)
-    alphas_cumprod_prev = np.concatenate([np.ones(1), alphas_cumprod[:-1]])
-    s = dict(
-        betas=betas,
-        alphas=alphas,
-        alphas_cumprod=alphas_cumprod,
-        alphas_cumprod_prev=alphas_cumprod_prev,
-        sqrt_alphas_cumprod=np.sqrt(alphas_cumprod),
-        sqrt_one_minus_alphas_cumprod=np.sqrt(1 - alphas_cumprod),
-        posterior_variance=betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod),
-    )
-    return {k: v.astype(np.float32) for k, v in s.items()}
-
-
-def ddim_timesteps(timesteps, steps):
-    """`steps` timesteps spread evenly over [0, timesteps - 1], both ends included, descending."""
-    if steps == 1:
-        return [timesteps - 1]
-    return [round(i * (timesteps - 1) / (steps - 1)) for i in reversed(range(steps))]
 
 
 def _b(v):

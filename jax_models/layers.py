@@ -143,9 +143,31 @@ def attend(q, k, v, scale, bias=None, mask=None, dropout: nn.Dropout | None = No
     return attn.astype(v.dtype) @ v
 
 
-def _fused_attend(q, k, v, scale, bias, mask, implementation):
+CUDNN_SEQ_MULTIPLE = 16
+
+
+def _fused_attend(q, k, v, scale, bias, mask, implementation, pad_to: int | None = None):
     """`attend` through `jax.nn.dot_product_attention`: the leading axes (B, *heads) of q, k, v,
-    bias and mask fold into its (B, T, N, H) layout, heads (N) being all axes after the first."""
+    bias and mask fold into its (B, T, N, H) layout, heads (N) being all axes after the first.
+
+    cuDNN's kernel refuses sequence lengths such as ViT's 197: with `pad_to` (default 16 for
+    "cudnn") q, k and v are padded to a multiple of it, the padded keys masked out (by
+    `key_value_seq_lengths`, or in the mask when there is one) and the padded rows dropped."""
+    if pad_to is None:
+        pad_to = CUDNN_SEQ_MULTIPLE if implementation == "cudnn" else 1
+    T, S = q.shape[-2], k.shape[-2]
+    Tp, Sp = -T % pad_to, -S % pad_to
+    kv_lengths = None
+    if Tp or Sp:
+        rows = lambda t, n: jnp.pad(t, [(0, 0)] * (t.ndim - 2) + [(0, n), (0, 0)])  # noqa: E731
+        q, k, v = rows(q, Tp), rows(k, Sp), rows(v, Sp)
+        if bias is not None:
+            bias = jnp.pad(bias, [(0, 0)] * (bias.ndim - 2) + [(0, Tp), (0, Sp)])
+        if mask is not None:
+            mask = jnp.pad(mask, [(0, 0)] * (mask.ndim - 2) + [(0, Tp), (0, Sp)], constant_values=True)
+            mask = mask & (jnp.arange(S + Sp) < S)
+        else:
+            kv_lengths = jnp.full((q.shape[0],), S, jnp.int32)
     lead = q.shape[:-2]
     B, N = lead[0], math.prod(lead[1:])
     btnh = lambda t: t.reshape(B, N, *t.shape[-2:]).swapaxes(1, 2)
@@ -160,8 +182,8 @@ def _fused_attend(q, k, v, scale, bias, mask, implementation):
         return jnp.broadcast_to(m, (m.shape[0], *lead[1:], *m.shape[-2:])).reshape(m.shape[0], N, *m.shape[-2:])
 
     out = jax.nn.dot_product_attention(btnh(q), btnh(k), btnh(v), bnts(bias), bnts(mask), scale=scale,
-                                       implementation=implementation)
-    return out.swapaxes(1, 2).reshape(*lead, q.shape[-2], v.shape[-1])
+                                       implementation=implementation, key_value_seq_lengths=kv_lengths)
+    return out.swapaxes(1, 2).reshape(*lead, q.shape[-2], v.shape[-1])[..., :T, :]
 
 
 class Mlp(nn.Module):

@@ -117,3 +117,17 @@ def test_drop_path_only_in_training_and_per_sample():
         assert abs(np.mean(out[:, 0, 0] == 0) - p) < 5 * sigma
     with pytest.raises(Exception, match="dropout"):
         dp.apply({}, jnp.asarray(x), train=True)
+
+
+@pytest.mark.parametrize("with_mask", [False, True], ids=["lengths", "mask"])
+def test_fused_attention_padded_for_cudnn_gives_the_unpadded_result(with_mask):
+    """cuDNN refuses 197 tokens; `_fused_attend` pads q, k, v to a multiple of 16 and masks the
+    padded keys (by key lengths, or in the mask): the result is the unpadded one. Checked here on
+    XLA's kernel, which takes any length."""
+    rs = np.random.RandomState(0)
+    q, k, v = (jnp.asarray(rs.standard_normal((2, 3, 197, 8)), jnp.float32) for _ in range(3))
+    mask = jnp.asarray(rs.rand(197, 197) > 0.3) | jnp.eye(197, dtype=bool) if with_mask else None
+    ref = layers.attend(q, k, v, 8 ** -0.5, mask=mask)
+    got = layers._fused_attend(q, k, v, 8 ** -0.5, None, mask, None, pad_to=16)
+    assert got.shape == ref.shape
+    assert harness.rel_err(ref, got) <= 1e-6

@@ -1,6 +1,7 @@
-"""Data parallelism, for every task: one pmap step over 8 (fake) devices on 8 shards of a batch
-equals one jit step on the whole batch (contrastive: features gathered over the devices, so the
-negatives come from the global batch)."""
+"""Data parallelism, for every task: one pmap step over 8 (fake) devices on 8 shards of a batch,
+and one jit step over a mesh of the 8 devices (the batch split over them, the state replicated or
+FSDP-sharded), equal one jit step on the whole batch (contrastive: the negatives come from the
+global batch, gathered over the devices under pmap)."""
 
 from __future__ import annotations
 
@@ -32,6 +33,10 @@ SGD_LR_BY_TASK = {
 }
 
 
+def sgd_lr(task: str) -> float:
+    return SGD_LR_BY_TASK.get(task, (SGD_LR,))[0]
+
+
 def change_error(old, a, b) -> float:
     """max |a - b| over the largest change |a - old| of a leaf."""
     change = np.abs(np.asarray(a, np.float64) - np.asarray(old, np.float64)).max()
@@ -45,7 +50,7 @@ def test_pmap_step_on_8_shards_equals_jit_on_whole_batch(name):
     preset = without_dropout(get_preset(name))
     task = get_task(preset)
     model, variables, key = init_variables(task, preset, 0)
-    state = task.create_state(model, variables, optax.sgd(SGD_LR_BY_TASK.get(preset.task, (SGD_LR,))[0]), key)
+    state = task.create_state(model, variables, optax.sgd(sgd_lr(preset.task)), key)
     batch = task.example_batch(preset, 16, seed=0)
     kw = task.step_kwargs(preset.train)
     with jax.default_matmul_precision("highest"):
@@ -62,3 +67,29 @@ def test_pmap_step_on_8_shards_equals_jit_on_whole_batch(name):
     assert worst <= 1e-5, errs
     for k in jit_m:
         np.testing.assert_allclose(pmap_m[k][0], float(jit_m[k]), rtol=1e-5, err_msg=k)
+
+
+@pytest.mark.skipif(jax.local_device_count() < 8, reason="needs 8 (fake) devices")
+@pytest.mark.parametrize("fsdp", [False, True], ids=["replicated", "fsdp"])
+@pytest.mark.parametrize("name", TASK_PRESETS.values(), ids=list(TASK_PRESETS))
+def test_mesh_step_equals_jit_on_whole_batch(name, fsdp):
+    preset = without_dropout(get_preset(name))
+    task = get_task(preset)
+    model, variables, key = init_variables(task, preset, 0)
+    state = task.create_state(model, variables, optax.sgd(sgd_lr(preset.task)), key)
+    batch = task.example_batch(preset, 16, seed=0)
+    kw = task.step_kwargs(preset.train)
+    mesh = steps.make_mesh()
+    shardings = steps.state_shardings(state, mesh, fsdp)
+    with jax.default_matmul_precision("highest"):
+        jit_state, jit_m = steps.jit_train_step(task.jax_step, **kw)(jax.tree_util.tree_map(jnp.copy, state), batch)
+        mesh_state, mesh_m = steps.mesh_train_step(task.jax_step, mesh, shardings, **kw)(
+            steps.put_state(state, shardings), steps.put_batch(batch, mesh))
+    split = [x for x in jax.tree_util.tree_leaves(mesh_state.params) if not x.sharding.is_fully_replicated]
+    assert bool(split) == fsdp, "FSDP splits the parameters, the replicated mesh does not"
+    errs = jax.tree_util.tree_map(change_error, state.params, jit_state.params, mesh_state.params)
+    worst = max(jax.tree_util.tree_leaves(errs))
+    print(f"{name}: mesh(8{', fsdp' if fsdp else ''}) vs jit, worst relative weight-change error {worst:.2e}")
+    assert worst <= 1e-5, errs
+    for k in jit_m:
+        np.testing.assert_allclose(float(mesh_m[k]), float(jit_m[k]), rtol=1e-5, err_msg=k)

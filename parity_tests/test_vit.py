@@ -10,6 +10,7 @@ import bridge
 import jax
 import jax.numpy as jnp
 import jax_models
+import jax_models.layers
 import torch_reference
 from bridge.verify import build_twins
 from parity_tests import harness, source_architectures, source_multimodal
@@ -200,3 +201,21 @@ def test_verify_finds_a_perturbed_weight():
     assert report.first_divergent.path == "transformer.layers.2.linear1"
     assert all(not d.over for d in report.layers[:[d.path for d in report.layers].index(
         "transformer.layers.2.linear1")])
+
+
+def test_verify_bf16_reports_the_drift_of_each_backend(capsys):
+    """--precision bf16: per layer, each backend's bfloat16 against its own float32 and the two
+    bfloat16 runs against each other; all finite, of bfloat16's order (~1e-2), not zero."""
+    from bridge.__main__ import main
+    from bridge.verify import bf16_drift
+
+    assert main(["verify", "vit-digits", "--precision", "bf16"]) == 0
+    out = capsys.readouterr().out
+    assert "torch bf16" in out and "flax-torch" in out and "bf16 output:" in out
+    tm, fm, variables, t_in, f_in = build_twins(get_preset("vit-digits"))
+    report = bf16_drift(tm, fm, variables, t_in, f_in)
+    assert report.finite and [r.path for r in report.rows][-1] == "<output>"
+    assert "blocks.0.mlp.0" in [r.path for r in report.rows]
+    o = report.output
+    print(f"vit-digits bf16 output drift: torch {o.torch:.2e}, flax {o.flax:.2e}, between {o.between:.2e}")
+    assert 0 < o.torch < 5e-2 and 0 < o.flax < 5e-2 and 0 < o.between < 5e-2

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import os
 from typing import Any
 
@@ -12,7 +13,7 @@ from train import data as data_lib
 
 LOG_EVERY = 10
 BACKENDS = ("jax", "torch")
-PARALLEL = ("jit", "pmap")
+PARALLEL = ("jit", "pmap", "mesh")
 PRECISIONS = ("fp32", "bf16")
 RECIPE_FLAGS = ("lr", "weight_decay", "warmup_steps", "batch_size", "label_smoothing", "grad_clip",
                 "data")
@@ -23,7 +24,10 @@ class Config:
     preset: str
     data: str | None = None
     backend: str = "jax"                # jax | torch
-    parallel: str = "jit"               # jit | pmap (jax only)
+    parallel: str = "jit"               # jit | pmap | mesh (jax only)
+    fsdp: bool = False                  # mesh: shard params and optimizer state over the devices
+    attention_impl: str = "xla"         # jax: xla | fused | cudnn (layers.attend)
+    max_bad_steps: int = 5              # stop after this many non-finite steps in a row
     steps: int | None = None            # total updates; else epochs * steps per epoch
     epochs: int | None = None
     batch_size: int | None = None       # global, over all devices and hosts
@@ -110,11 +114,77 @@ class Run:
                     return
 
 
+def check_config(config: Config):
+    """Every setting that can be checked from the command line alone, before anything is built;
+    one ValueError naming the setting, what it must be and what came."""
+    def need(ok, flag, want, got):
+        if not ok:
+            raise ValueError(f"{flag} must be {want}, not {got!r}")
+
+    need(config.log_every >= 1, "--log-every", "at least 1", config.log_every)
+    need(config.keep >= 1, "--keep", "at least 1 (checkpoints kept)", config.keep)
+    need(config.checkpoint_every is None or config.checkpoint_every >= 0, "--checkpoint-every",
+         "0 (only at the end) or more", config.checkpoint_every)
+    need(config.eval_every is None or config.eval_every >= 0, "--eval-every", "0 (only at the end) or more",
+         config.eval_every)
+    need(config.steps is None or config.steps >= 1, "--steps", "at least 1", config.steps)
+    need(config.epochs is None or config.epochs >= 1, "--epochs", "at least 1", config.epochs)
+    need(config.batch_size is None or config.batch_size >= 1, "--batch-size", "positive", config.batch_size)
+    need(config.lr is None or (math.isfinite(config.lr) and config.lr > 0), "--lr", "a positive finite number",
+         config.lr)
+    need(config.weight_decay is None or (math.isfinite(config.weight_decay) and config.weight_decay >= 0),
+         "--weight-decay", "a finite number >= 0", config.weight_decay)
+    need(config.warmup_steps is None or config.warmup_steps >= 0, "--warmup-steps", "0 or more", config.warmup_steps)
+    need(config.label_smoothing is None or 0 <= config.label_smoothing < 1, "--label-smoothing", "in [0, 1)",
+         config.label_smoothing)
+    need(config.grad_clip is None or (math.isfinite(config.grad_clip) and config.grad_clip >= 0), "--grad-clip",
+         "0 (off) or a positive number", config.grad_clip)
+    need(config.dropout is None or 0 <= config.dropout < 1, "--dropout", "in [0, 1)", config.dropout)
+
+
+def check_devices(config: Config, batch_size: int):
+    """The global batch splits over the processes and, for pmap and the mesh, over the devices."""
+    if config.backend != "jax":
+        return
+    import jax
+
+    processes = jax.process_count()
+    if batch_size % processes:
+        raise ValueError(f"global batch size {batch_size} does not split evenly over {processes} processes")
+    if config.parallel == "jit" and processes > 1:
+        raise ValueError("--parallel jit trains on one device of one process; use --parallel mesh (or pmap) "
+                         "with several processes")
+    n, where = {"pmap": (jax.local_device_count(), "local devices"),
+                "mesh": (jax.device_count(), "devices of the mesh")}.get(config.parallel, (1, ""))
+    per = batch_size // processes if config.parallel == "pmap" else batch_size
+    if per % n:
+        what = "per process " if config.parallel == "pmap" and processes > 1 else ""
+        raise ValueError(f"batch size {per} {what}does not split evenly over {n} {where} ({per} % {n} = "
+                         f"{per % n}); use a multiple of {n}")
+
+
+def check_writable(workdir: str, export: str | None):
+    """The workdir can be made and written, and the export's folder too: found before training,
+    not after it."""
+    for what, folder in (("--workdir", workdir), ("--export", os.path.dirname(os.path.abspath(export)) if export else None)):
+        if folder is None:
+            continue
+        try:
+            os.makedirs(folder, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"{what}: cannot create {folder} ({e.strerror})") from None
+        if not os.access(folder, os.W_OK):
+            raise ValueError(f"{what}: {folder} is not writable")
+    if export and os.path.isdir(export):
+        raise ValueError(f"--export {export} is a directory; give a file path (e.g. {export}/model.safetensors)")
+
+
 def resolve(config: Config) -> Run:
     """Fills the config's blanks from the preset's recipe and loads the data."""
     import presets
     from train.tasks import get_task
 
+    check_config(config)
     for name, value, allowed in (("backend", config.backend, BACKENDS),
                                  ("parallel", config.parallel, PARALLEL),
                                  ("precision", config.precision, PRECISIONS)):
@@ -122,6 +192,14 @@ def resolve(config: Config) -> Run:
             raise ValueError(f"--{name} must be one of {', '.join(allowed)}, not {value!r}")
     if config.backend == "torch" and config.parallel != "jit":
         raise ValueError(f"--parallel {config.parallel} is for --backend jax")
+    if config.max_bad_steps < 1:
+        raise ValueError(f"--max-bad-steps must be at least 1, not {config.max_bad_steps}")
+    from jax_models.layers import ATTENTION_IMPLS
+    if config.attention_impl not in ATTENTION_IMPLS:
+        raise ValueError(f"--attention-impl must be one of {', '.join(ATTENTION_IMPLS)}, not "
+                         f"{config.attention_impl!r}")
+    if config.fsdp and config.parallel != "mesh":
+        raise ValueError("--fsdp shards over a mesh: pass --parallel mesh")
     if config.steps is not None and config.epochs is not None:
         raise ValueError("give --steps or --epochs, not both")
     preset = presets.get_preset(config.preset)
@@ -141,6 +219,7 @@ def resolve(config: Config) -> Run:
     recipe.update(config.recipe_overrides)
     if recipe["batch_size"] <= 0:
         raise ValueError(f"batch size must be positive, not {recipe['batch_size']}")
+    check_devices(config, recipe["batch_size"])
     train_data, test_data = task.load_data(recipe["data"], preset, recipe)
     overrides = dict(config.model_overrides)
     if config.dropout is not None:
@@ -149,6 +228,13 @@ def resolve(config: Config) -> Run:
     if unknown:
         raise ValueError(f"preset {preset.name!r} has no constructor argument(s) "
                          f"{', '.join(unknown)}; its arguments: {', '.join(preset.kwargs)}")
+    for key, value in overrides.items():
+        default = preset.kwargs[key]
+        ok = (isinstance(value, (int, float)) and not isinstance(value, bool) if isinstance(default, float)
+              else isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool)))
+        if default is not None and not ok:
+            raise ValueError(f"--set {key}={value!r}: preset {preset.name!r} takes a value of type {type(default).__name__} "
+                             f"there (its default is {default!r})")
     if preset.kwargs.get("num_classes") not in (None, train_data.num_classes):
         overrides.setdefault("num_classes", train_data.num_classes)
     if overrides:
@@ -164,4 +250,5 @@ def resolve(config: Config) -> Run:
         raise ValueError(f"nothing to train: {total} steps")
     recipe["warmup_steps"] = min(recipe["warmup_steps"], total // 2)
     workdir = config.workdir or os.path.join("runs", preset.name)
+    check_writable(workdir, config.export)
     return Run(config, preset, task, train_data, test_data, recipe, spe, total, workdir)

@@ -1,5 +1,6 @@
 """The JAX adapter of the training loop (`train.loop`): the task's pure step under jit on one
-device or pmap over the local devices, the state donated to each step."""
+device, pmap over the local devices, or jit over a mesh of every device (the batch split on its
+'data' axis; the state replicated, or sharded with --fsdp), the state donated to each step."""
 
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from train.tasks import init_variables
 def make_state(r: Run):
     """The state at step 0; under bf16 its `apply_fn` computes in bfloat16 over float32 master
     weights."""
-    model, variables, train_key = init_variables(r.task, r.preset, r.config.seed)
+    model, variables, train_key = init_variables(r.task, r.preset, r.config.seed, r.config.attention_impl)
     tx = steps.make_optimizer(r.schedule, r.recipe["weight_decay"], r.recipe["grad_clip"],
                               variables["params"])
     state = r.task.create_state(model, variables, tx, train_key)
@@ -37,7 +38,15 @@ def checkpoint_tree(state: steps.TrainState) -> dict:
     buffers are donated to the next step."""
     tree = {name: getattr(state, name) for name in _array_fields(state)}
     tree["rng"] = jax.random.key_data(tree["rng"])
-    return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+    return jax.tree_util.tree_map(_host, tree)
+
+
+def _host(x) -> np.ndarray:
+    """A whole array on this host: FSDP shards held by other processes are gathered first."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
 
 
 def from_checkpoint_tree(state: steps.TrainState, tree: dict) -> steps.TrainState:
@@ -47,11 +56,12 @@ def from_checkpoint_tree(state: steps.TrainState, tree: dict) -> steps.TrainStat
 
 
 class JaxBackend:
-    """jit (one device of one process) or pmap (every local device; gradients pmean'd)."""
+    """jit (one device of one process), pmap (every local device; gradients pmean'd) or mesh
+    (jit over every device of every process; XLA partitions the global batch's step)."""
 
     def __init__(self, r: Run):
         self.r, self.task = r, r.task
-        self.model = self.task.flax_model(r.preset)
+        self.model = self.task.flax_model(r.preset, r.config.attention_impl)
         state = make_state(r)
         self.parallel = r.config.parallel
         batch_size, processes = r.recipe["batch_size"], jax.process_count()
@@ -70,6 +80,20 @@ class JaxBackend:
             self.state = steps.replicate(state)
             self.put = lambda b: data_lib.shard(b, n)  # noqa: E731
             self.single = steps.unreplicate
+        elif self.parallel == "mesh":
+            mesh = steps.make_mesh()
+            n = mesh.devices.size // processes
+            if batch_size % mesh.devices.size:
+                raise ValueError(f"global batch size {batch_size} does not split evenly over the "
+                                 f"{mesh.devices.size} devices of the mesh ({batch_size} % "
+                                 f"{mesh.devices.size} = {batch_size % mesh.devices.size}); use a "
+                                 f"multiple of {mesh.devices.size}")
+            self.shardings = steps.state_shardings(state, mesh, r.config.fsdp)
+            self.step_fn = steps.mesh_train_step(self.task.jax_step, mesh, self.shardings, **kwargs)
+            self.state = steps.put_state(state, self.shardings)
+            self.put = lambda b: steps.put_batch(b, mesh)  # noqa: E731
+            self.single = lambda s: s  # noqa: E731
+            self.parallel = "mesh-fsdp" if r.config.fsdp else "mesh"
         else:
             if processes > 1:
                 raise ValueError("--parallel jit trains on one device of one process; use "
@@ -82,18 +106,50 @@ class JaxBackend:
         self.devices = n * processes
         # Fake CPU devices share one small thread pool: a pmap step dispatched while the last one
         # still runs can hold the threads its peers need to reach the all-reduce, and hang.
-        self.sync_each_step = self.parallel == "pmap" and jax.default_backend() == "cpu"
+        self.sync_each_step = self.parallel != "jit" and jax.default_backend() == "cpu"
+        self.compiled = None   # {'seconds', 'cache'} once the step is compiled
+
+    def compile(self, batch):
+        """The step compiled ahead of time for this state and batch: its compile time and whether
+        the persistent cache held it go into the summary. Several processes then meet at a barrier
+        (their first collective must find every peer within 30 s)."""
+        import time
+
+        from jax_models import compile_cache
+
+        hits, t0 = compile_cache.stats()["hits"], time.perf_counter()
+        compiled = self.step_fn.lower(self.state, batch).compile()
+        self.compiled = {"seconds": time.perf_counter() - t0,
+                         "cache": "warm" if compile_cache.stats()["hits"] > hits else "cold"}
+        if jax.process_count() > 1:
+            from train import distributed
+            distributed.barrier("train_first_step")
+        return compiled
+
+    def info(self) -> dict:
+        """What the summary reports of this backend beyond the task's figures."""
+        return {"compile_seconds": (self.compiled or {}).get("seconds"),
+                "compile_cache": (self.compiled or {}).get("cache") if jax.config.jax_compilation_cache_dir
+                else "off"}
 
     def state_tree(self) -> dict:
         return checkpoint_tree(self.single(self.state))
 
     def load_state_tree(self, tree: dict) -> int:
         state = from_checkpoint_tree(self.single(self.state), tree)
-        self.state = steps.replicate(state) if self.parallel == "pmap" else state
+        if self.parallel == "pmap":
+            self.state = steps.replicate(state)
+        elif self.parallel.startswith("mesh"):
+            self.state = steps.put_state(state, self.shardings)
+        else:
+            self.state = state
         return int(state.step)
 
     def step(self, batch: dict):
-        self.state, metrics = self.step_fn(self.state, self.put(batch))
+        batch = self.put(batch)
+        if self.compiled is None:
+            self.step_fn = self.compile(batch)
+        self.state, metrics = self.step_fn(self.state, batch)
         if self.sync_each_step:
             jax.block_until_ready(metrics)
         return metrics
@@ -111,4 +167,6 @@ class JaxBackend:
         return self.task.jax_finish(self.model, self.single(self.state), self.r)
 
     def export(self) -> dict:
-        return self.task.jax_export(self.single(self.state))
+        """Every process gathers the whole state (FSDP shards included); process 0 writes it."""
+        keep = lambda x: x if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else _host(x)  # noqa: E731
+        return self.task.jax_export(jax.tree_util.tree_map(keep, self.single(self.state)))

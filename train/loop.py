@@ -11,6 +11,7 @@ resume, metrics, progress, the final evaluation, export and summary; a backend i
     step(batch)             one update on a host batch; returns metrics (maybe still on device)
     read(metrics)           those metrics as floats
     evaluate() / finish()   the task's evaluation / its work after the last step (summary entries)
+    info()                  the backend's own summary entries (the step's compile time, cache)
     export()                the torch-keyed state dict `--export` writes
     parallel, devices       for the summary
 """
@@ -40,10 +41,58 @@ def run(config: Config) -> dict:
     """Trains, evaluates, checkpoints and exports as `config` says; returns the summary."""
     r = resolve(config)
     os.makedirs(r.workdir, exist_ok=True)
-    result = train(r, backend_class(config.backend))
-    with open(os.path.join(r.workdir, "summary.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    return result
+    return train(r, backend_class(config.backend))
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def write_atomically(path: str, write) -> str:
+    """`write(tmp_path)`, then rename it to `path` (absolute, returned): a reader never sees half a
+    file, and a failure leaves no stray temporary file."""
+    path = os.path.abspath(path)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return path
+
+
+def write_summary(r: Run, summary: dict) -> dict:
+    """WORKDIR/summary.json, strict JSON (NaN -> null), written atomically by process 0."""
+    summary = strict_json(summary)
+    if _primary(r.config.backend):
+        def dump(tmp):
+            with open(tmp, "w") as f:
+                json.dump(summary, f, indent=2, allow_nan=False)
+        write_atomically(os.path.join(r.workdir, "summary.json"), dump)
+    return summary
+
+
+def strict_json(x):
+    """`x` with every non-finite float (NaN, inf) as None: JSON allows no NaN."""
+    if isinstance(x, dict):
+        return {k: strict_json(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [strict_json(v) for v in x]
+    if isinstance(x, float) and not np.isfinite(x):
+        return None
+    return x
+
+
+def _primary(backend: str) -> bool:
+    """Whether this process writes the logs, the summary and the export (process 0 of a
+    multi-process run; the only one otherwise)."""
+    if backend != "jax":
+        return True
+    import jax
+    return jax.process_index() == 0
 
 
 def train(r: Run, backend_cls) -> dict:
@@ -56,8 +105,17 @@ def train(r: Run, backend_cls) -> dict:
     with closing_on_error(ckpt):
         if cfg.resume:
             tree, meta = ckpt.restore(backend.state_tree(), r.record())
-            start_step = backend.load_state_tree(tree)
-            check_position(r, meta, start_step)
+            backend.load_state_tree(tree)
+            start_step = check_position(r, meta)
+            finished = _finished_summary(r, start_step)
+            if finished is not None:   # nothing to train: keep its summary, export if asked
+                ckpt.close()
+                if cfg.export:
+                    state_dict = backend.export()
+                    if _primary(cfg.backend):
+                        finished["export"] = export_weights(cfg.export, state_dict)
+                        finished = write_summary(r, finished)
+                return finished
         else:
             check_fresh(ckpt)
 
@@ -66,21 +124,31 @@ def train(r: Run, backend_cls) -> dict:
             ckpt.save(step, backend.state_tree(), {**r.record(), "position": r.position(step)},
                       force=True)
 
-    log = MetricsLog(r.workdir, r.total_steps, start_step, cfg.progress, ("loss", *task.report))
+    primary = _primary(cfg.backend)
+    log = MetricsLog(r.workdir, r.total_steps, start_step, cfg.progress and primary, ("loss", *task.report),
+                     write=primary, resume=cfg.resume)
     speed = Throughput()
+    guard = NonFiniteGuard(cfg.max_bad_steps, ckpt)
     step, metrics, last_eval = start_step, None, {}
     try:
         for step, batch in r.batches_from(start_step):
+            previous = metrics
             metrics = backend.step(task.batch(batch, step, r))
+            if previous is not None:   # a step behind: its metrics are ready by now
+                guard.account(backend.read(previous), step)
             speed.tick(r.recipe["batch_size"])
             done = step + 1
             if done % cfg.log_every == 0 or done == r.total_steps:
                 log.write({"step": done, "epoch": done / r.steps_per_epoch, **backend.read(metrics),
-                           "lr": r.lr(step), "examples_per_second": speed.window_rate()})
+                           "lr": r.lr(step), "nonfinite_steps": guard.total + int(
+                               backend.read(metrics).get("nonfinite", 0)),
+                           "examples_per_second": speed.window_rate()})
             if r.eval_every and done % r.eval_every == 0 and done != r.total_steps:
                 log.write({"step": done, **backend.evaluate()})
             save(done)
             step = done
+        if metrics is not None:
+            guard.account(backend.read(metrics), step)
         final = backend.read(metrics) if metrics is not None else None
         last_eval = backend.evaluate()
         log.write({"step": step, **last_eval})
@@ -89,12 +157,36 @@ def train(r: Run, backend_cls) -> dict:
         ckpt.close()
         log.close(step)
     extra.update(backend.finish())
-    export = export_weights(cfg.export, backend.export()) if cfg.export else None
-    return summary(
+    extra.update(backend.info())
+    extra["nonfinite_steps"] = guard.total
+    result = write_summary(r, summary(
         r, final_metrics=final, eval_metrics=last_eval, extra=extra, step=step,
         throughput=speed.rate(), devices=backend.devices, parallel=backend.parallel,
-        wall=time.perf_counter() - t_start, checkpoint_dir=ckpt.directory, export=export,
-        start_step=start_step)
+        wall=time.perf_counter() - t_start, checkpoint_dir=ckpt.directory, export=None,
+        start_step=start_step))
+    if cfg.export:
+        state_dict = backend.export()
+        if primary:
+            try:
+                result["export"] = export_weights(cfg.export, state_dict)
+            except OSError as e:
+                raise ExportError(f"could not write the export {cfg.export} ({e.strerror or e}); the trained "
+                                  f"weights are in the last checkpoint, {ckpt.directory}/{step}, and "
+                                  f"`--resume --export PATH` writes them without training") from e
+            result = write_summary(r, result)
+    return result
+
+
+def _finished_summary(r: Run, start_step: int) -> dict | None:
+    """The summary of a run that already ended (resumed at its last step): kept as it is, not
+    replaced by one of zero steps. None when there is still training to do."""
+    path = os.path.join(r.workdir, "summary.json")
+    if start_step < r.total_steps:
+        return None
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,10 +201,43 @@ def check_fresh(ckpt: Checkpoints):
                               "--workdir")
 
 
-def check_position(r: Run, meta: dict, step: int):
-    if meta.get("position") != r.position(step):
-        raise CheckpointError(f"checkpoint at step {step} records data position "
-                              f"{meta.get('position')}, expected {r.position(step)}")
+def check_position(r: Run, meta: dict) -> int:
+    """The step (data position) a checkpoint continues from; its epoch and batch must be this
+    run's for that step. (The optimizer's own count may be lower: skipped non-finite steps.)"""
+    position = meta.get("position") or {}
+    step = position.get("step")
+    if not isinstance(step, int) or position != r.position(step):
+        raise CheckpointError(f"checkpoint records data position {position or None}, which this run "
+                              f"does not have (expected {r.position(step) if isinstance(step, int) else 'a step'})")
+    return step
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+class NonFiniteGuard:
+    """Counts steps whose loss or gradients were not finite (the backends skip them: nothing
+    changes) and stops the run after `limit` in a row, naming the last good checkpoint."""
+
+    def __init__(self, limit: int, ckpt: Checkpoints):
+        self.limit, self.ckpt = limit, ckpt
+        self.in_row = self.total = 0
+
+    def account(self, metrics: dict, step: int):
+        if not metrics.get("nonfinite"):
+            self.in_row = 0
+            return
+        self.in_row += 1
+        self.total += 1
+        if self.in_row >= self.limit:
+            latest = self.ckpt.latest_step()
+            where = (f"the last checkpoint, {os.path.join(self.ckpt.directory, str(latest))}, holds the last "
+                     f"good weights (--resume continues from it)" if latest is not None else
+                     "no checkpoint was written yet")
+            raise NonFiniteError(f"stopped at step {step}: the loss or the gradients were not finite in "
+                                 f"{self.in_row} steps in a row (--max-bad-steps {self.limit}); each was "
+                                 f"skipped, nothing non-finite was saved; {where}. Lower --lr or check the data")
 
 
 @contextlib.contextmanager
@@ -133,10 +258,16 @@ class MetricsLog:
     """WORKDIR/metrics.jsonl (appended to, so a resumed run continues it) and the progress bar."""
 
     def __init__(self, workdir: str, total: int, initial: int, progress: bool,
-                 shown: tuple[str, ...] = ("loss", "accuracy", "eval_accuracy")):
+                 shown: tuple[str, ...] = ("loss", "accuracy", "eval_accuracy"), write: bool = True,
+                 resume: bool = False):
         self.shown = (*shown, "examples_per_second")
         self.path = os.path.join(workdir, "metrics.jsonl")
-        self.file = open(self.path, "a")
+        self.file = None
+        if write:
+            kept = _lines_up_to(self.path, initial) if resume else []
+            self.file = open(self.path, "w")
+            self.file.writelines(kept)
+            self.file.flush()
         self.bar = None
         if progress:
             from tqdm import tqdm
@@ -144,10 +275,11 @@ class MetricsLog:
         self.last = initial
 
     def write(self, record: dict):
-        record = {k: (float(v) if isinstance(v, (np.floating, np.ndarray)) or hasattr(v, "item")
-                      else v) for k, v in record.items()}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        record = strict_json({k: (float(v) if isinstance(v, (np.floating, np.ndarray)) or hasattr(v, "item")
+                                  else v) for k, v in record.items()})
+        if self.file is not None:
+            self.file.write(json.dumps(record, allow_nan=False) + "\n")
+            self.file.flush()
         if self.bar is not None:
             step = record.get("step", self.last)
             self.bar.update(step - self.last)
@@ -161,7 +293,24 @@ class MetricsLog:
         if self.bar is not None:
             self.bar.update(step - self.last)
             self.bar.close()
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
+
+
+def _lines_up_to(path: str, step: int) -> list[str]:
+    """The lines of a metrics log up to `step`: a resumed run rewrites what came after its
+    checkpoint, so no step appears twice."""
+    if not os.path.exists(path):
+        return []
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                if json.loads(line).get("step", 0) <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except json.JSONDecodeError:
+                continue   # a line cut short by a kill
+    return kept
 
 
 class Throughput:
@@ -220,10 +369,7 @@ def _process_count(backend: str) -> int:
 
 
 def export_weights(path: str, state_dict) -> str:
-    """Write a torch-keyed state dict as safetensors at `path`; returns the absolute path."""
+    """Write a torch-keyed state dict as safetensors at `path`, atomically; the absolute path."""
     from bridge import save_safetensors
 
-    path = os.path.abspath(path)
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    save_safetensors(state_dict, path)
-    return path
+    return write_atomically(path, lambda tmp: save_safetensors(state_dict, tmp))

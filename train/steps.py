@@ -4,7 +4,8 @@ task's pure step is built on, and the thin jit and pmap wrappers.
 A task's step `(state, batch, rng, *, axis_name=None, **kw) -> (state, metrics)` knows nothing
 of devices: it hands its loss to `gradient_step`, which, given an `axis_name`, averages gradients
 and metrics over that axis with `lax.pmean` and folds the device index into the key.
-`jit_train_step` and `pmap_train_step` wrap any such step.
+`jit_train_step`, `pmap_train_step` and `mesh_train_step` (jit over a device mesh, the batch split
+on a 'data' axis, the state replicated or FSDP-sharded) wrap any such step.
 """
 
 from __future__ import annotations
@@ -130,7 +131,9 @@ def gradient_step(state: TrainState, loss_fn: Callable, rng: jax.Array,
 
     Under pmap (`axis_name` set) each device folds its index into `rng` (its own dropout and
     noise draws), and gradients and metrics are averaged over the axis with `lax.pmean`.
-    Returns the new state and the metrics with 'loss' and 'grad_norm' (after averaging)."""
+    A step whose loss or gradients are not finite changes nothing: the parameters, optimizer
+    state and step count come back bit for bit as they were, and `metrics['nonfinite']` is 1.
+    Returns the new state and the metrics with 'loss', 'grad_norm' and 'nonfinite'."""
     if axis_name is not None:
         rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
     (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, rng)
@@ -139,7 +142,20 @@ def gradient_step(state: TrainState, loss_fn: Callable, rng: jax.Array,
         grads = jax.lax.pmean(grads, axis_name)
         metrics = jax.lax.pmean(metrics, axis_name)
     metrics["grad_norm"] = optax.tree.norm(grads)
-    return state.apply_gradients(grads=grads), metrics
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    new = state.apply_gradients(grads=grads)
+    keep = lambda a, b: jax.tree_util.tree_map(lambda x, y: jnp.where(finite, x, y), a, b)  # noqa: E731
+    new = new.replace(params=keep(new.params, state.params), opt_state=keep(new.opt_state, state.opt_state),
+                      step=jnp.where(finite, new.step, state.step))
+    metrics["nonfinite"] = (~finite).astype(jnp.int32)
+    return new, metrics
+
+
+def where_finite(metrics: dict, new, old):
+    """`new` after a finite step, `old` after a skipped one (for what a task updates itself after
+    `gradient_step`: an EMA, a clamp)."""
+    ok = metrics["nonfinite"] == 0
+    return jax.tree_util.tree_map(lambda x, y: jnp.where(ok, x, y), new, old)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,6 +183,76 @@ def pmap_train_step(step: Callable, axis_name: str = PMAP_AXIS, **kwargs
     def wrapped(state, batch):
         return step(state, batch, step_rng(state), axis_name=axis_name, **kwargs)
     return jax.pmap(wrapped, axis_name=axis_name, donate_argnums=0)
+
+
+MESH_AXIS = "data"
+
+
+def make_mesh(devices=None) -> jax.sharding.Mesh:
+    """A one-axis mesh ('data') over `devices` (default: every device of every process)."""
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    return jax.sharding.Mesh(devices, (MESH_AXIS,))
+
+
+def fsdp_spec(x, n: int) -> jax.sharding.PartitionSpec:
+    """How FSDP splits one array over `n` devices: its largest axis that `n` divides (the first of
+    equals), or nothing (replicated) when none does, or when it is a scalar or small."""
+    P = jax.sharding.PartitionSpec
+    shape = np.shape(x)
+    if not shape or np.prod(shape) < 4 * n:
+        return P()
+    fits = [i for i, d in enumerate(shape) if d % n == 0]
+    if not fits:
+        return P()
+    axis = max(fits, key=lambda i: (shape[i], -i))
+    return P(*(MESH_AXIS if i == axis else None for i in range(len(shape))))
+
+
+def state_shardings(state, mesh, fsdp: bool = False):
+    """The sharding of every leaf of `state` on `mesh`: replicated, or with `fsdp` the parameters,
+    the optimizer state and any other float arrays (an EMA) split by `fsdp_spec`."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    if not fsdp:
+        return jax.tree_util.tree_map(lambda _: replicated, state)
+    n = mesh.devices.size
+    split = lambda x: jax.sharding.NamedSharding(mesh, fsdp_spec(x, n))  # noqa: E731
+    shardings = jax.tree_util.tree_map(split, state)
+    return shardings.replace(step=replicated, rng=replicated, constants=jax.tree_util.tree_map(
+        lambda _: replicated, state.constants))
+
+
+def mesh_train_step(step: Callable, mesh: jax.sharding.Mesh, state_sharding, **kwargs) -> Callable:
+    """(state, global batch) -> (state, metrics) under `jax.jit` on `mesh`: the batch split over
+    the 'data' axis, the state as `state_sharding` says (replicated, or FSDP). The step runs as
+    written for one device, on the global batch: XLA partitions it and adds the reductions, so no
+    `axis_name` (and no pmean) is involved and the result is jit's on the whole batch. The state is
+    donated."""
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(MESH_AXIS))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def wrapped(state, batch):
+        return step(state, batch, step_rng(state), **kwargs)
+    return jax.jit(wrapped, in_shardings=(state_sharding, batch_sharding),
+                   out_shardings=(state_sharding, replicated), donate_argnums=0)
+
+
+def put_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:
+    """A host's share of a global batch -> global arrays split over the mesh's 'data' axis (each
+    process passes its own rows; `jax.make_array_from_process_local_data` puts them together)."""
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(MESH_AXIS))
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def put_state(state, shardings):
+    """`state` (the same values in every process) placed as `shardings` say, as global arrays built
+    from each process's host copy: fresh buffers, so the step can donate them (a replicated
+    `device_put` may share its source's buffer), and valid when the mesh spans processes."""
+    def put(x, sharding):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(put(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
+        host = np.asarray(jax.device_get(x))
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    return jax.tree_util.tree_map(put, state, shardings)
 
 
 def replicate(tree, devices=None):

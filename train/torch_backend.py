@@ -72,6 +72,11 @@ class TorchTrainer:
         loss.backward()
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).float()
+        if not (torch.isfinite(loss) and torch.isfinite(norm)):
+            # as the JAX step: nothing changes (weights, moments, step count, moving averages)
+            self.optimizer.zero_grad(set_to_none=True)
+            return {"loss": loss.item(), **{k: float(v) for k, v in metrics.items()},
+                    "grad_norm": norm.item(), "nonfinite": 1, "lr": lr}
         if self.grad_clip and norm >= self.grad_clip:
             for g in grads:
                 g.div_(norm).mul_(self.grad_clip)
@@ -79,7 +84,7 @@ class TorchTrainer:
         metrics = {**metrics, **(self.task.torch_after_step(self) or {})}
         self.step += 1
         return {"loss": loss.item(), **{k: float(v) for k, v in metrics.items()},
-                "grad_norm": norm.item(), "lr": lr}
+                "grad_norm": norm.item(), "nonfinite": 0, "lr": lr}
 
     # Checkpoint trees: numpy only, parameters and moments listed in named_parameters order.
     def state_tree(self) -> dict:
@@ -153,6 +158,9 @@ class TorchBackend:
     def __init__(self, r: Run):
         self.r, self.task = r, r.task
         self.trainer = build(r)
+
+    def info(self) -> dict:
+        return {}
 
     def state_tree(self) -> dict:
         return self.trainer.state_tree()

@@ -35,12 +35,13 @@ def get_task(preset_or_name) -> "Task":
         raise ValueError(f"{owner}unknown task {name!r}; known tasks: {', '.join(sorted(TASKS))}") from None
 
 
-def init_variables(task: "Task", preset, seed: int):
-    """(Flax model, variables, train key): the task's model of `preset` initialised from `seed`.
-    Both backends start from these weights (torch through the bridge)."""
+def init_variables(task: "Task", preset, seed: int, attention_impl: str = "xla"):
+    """(Flax model, variables, train key): the task's model of `preset` initialised from `seed`
+    (`attention_impl` changes the kernel, not the weights). Both backends start from these
+    weights (torch through the bridge)."""
     import jax
 
-    model = task.flax_model(preset)
+    model = task.flax_model(preset, attention_impl)
     init_key, train_key = jax.random.split(jax.random.key(seed))
     args = task.init_args(preset)
     variables = jax.jit(lambda k: model.init(k, *args))(init_key)
@@ -85,9 +86,10 @@ class Task:
 
     # -- JAX ------------------------------------------------------------------------------------
 
-    def flax_model(self, preset):
+    def flax_model(self, preset, attention_impl: str = "xla"):
+        """The Flax model the trainer trains; `attention_impl` as `layers.attend` takes it."""
         import jax_models
-        return jax_models.create_model(preset)
+        return jax_models.create_model(preset, attention_impl=attention_impl)
 
     def init_args(self, preset) -> tuple:
         """Example inputs for `model.init` (batch of one)."""

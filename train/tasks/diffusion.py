@@ -27,13 +27,14 @@ class DiffusionState(steps.TrainState):
     ema_params: Any = None
 
 
-def build(preset):
+def build(preset, attention_impl: str = "xla"):
     """The Flax `DDPM` of a diffusion preset: the preset's U-Net inside the recipe's schedule."""
     import jax_models
     from jax_models.ddpm import DDPM
 
     r = preset.train
-    return DDPM(jax_models.create_model(preset), r["timesteps"], r["beta_start"], r["beta_end"])
+    return DDPM(jax_models.create_model(preset, attention_impl=attention_impl), r["timesteps"],
+                r["beta_start"], r["beta_end"])
 
 
 def create_state(model, variables: dict, tx: optax.GradientTransformation, rng: jax.Array
@@ -64,7 +65,7 @@ def diffusion_step(state: DiffusionState, batch: dict, rng: jax.Array, *, timest
 
     new, metrics = steps.gradient_step(state, loss_fn, rng, axis_name)
     ema = optax.incremental_update(new.params, state.ema_params, steps.ema_step_size(state.step, ema_decay))
-    return new.replace(ema_params=ema), metrics
+    return new.replace(ema_params=steps.where_finite(metrics, ema, state.ema_params)), metrics
 
 
 def sampler(preset, num_samples: int, ddim_steps: int | None = None):
@@ -151,8 +152,8 @@ class Diffusion(Task):
     report = ("digit_check",)
     eval_by_default = False
 
-    def flax_model(self, preset):
-        return build(preset)
+    def flax_model(self, preset, attention_impl: str = "xla"):
+        return build(preset, attention_impl)
 
     def init_args(self, preset) -> tuple:
         x = np.zeros((1, *preset.input_shape_nhwc), np.float32)
@@ -273,7 +274,7 @@ class Diffusion(Task):
         return torch_loss, flax_loss
 
     def parity_batches(self, preset, n: int, batch_size: int, seed: int = 0):
-        from jax_models.ddpm import linear_schedule
+        from model_math import linear_schedule
 
         schedule = linear_schedule(preset.train["timesteps"], preset.train["beta_start"],
                                    preset.train["beta_end"])
