@@ -155,7 +155,10 @@ def test_forward_and_cached_decoder():
     assert t_err <= harness.FORWARD_TOL and f_err <= harness.FORWARD_TOL
 
 
+@pytest.mark.slow
 def test_gradients():
+    """The twins' gradients (slow: test_presets.py holds every gradient leaf of caption-scenes, float32
+    and float64, in the default run)."""
     tm, fm, variables = twins()
     (tbatch,), (fbatch,) = batches(1, 4, 2)
     errs, loss_t, loss_f = harness.gradient_errors(tm, fm, variables, *losses(fm), tbatch, fbatch)

@@ -33,6 +33,19 @@ SGD_LR_BY_TASK = {
 }
 
 
+# Mesh checks of a task that run in `make test-all` only, with the reason.
+SLOW_MESH = {
+    "captioning": "its step has no code of its own under a mesh (it runs as written for one device: no "
+                  "axis name); its pmap step, whose loss divides by the global token count, stays in the "
+                  "default run, as do the other tasks' mesh and FSDP steps",
+}
+
+
+def mesh_cases():
+    return [pytest.param(name, marks=[pytest.mark.slow] if task in SLOW_MESH else [], id=task)
+            for task, name in TASK_PRESETS.items()]
+
+
 def sgd_lr(task: str) -> float:
     return SGD_LR_BY_TASK.get(task, (SGD_LR,))[0]
 
@@ -71,7 +84,7 @@ def test_pmap_step_on_8_shards_equals_jit_on_whole_batch(name):
 
 @pytest.mark.skipif(jax.local_device_count() < 8, reason="needs 8 (fake) devices")
 @pytest.mark.parametrize("fsdp", [False, True], ids=["replicated", "fsdp"])
-@pytest.mark.parametrize("name", TASK_PRESETS.values(), ids=list(TASK_PRESETS))
+@pytest.mark.parametrize("name", mesh_cases())
 def test_mesh_step_equals_jit_on_whole_batch(name, fsdp):
     preset = without_dropout(get_preset(name))
     task = get_task(preset)

@@ -176,7 +176,10 @@ def test_coco_bad_input_is_a_clear_error(tmp_path, capsys):
            r"names 4 images; 1 of them are not in .*train2017 .*: train2017_002\.png; expected")
 
 
+@pytest.mark.slow
 def test_coco_run_writes_report_tokenizer_and_picture(tmp_path):
+    """A short run on a COCO folder (slow: the reader, its splits and its errors are tested in the
+    default run; the run itself is the scenes' run of test_trainer.py with other data)."""
     from tokenizer import Tokenizer
     from train.loop import Config, run
 
