@@ -51,7 +51,9 @@ SLOW_CHECKS = {
     ("caption-scenes", "trajectory"): "both 20-step trajectories of the 5-block captioner; "
                                       "test_captioning.py holds the family's, float32 and float64, on its small twins",
     ("caption-scenes", "bfloat16"): "eager bf16 init, forward and gradient of both attention kernels; "
-                                    "the fused kernel's forward and gradients stay in the default run",
+                                    "the fused kernel's forward stays in the default run",
+    ("caption-scenes", "fused-gradients"): "every gradient leaf through the fused kernel; its forward, and "
+                                           "every gradient leaf through the default kernel, stay in the default run",
 }
 
 
