@@ -28,6 +28,7 @@ class Preset:
     train: dict[str, Any] = dataclasses.field(default_factory=dict)
     description: str = ""
     inputs: tuple[str, ...] = ("image",)   # the forward's arguments, kinds of INPUT_KINDS
+    bench_batch: int = 8                   # `python -m benchmarks`' default batch (CPU-sized)
 
     @property
     def input_shape_nhwc(self) -> tuple[int, int, int]:
@@ -51,44 +52,46 @@ DIGITS_RECIPE = dict(lr=1e-3, weight_decay=0.05, warmup_steps=100, batch_size=12
 
 
 def _vit(name, image_size, patch_size, in_channels, num_classes, embed_dim, depth, num_heads,
-         mlp_ratio=4, dropout=0.1, train=None, description=""):
+         mlp_ratio=4, dropout=0.1, train=None, bench_batch=8, description=""):
     kwargs = dict(image_size=image_size, patch_size=patch_size, in_channels=in_channels,
                   num_classes=num_classes, embed_dim=embed_dim, depth=depth,
                   num_heads=num_heads, mlp_ratio=mlp_ratio, dropout=dropout)
     return Preset(name, "vit", "VisionTransformer", kwargs, image_size, in_channels,
-                  train=dict(train or SOURCE_RECIPE), description=description)
+                  train=dict(train or SOURCE_RECIPE), description=description, bench_batch=bench_batch)
 
 
 def _encoder_vit(name, img_size, patch_size, in_channels, num_classes, embed_dim, depth,
-                 num_heads, dropout=0.1, train=None, description=""):
+                 num_heads, dropout=0.1, train=None, bench_batch=8, description=""):
     kwargs = dict(img_size=img_size, patch_size=patch_size, in_channels=in_channels,
                   num_classes=num_classes, embed_dim=embed_dim, depth=depth,
                   num_heads=num_heads, dropout=dropout)
     return Preset(name, "vit", "EncoderViT", kwargs, img_size, in_channels,
-                  train=dict(train or SOURCE_RECIPE), description=description)
+                  train=dict(train or SOURCE_RECIPE), description=description, bench_batch=bench_batch)
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in [
     _vit("vit-digits", 32, 8, 1, 10, 64, 4, 4, mlp_ratio=2, train=DIGITS_RECIPE,
-         description="pre-norm ViT for 32x32 digits (16 patches of 8x8, 4 blocks of width 64)"),
+         bench_batch=128, description="pre-norm ViT for 32x32 digits (16 patches of 8x8, 4 blocks of width 64)"),
+    _vit("vit-tiny-digits", 32, 8, 1, 10, 32, 2, 2, mlp_ratio=2, train=DIGITS_RECIPE,
+         bench_batch=128, description="the smallest ViT: 2 blocks of width 32 (the example preset of CONTRIBUTING.md)"),
     _encoder_vit("encoder-vit-digits", 32, 8, 1, 10, 64, 4, 4, train=DIGITS_RECIPE,
-                 description="post-norm nn.TransformerEncoder ViT for 32x32 digits"),
+                 bench_batch=128, description="post-norm nn.TransformerEncoder ViT for 32x32 digits"),
     _vit("vit-ti16", 224, 16, 3, 1000, 192, 12, 3, description="ViT-Ti/16"),
     _vit("vit-s16", 224, 16, 3, 1000, 384, 12, 6, description="ViT-S/16"),
     _vit("vit-b16", 224, 16, 3, 1000, 768, 12, 12,
-         description="ViT-B/16, the source's default VisionTransformer"),
+         bench_batch=4, description="ViT-B/16, the source's default VisionTransformer"),
     _encoder_vit("encoder-vit-b16", 224, 16, 3, 1000, 768, 12, 12,
-                 description="the second source's ViT at its defaults"),
+                 bench_batch=4, description="the second source's ViT at its defaults"),
 ]}
 
 
 def _swin(name, image_size, patch_size, in_channels, num_classes, embed_dim, depths, num_heads,
-          window_size=7, drop_path_rate=0.1, train=None, description=""):
+          window_size=7, drop_path_rate=0.1, train=None, bench_batch=8, description=""):
     kwargs = dict(image_size=image_size, patch_size=patch_size, in_channels=in_channels,
                   num_classes=num_classes, embed_dim=embed_dim, depths=tuple(depths),
                   num_heads=tuple(num_heads), window_size=window_size, drop_path_rate=drop_path_rate)
     return Preset(name, "swin", "SwinTransformer", kwargs, image_size, in_channels,
-                  train=dict(train or SWIN_RECIPE), description=description)
+                  train=dict(train or SWIN_RECIPE), description=description, bench_batch=bench_batch)
 
 
 # The Swin paper's ImageNet-1K recipe: AdamW, lr 1e-3 at batch 1024, weight decay 0.05, 20 warm-up
@@ -99,26 +102,26 @@ SWIN_RECIPE = dict(lr=1e-3, weight_decay=0.05, warmup_steps=25_000, batch_size=1
 PRESETS.update({p.name: p for p in [
     _swin("swin-digits", 32, 4, 1, 10, 64, (2, 2), (2, 4), window_size=4,
           drop_path_rate=0.1, train=DIGITS_RECIPE,
-          description="Swin for 32x32 digits: 8x8 tokens, windows of 4x4 (shifted by 2), stages 8/4"),
+          bench_batch=128, description="Swin for 32x32 digits: 8x8 tokens, windows of 4x4 (shifted by 2), stages 8/4"),
     _swin("swin-t", 224, 4, 3, 1000, 96, (2, 2, 6, 2), (3, 6, 12, 24), drop_path_rate=0.2,
           description="Swin-T (window 7, 224)"),
     _swin("swin-s", 224, 4, 3, 1000, 96, (2, 2, 18, 2), (3, 6, 12, 24), drop_path_rate=0.3,
-          description="Swin-S (window 7, 224)"),
+          bench_batch=4, description="Swin-S (window 7, 224)"),
     _swin("swin-b", 224, 4, 3, 1000, 128, (2, 2, 18, 2), (4, 8, 16, 32), drop_path_rate=0.5,
-          description="Swin-B (window 7, 224)"),
+          bench_batch=4, description="Swin-B (window 7, 224)"),
 ]})
 
 
 def _clip(name, image_size, patch_size, in_channels, vision_width, vision_layers, vision_heads,
           vocab_size, context_length, text_width, text_layers, text_heads, embed_dim, mlp_ratio=4,
-          dropout=0.0, train=None, description=""):
+          dropout=0.0, train=None, bench_batch=8, description=""):
     kwargs = dict(image_size=image_size, patch_size=patch_size, in_channels=in_channels,
                   vision_width=vision_width, vision_layers=vision_layers, vision_heads=vision_heads,
                   vocab_size=vocab_size, context_length=context_length, text_width=text_width,
                   text_layers=text_layers, text_heads=text_heads, embed_dim=embed_dim,
                   mlp_ratio=mlp_ratio, dropout=dropout)
     return Preset(name, "clip", "CLIP", kwargs, image_size, in_channels, task="contrastive",
-                  train=dict(train or CLIP_RECIPE), description=description,
+                  train=dict(train or CLIP_RECIPE), description=description, bench_batch=bench_batch,
                   inputs=("image", "tokens"))
 
 
@@ -131,20 +134,20 @@ CLIP_DIGITS_RECIPE = dict(lr=2e-3, weight_decay=0.05, warmup_steps=50, batch_siz
 
 PRESETS.update({p.name: p for p in [
     _clip("clip-digits", 32, 8, 1, 64, 3, 4, 64, 16, 64, 2, 4, 64, train=CLIP_DIGITS_RECIPE,
-          description="CLIP for 32x32 digits and captions: ViT 8x8 patches 64 wide x 3, text 64 "
+          bench_batch=128, description="CLIP for 32x32 digits and captions: ViT 8x8 patches 64 wide x 3, text 64 "
                       "wide x 2, context 16, embedding 64"),
     _clip("clip-b16", 224, 16, 3, 768, 12, 12, 49408, 77, 512, 12, 8, 512,
-          description="CLIP ViT-B/16's layout: 224/16 image tower 768 wide, text 512 wide x 12 "
+          bench_batch=4, description="CLIP ViT-B/16's layout: 224/16 image tower 768 wide, text 512 wide x 12 "
                       "(8 heads, context 77), embedding 512"),
 ]})
 
 
 def _ddpm(name, image_size, in_channels, features, time_emb_dim, num_res_blocks=2, dropout=0.1,
-          train=None, description=""):
+          train=None, bench_batch=8, description=""):
     kwargs = dict(in_channels=in_channels, out_channels=in_channels, features=tuple(features),
                   time_emb_dim=time_emb_dim, num_res_blocks=num_res_blocks, dropout=dropout)
     return Preset(name, "ddpm", "UNet", kwargs, image_size, in_channels, task="diffusion",
-                  train=dict(train or DDPM_RECIPE), description=description,
+                  train=dict(train or DDPM_RECIPE), description=description, bench_batch=bench_batch,
                   inputs=("image", "timestep"))
 
 
@@ -161,9 +164,9 @@ DDPM_DIGITS_RECIPE = dict(DDPM_RECIPE, lr=1e-3, warmup_steps=100, batch_size=64,
 
 PRESETS.update({p.name: p for p in [
     _ddpm("ddpm-digits", 16, 1, (16, 32), 32, train=DDPM_DIGITS_RECIPE,
-          description="DDPM U-Net for 16x16 digits: stages 16/32, attention in the bottleneck"),
+          bench_batch=64, description="DDPM U-Net for 16x16 digits: stages 16/32, attention in the bottleneck"),
     _ddpm("ddpm-cifar10", 32, 3, (64, 128, 256, 512), 256,
-          description="the source's default U-Net (features 64-128-256-512) on 32x32x3"),
+          bench_batch=16, description="the source's default U-Net (features 64-128-256-512) on 32x32x3"),
 ]})
 
 
