@@ -234,7 +234,10 @@ def parse_args(argv):
     which = ap.add_mutually_exclusive_group(required=True)
     which.add_argument("--preset", nargs="+", metavar="P", help="one or more presets")
     which.add_argument("--all", action="store_true", help="every preset")
-    ap.add_argument("--mode", choices=("train", "infer", "both"), default="both")
+    ap.add_argument("--mode", choices=("train", "infer", "both", "generate"), default="both",
+                    help="generate: caption decoding speed of captioning presets (tokens/s of JAX's "
+                         "compiled greedy and beam decode, the torch twin with and without its cache; "
+                         "default batch sizes 1 and 64)")
     ap.add_argument("--batch-size", type=int, nargs="+", metavar="B",
                     help="batch sizes (default: each preset's bench_batch, listed below)")
     ap.add_argument("--precision", choices=("fp32", "bf16"), nargs="+", default=["fp32"])
@@ -261,6 +264,13 @@ def parse_args(argv):
     ap.add_argument("--markdown", metavar="PATH", help="write a markdown report")
     ap.add_argument("--plot", metavar="PATH", help="write a PNG chart (needs matplotlib)")
     ap.add_argument("--no-progress", action="store_true")
+    gen = ap.add_argument_group("--mode generate")
+    gen.add_argument("--max-length", type=int, default=None,
+                     help="generated tokens per caption (default: the preset recipe's max_length)")
+    gen.add_argument("--num-beams", type=int, default=3, help="beams of the beam rows (default 3)")
+    gen.add_argument("--weights", metavar="PATH",
+                     help="a safetensors state dict of the preset (e.g. a --export of python -m train) "
+                          "instead of the seeded random initialisation")
     a = ap.parse_args(argv)
 
     a.presets = list(PRESETS) if a.all else a.preset
@@ -276,7 +286,42 @@ def parse_args(argv):
     if a.repeats < 1 or a.warmup < 0:
         ap.error(f"--repeats must be >= 1 and --warmup >= 0; got {a.repeats}, {a.warmup}")
     a.modes = ["train", "infer"] if a.mode == "both" else [a.mode]
+    if a.mode == "generate":
+        not_captioning = [p for p in a.presets if PRESETS[p].task != "captioning"]
+        if not_captioning:
+            known = [n for n, p in PRESETS.items() if p.task == "captioning"]
+            ap.error(f"--mode generate times caption decoding; not captioning presets: "
+                     f"{', '.join(not_captioning)} (captioning presets: {', '.join(known)})")
+        if a.precision != ["fp32"]:
+            ap.error("--mode generate decodes in fp32 only")
     return a
+
+
+def generate_main(a, info) -> int:
+    """`--mode generate`: `benchmarks.generation.bench` for each preset; records, table, files."""
+    from . import generation, report
+
+    records = []
+    for preset in a.presets:
+        rows = generation.bench(preset, tuple(a.batch_size or (1, 64)), a.max_length, a.num_beams,
+                                a.repeats, a.torch_threads, seed=a.seed, weights=a.weights)
+        records += [{**r, "mode": "generate", "date": info["date"], "device": info["host"],
+                     "versions": info["versions"], "load_average": info.get("load_average")} for r in rows]
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(records, f, indent=1, default=str)
+    text = generation.table(records)
+    print(text, flush=True)
+    if a.markdown:
+        with open(a.markdown, "w") as f:
+            f.write("# Caption generation: tokens/s\n\n```\n" + report.machine_header(info) + "\n```\n\n"
+                    + text + "\n")
+    if a.plot:
+        print("--plot is not drawn for --mode generate", file=sys.stderr)
+    for path in (a.json, a.markdown):
+        if path:
+            print(f"wrote {path}")
+    return 0 if all(r["same_tokens_as_other_framework"] or a.weights is None for r in records) else 1
 
 
 def main(argv=None) -> int:
@@ -296,6 +341,8 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info = machine_info(device)
     print(report.machine_header(info), flush=True)
+    if a.mode == "generate":
+        return generate_main(a, info)
 
     groups = [(p, m, b, prec) for p in a.presets for b in (a.batch_size or [default_batch(p)])
               for prec in a.precision for m in a.modes]

@@ -10,7 +10,8 @@ side computes them (collection 'buffers'), and each is checked against the torch
 missing one is reported like a missing parameter).
 
 Naming rules the models follow so that the inverse needs no template: a Flax submodule whose name
-ends in `_<digits>` is a list entry; `query`/`key`/`value` siblings are an nn.MultiheadAttention.
+ends in `_<digits>` is a list entry when entry 0 is there too (`h_0`, `h_1`; GPT-2's `ln_1` beside
+no `ln_0` is a name); `query`/`key`/`value` siblings are an nn.MultiheadAttention.
 """
 
 from __future__ import annotations
@@ -190,21 +191,29 @@ def torch_to_flax(state_dict: Mapping[str, Any], flax_model, *example_inputs, rn
     return variables
 
 
-def _torch_module_path(path: tuple[str, ...]) -> list[str]:
+def _torch_module_path(path: tuple[str, ...], modules=None) -> list[str]:
+    """With `modules` (every Flax module path of the tree), `name_i` is a list entry only when
+    entry 0 (`name_0`) is there too: GPT-2's `ln_1` and `ln_2` are plain names."""
     out = []
-    for s in path:
+    for depth, s in enumerate(path):
         indices = []
         m = _LIST_ENTRY.match(s)
-        while m:
+        while m and (modules is None or path[:depth] + (m.group(1) + "_0" * (len(indices) + 1),) in modules):
             s, indices = m.group(1), [m.group(2)] + indices
             m = _LIST_ENTRY.match(s)
         out.extend([s] + indices)
     return out
 
 
-def flax_module_path_to_torch(path: tuple[str, ...]) -> str:
-    """('blocks_3', 'mlp', '0') -> 'blocks.3.mlp.0'."""
-    return ".".join(_torch_module_path(path))
+def module_paths(tree: Mapping) -> set[tuple[str, ...]]:
+    """Every module path (a prefix of a leaf's path) of a nested Flax variable collection."""
+    return {p[:i] for p in flatten_dict(meta.unbox(tree)) for i in range(1, len(p))}
+
+
+def flax_module_path_to_torch(path: tuple[str, ...], modules=None) -> str:
+    """('blocks_3', 'mlp', '0') -> 'blocks.3.mlp.0'; pass `modules` (`module_paths(params)`) to
+    keep names such as `ln_1` that are not list entries."""
+    return ".".join(_torch_module_path(path, modules))
 
 
 def flax_to_torch(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -218,6 +227,7 @@ def flax_to_torch(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
         if c not in variables:
             continue
         flat = {p: np.asarray(v) for p, v in flatten_dict(meta.unbox(variables[c])).items()}
+        paths = module_paths(variables[c])
         modules: dict[tuple, dict[str, np.ndarray]] = {}
         for p, v in flat.items():
             modules.setdefault(p[:-1], {})[p[-1]] = v
@@ -228,7 +238,7 @@ def flax_to_torch(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
                 if parent in fused:
                     continue
                 fused.add(parent)
-                prefix = ".".join(_torch_module_path(parent) + [""])
+                prefix = ".".join(_torch_module_path(parent, paths) + [""])
                 ks = [kernel_to_torch(modules[parent + (n,)]["kernel"]) for n in QKV]
                 if len({k.shape for k in ks}) == 1:
                     out[prefix + "in_proj_weight"] = np.concatenate(ks, axis=0)
@@ -239,7 +249,7 @@ def flax_to_torch(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
                     out[prefix + "in_proj_bias"] = np.concatenate(
                         [modules[parent + (n,)]["bias"] for n in QKV], axis=0)
                 continue
-            prefix = ".".join(_torch_module_path(mpath) + [""])
+            prefix = ".".join(_torch_module_path(mpath, paths) + [""])
             for leaf, v in leaves.items():
                 if leaf == "kernel":
                     out[prefix + "weight"] = np.ascontiguousarray(kernel_to_torch(v))

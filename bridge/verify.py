@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from flax.traverse_util import flatten_dict
 
-from .convert import flax_module_path_to_torch, to_numpy, torch_to_flax
+from .convert import flax_module_path_to_torch, module_paths, to_numpy, torch_to_flax
 
 # The project's tolerances (float32, CPU), relative to the largest magnitude of the reference
 # (torch) value: forward, each gradient leaf, and the losses / final weights of 20 AdamW steps.
@@ -132,9 +132,11 @@ def flax_layers(flax_model, variables, flax_inputs, dtype=None):
         out, state = jax.jit(lambda v, *x: flax_model.apply(v, *x, capture_intermediates=True,
                                                             mutable=["intermediates"]))(variables, *flax_inputs)
     outs = {}
+    modules = module_paths(variables["params"]) | module_paths(state["intermediates"])
     for path, value in flatten_dict(state["intermediates"]).items():
-        if path[-1] == "__call__" and len(path) > 1:
-            outs[flax_module_path_to_torch(path[:-1])] = np.asarray(_first_array(value[-1]), np.float32)
+        out_value = _first_array(value[-1])
+        if path[-1] == "__call__" and len(path) > 1 and hasattr(out_value, "dtype"):
+            outs[flax_module_path_to_torch(path[:-1], modules)] = np.asarray(out_value, np.float32)
     return outs, np.asarray(_first_array(out), np.float32)
 
 

@@ -131,7 +131,7 @@ def relu_sign_flips(torch_model, flax_model, variables, torch_inputs, flax_input
     from flax.traverse_util import flatten_dict
     flips = 0
     for path, value in flatten_dict(state["intermediates"]).items():
-        name = bridge.flax_module_path_to_torch(path[:-1])
+        name = bridge.flax_module_path_to_torch(path[:-1], bridge.module_paths(variables["params"]))
         if name in seen:
             flips += int(np.sum((np.asarray(value[0]) > 0) != (seen[name] > 0)))
     return flips

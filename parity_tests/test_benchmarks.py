@@ -80,8 +80,29 @@ def test_a_failing_torch_compile_is_recorded_not_fatal(tmp_path, monkeypatch):
     assert "inductor fell over" in by["torch-compile"]["error"]
 
 
+def test_generate_mode_times_every_decoder(tmp_path):
+    """`--mode generate`: a row per decoder (JAX greedy and beam, torch with and without its cache)
+    with tokens/s and the first call apart, and the reports."""
+    out = {k: tmp_path / f"g.{k}" for k in ("json", "md")}
+    rc = main(["--preset", "caption-scenes", "--mode", "generate", "--batch-size", "2", "--max-length", "3",
+               "--repeats", "1", "--torch-threads", "1", "--no-progress", "--json", str(out["json"]),
+               "--markdown", str(out["md"])])
+    assert rc == 0
+    records = json.loads(out["json"].read_text())
+    assert sorted(r["decoder"] for r in records) == ["jax beam", "jax greedy", "torch beam", "torch greedy",
+                                                     "torch greedy uncached"]
+    for r in records:
+        assert r["mode"] == "generate" and r["batch_size"] == 2 and r["max_length"] == 3
+        assert r["num_beams"] == (3 if "beam" in r["decoder"] else 1)
+        assert r["first_call_s"] > 0 and r["median_s"] > 0 and len(r["runs"]) == 1
+        assert r["tokens_per_s"] == pytest.approx(2 * 3 / r["median_s"], rel=1e-2)
+        assert isinstance(r["same_tokens_as_other_framework"], bool) and r["versions"]["jax"]
+    assert "tokens/s" in out["md"].read_text()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--preset", "vit-nope"], "known presets: vit-digits"),
+    (["--preset", "vit-digits", "--mode", "generate"], "not captioning presets: vit-digits"),
     (["--preset", "vit-digits", "--batch-size", "0"], "batch sizes must be positive"),
     (["--preset", "vit-digits", "--frameworks", "jax,tf"], "unknown framework(s) tf"),
 ])

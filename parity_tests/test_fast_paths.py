@@ -13,7 +13,7 @@ import jax_models
 from bridge.verify import build_twins, example_inputs
 from jax_models import layers
 from parity_tests import harness
-from parity_tests.test_presets import SLOW
+from parity_tests.test_presets import SLOW, cases
 from presets import PRESETS, get_preset, without_dropout
 from train.tasks import get_task
 
@@ -35,7 +35,7 @@ def test_fused_attention_forward_matches_torch(name):
     harness.check_forward(tm, fm, variables, t_in, f_in, f"{name} fused")
 
 
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("name", [c for c in cases("fused-gradients") if c.values[0] in TINY])
 def test_fused_attention_gradients_match_torch(name):
     preset, tm, fm, variables, task = twins(name, "fused")
     (tb,), (fb,) = task.parity_batches(preset, 1, 4)
@@ -69,7 +69,7 @@ def to_bf16(tree):
         lambda a: a.astype(jnp.bfloat16) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
 
 
-@pytest.mark.parametrize("name", TINY)
+@pytest.mark.parametrize("name", [c for c in cases("bfloat16") if c.values[0] in TINY])
 def test_bfloat16_params_and_inputs(name):
     """Forward in bfloat16 (outputs bfloat16, or float32 where the model computes them in float32
     on purpose, e.g. CLIP's normalized features), both attention impls, within 3e-2 of float32;

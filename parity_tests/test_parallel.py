@@ -24,6 +24,30 @@ TASK_PRESETS = {task: next(n for n, p in PRESETS.items() if p.task == task and n
 # a weight near 1, a norm scale say). AdamW's first step divides every gradient element by its own
 # magnitude, so elements near zero turn rounding noise into changes of the order of the rate.
 SGD_LR = 100.0
+# Where some leaf's gradient is too small for that: (rate, reason).
+SGD_LR_BY_TASK = {
+    "captioning": (1e4, "GPT-2's initialisation (0.02, output projections scaled down by depth) gives the "
+                        "second decoder block's norm scales gradients near 7e-6 at step 0; at rate 100 their "
+                        "change (7e-4) is only ~1e4 float32 spacings of a weight near 1, and one rounding of "
+                        "the weight (6e-8) is 8.7e-5 of it"),
+}
+
+
+# Mesh checks of a task that run in `make test-all` only, with the reason.
+SLOW_MESH = {
+    "captioning": "its step has no code of its own under a mesh (it runs as written for one device: no "
+                  "axis name); its pmap step, whose loss divides by the global token count, stays in the "
+                  "default run, as do the other tasks' mesh and FSDP steps",
+}
+
+
+def mesh_cases():
+    return [pytest.param(name, marks=[pytest.mark.slow] if task in SLOW_MESH else [], id=task)
+            for task, name in TASK_PRESETS.items()]
+
+
+def sgd_lr(task: str) -> float:
+    return SGD_LR_BY_TASK.get(task, (SGD_LR,))[0]
 
 
 def change_error(old, a, b) -> float:
@@ -39,7 +63,7 @@ def test_pmap_step_on_8_shards_equals_jit_on_whole_batch(name):
     preset = without_dropout(get_preset(name))
     task = get_task(preset)
     model, variables, key = init_variables(task, preset, 0)
-    state = task.create_state(model, variables, optax.sgd(SGD_LR), key)
+    state = task.create_state(model, variables, optax.sgd(sgd_lr(preset.task)), key)
     batch = task.example_batch(preset, 16, seed=0)
     kw = task.step_kwargs(preset.train)
     with jax.default_matmul_precision("highest"):
@@ -60,12 +84,12 @@ def test_pmap_step_on_8_shards_equals_jit_on_whole_batch(name):
 
 @pytest.mark.skipif(jax.local_device_count() < 8, reason="needs 8 (fake) devices")
 @pytest.mark.parametrize("fsdp", [False, True], ids=["replicated", "fsdp"])
-@pytest.mark.parametrize("name", TASK_PRESETS.values(), ids=list(TASK_PRESETS))
+@pytest.mark.parametrize("name", mesh_cases())
 def test_mesh_step_equals_jit_on_whole_batch(name, fsdp):
     preset = without_dropout(get_preset(name))
     task = get_task(preset)
     model, variables, key = init_variables(task, preset, 0)
-    state = task.create_state(model, variables, optax.sgd(SGD_LR), key)
+    state = task.create_state(model, variables, optax.sgd(sgd_lr(preset.task)), key)
     batch = task.example_batch(preset, 16, seed=0)
     kw = task.step_kwargs(preset.train)
     mesh = steps.make_mesh()

@@ -45,9 +45,22 @@ TRAJECTORY_LR = {
 RELU_TIES = matching(PRESETS, {"encoder-vit-b16": "2x197x3072 ReLU pre-activations per layer"})
 
 
-def cases():
-    """pytest params over every preset, `slow` where full-size."""
-    return [pytest.param(name, marks=[pytest.mark.slow] if name in SLOW else [], id=name) for name in PRESETS]
+# Checks of a tiny preset that run in `make test-all` only, to keep `make test` short; each names
+# where the default run still holds the same claim.
+SLOW_CHECKS = {
+    ("caption-scenes", "trajectory"): "both 20-step trajectories of the 5-block captioner; "
+                                      "test_captioning.py holds the family's, float32 and float64, on its small twins",
+    ("caption-scenes", "bfloat16"): "eager bf16 init, forward and gradient of both attention kernels; "
+                                    "the fused kernel's forward stays in the default run",
+    ("caption-scenes", "fused-gradients"): "every gradient leaf through the fused kernel; its forward, and "
+                                           "every gradient leaf through the default kernel, stay in the default run",
+}
+
+
+def cases(check: str | None = None):
+    """pytest params over every preset, `slow` where full-size or named in `SLOW_CHECKS` for `check`."""
+    return [pytest.param(name, marks=[pytest.mark.slow] if name in SLOW or (name, check) in SLOW_CHECKS else [],
+                         id=name) for name in PRESETS]
 
 
 FLOAT = pytest.mark.parametrize("float64", [False, True], ids=["float32", "float64"])
@@ -106,7 +119,7 @@ def test_gradients(name, float64):
 
 
 @FLOAT_TRAJECTORY
-@pytest.mark.parametrize("name", cases())
+@pytest.mark.parametrize("name", cases("trajectory"))
 def test_adamw_trajectory(name, float64):
     """20 AdamW steps on 20 batches at the recipe's rate and weight decay: losses within the
     tolerance in float32, the final weights too in float64 (see `harness.adamw_trajectories` for

@@ -19,8 +19,9 @@ from train.loop import Config, resolve, run
 
 # Smaller twins of the tiny presets and a shorter finish, where a family or task has them.
 SHRINK = {"vit": dict(depth=1, embed_dim=16, num_heads=2), "clip": dict(vision_layers=1, text_layers=1),
-          "swin": dict(depths=(1, 1)), "ddpm": dict(features=(8, 16), time_emb_dim=16, num_res_blocks=1)}
-SHORT_FINISH = {"diffusion": dict(num_samples=4, ddim_steps=2)}
+          "swin": dict(depths=(1, 1)), "ddpm": dict(features=(8, 16), time_emb_dim=16, num_res_blocks=1),
+          "captioning": dict(vision_layers=1, layers=1)}
+SHORT_FINISH = {"diffusion": dict(num_samples=4, ddim_steps=2), "captioning": dict(num_train=64, num_test=8)}
 
 
 def config(name, workdir, backend, **kw) -> Config:

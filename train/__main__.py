@@ -1,5 +1,5 @@
-"""python -m train PRESET [options]: train any preset (classification, contrastive, diffusion)
-with JAX (jit or pmap) or eager PyTorch."""
+"""python -m train PRESET [options]: train any preset (classification, contrastive, diffusion,
+captioning) with JAX (jit or pmap) or eager PyTorch."""
 
 from __future__ import annotations
 
@@ -19,9 +19,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="python -m train",
         description="Train a preset: ViT and Swin classify, CLIP learns from captions, DDPM "
-                    "learns to denoise. Defaults come from the preset's recipe.")
+                    "learns to denoise, the captioner learns to describe scenes. Defaults come from "
+                    "the preset's recipe.")
     p.add_argument("preset", help="preset name, e.g. vit-digits")
-    p.add_argument("--data", help="digits (default) | imagefolder:DIR | cifar10:DIR")
+    p.add_argument("--data", help="digits (default) | imagefolder:DIR | cifar10:DIR; captioning "
+                   "presets: scenes (default) | coco:DIR")
     p.add_argument("--backend", choices=("jax", "torch"), default="jax")
     p.add_argument("--parallel", choices=("jit", "pmap", "mesh"), default="jit",
                    help="jax only: jit on one device, pmap over the local devices, or jit over a "
