@@ -1,0 +1,137 @@
+"""The generated scenes: determinism, what the pixels show, answers recomputed from the object
+lists, captions, the tokenizer, and errors on options that cannot be met."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+
+import presets
+from train import scenes
+
+
+@pytest.fixture(scope="module")
+def data():
+    return scenes.make_vqa(60, seed=3)
+
+
+def test_deterministic_from_the_seed():
+    a_img, a_obj = scenes.make_scenes(5, seed=7)
+    b_img, b_obj = scenes.make_scenes(5, seed=7)
+    c_img, _ = scenes.make_scenes(5, seed=8)
+    assert np.array_equal(a_img, b_img) and a_obj == b_obj and not np.array_equal(a_img, c_img)
+    assert a_img.dtype == np.float32 and a_img.shape == (5, 32, 32, 3)
+    assert a_img.min() == -1.0 and a_img.max() == 1.0
+    q1 = scenes.make_questions(a_obj, 32, seed=1, per_scene=10)
+    assert q1 == scenes.make_questions(b_obj, 32, seed=1, per_scene=10) and len(q1) == 50
+
+
+@pytest.mark.parametrize("image_size, num_objects", [(32, 6), (48, 4), (75, 6)])
+def test_pixels_show_the_object_lists(image_size, num_objects):
+    """Each object's box holds only its colour (and ground at a circle's corners); every other
+    pixel is ground; colours are distinct; boxes are a pixel apart; no centre on a midline."""
+    images, objects = scenes.make_scenes(20, seed=1, image_size=image_size, num_objects=num_objects)
+    unit = lambda rgb: np.array(rgb, np.uint8) / np.float32(127.5) - 1   # as the images are made
+    ground = unit(scenes.GROUND)
+    for img, objs in zip(images, objects):
+        assert len(objs) == num_objects and len({o["color"] for o in objs}) == num_objects
+        covered = np.zeros(img.shape[:2], bool)
+        for o in objs:
+            s = o["size"]
+            r0, c0 = int(o["y"] - s / 2), int(o["x"] - s / 2)
+            assert (r0 + s / 2, c0 + s / 2) == (o["y"], o["x"]) and 0 <= r0 and r0 + s <= image_size
+            assert o["x"] != image_size / 2 and o["y"] != image_size / 2
+            box = img[r0:r0 + s, c0:c0 + s]
+            is_color = np.all(box == unit(scenes.COLORS[o["color"]]), axis=-1)
+            is_ground = np.all(box == ground, axis=-1)
+            assert np.all(is_color | is_ground)
+            assert is_color.all() == (o["shape"] == "square")
+            if o["shape"] == "circle":
+                assert not is_color[0, 0] and is_color[s // 2].all() and is_color[:, s // 2].all()
+            covered[r0:r0 + s, c0:c0 + s] = True
+        assert np.all(img[~covered] == ground)
+        for a, b in itertools.combinations(objs, 2):
+            assert max(abs(a["x"] - b["x"]), abs(a["y"] - b["y"])) >= a["size"] + 1
+
+
+def recompute(objs, q, image_size):
+    """The answer from the object list alone, written independently of `scenes.answer`."""
+    me = [o for o in objs if o["color"] == q["color"]][0]
+    rest = [o for o in objs if o is not me]
+    dist = lambda o: np.hypot(o["x"] - me["x"], o["y"] - me["y"])
+    return {
+        "shape": me["shape"],
+        "horizontal": "left" if me["x"] < image_size / 2 else "right",
+        "vertical": "top" if me["y"] < image_size / 2 else "bottom",
+        "closest_shape": min(rest, key=dist)["shape"],
+        "furthest_shape": max(rest, key=dist)["shape"],
+        "count_same_shape": str(len([o for o in objs if o["shape"] == me["shape"]])),
+    }[q["family"]]
+
+
+def test_every_answer_is_checkable_from_the_object_list(data):
+    assert len(data) > 30 * 60
+    for i, (q, a, rel, fam) in enumerate(zip(data.questions, data.answers, data.relational, data.family)):
+        objs = data.objects[data.image_index[i]]
+        color = next(c for c in scenes.COLORS if f" {c} " in q)
+        expect = recompute(objs, {"color": color, "family": fam}, 32)
+        assert scenes.ANSWERS[a] == expect, (q, objs)
+        assert rel == (fam in ("closest_shape", "furthest_shape", "count_same_shape"))
+        assert q == scenes.FAMILIES[fam][1].format(color)
+    assert set(data.family) == set(scenes.FAMILIES)
+    assert 0.4 < data.relational.mean() < 0.6
+
+
+def test_ties_are_not_asked():
+    """A tie for closest between objects of different shapes has no answer; it is not asked."""
+    objs = [dict(color="red", shape="square", x=10.5, y=10.5, size=5),
+            dict(color="blue", shape="circle", x=20.5, y=10.5, size=5),
+            dict(color="green", shape="square", x=0.5, y=10.5, size=5)]
+    assert scenes.answer(objs, "red", "closest_shape", 32) is None
+    assert scenes.answer(objs, "red", "furthest_shape", 32) is None
+    asked = scenes.make_questions([objs], 32, seed=0)
+    assert not any(q["color"] == "red" and q["family"] in ("closest_shape", "furthest_shape") for q in asked)
+    assert len(asked) == 3 * 6 - 2
+
+
+def test_tokens_and_answers(data):
+    tok = scenes.scenes_tokenizer()
+    assert tok.vocab_size == presets.SCENES_VOCAB_SIZE and tok.context_length == presets.SCENES_CONTEXT_LENGTH
+    assert len(scenes.ANSWERS) == presets.SCENES_NUM_ANSWERS
+    assert data.tokens.dtype == np.int32 and data.tokens.shape == (len(data), scenes.CONTEXT_LENGTH)
+    assert tok.unk_id not in data.tokens
+    assert all(tok.decode(t) == q for t, q in zip(data.tokens[:50], data.questions))
+    assert np.all(data.tokens.argmax(-1) == (data.tokens > 0).sum(-1) - 1)   # eot last, padding after
+    for preset in ("vqa-scenes", "mmt-vqa-scenes"):
+        p = presets.get_preset(preset)
+        assert p.kwargs["vocab_size"] == tok.vocab_size and p.kwargs["num_answers"] == len(scenes.ANSWERS)
+        assert p.task == "vqa" and p.train["data"] == "scenes"
+
+
+def test_scene_caption_left_to_right():
+    objs = [dict(color="gray", shape="circle", x=25.5, y=3.5, size=7),
+            dict(color="red", shape="circle", x=4.5, y=20.5, size=7),
+            dict(color="blue", shape="square", x=14.5, y=9.5, size=7)]
+    assert scenes.scene_caption(objs) == "a red circle , a blue square and a gray circle"
+    assert scenes.scene_caption(objs[:1]) == "a gray circle"
+    assert scenes.scene_caption(objs[:2]) == "a red circle and a gray circle"
+    tok = scenes.scenes_tokenizer(context_length=40)
+    _, many = scenes.make_scenes(3, seed=0)
+    for objs in many:
+        caption = scenes.scene_caption(objs)
+        assert tok.decode(tok(caption)[0]) == caption
+        xs = [o["x"] for o in sorted(objs, key=lambda o: caption.index(f"{o['color']} {o['shape']}"))]
+        assert xs == sorted(xs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_objects=7), r"num_objects must be between 1 and 6 .* got 7"),
+    (dict(num_objects=0), r"num_objects must be between 1 and 6 .* got 0"),
+    (dict(image_size=16, object_size=7), r"cannot place 6 objects of size 7 without overlap in a 16x16 image"),
+    (dict(image_size=8, object_size=9), r"object_size must be between 1 and the image size 8; got 9"),
+])
+def test_options_that_cannot_be_met(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        scenes.make_scenes(2, seed=0, **kwargs)
