@@ -10,7 +10,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import flax.linen as nn
 
-from .layers import LN_EPS, Mlp, MultiheadAttention, PatchEmbedding, torch_bias_init, torch_linear_init
+from .layers import (LN_EPS, Mlp, MultiheadAttention, PatchEmbedding, torch_bias_init, torch_linear_init,
+                     trunc_normal_02)
 
 PAD_ID = 0
 
@@ -54,7 +55,8 @@ class MultimodalTransformer(nn.Module):
     """(B, Lt) text ids, (B, H, W, C) image[, (B, Lt) text_mask] -> (B, Lt + patches, dim): text
     embedding + position + text type, patches + image type, concatenated (text first),
     `num_layers` layers, LayerNorm. Without `cross_attention`, `cross_attn` and `norm3` are
-    created at init (so the source's state dicts convert) and never run."""
+    created at init (so the source's state dicts convert) and never run. `image_positions` adds a
+    learned position table `image_pos_embed` for the patches (the source has none)."""
     dim: int
     num_heads: int
     num_layers: int
@@ -65,6 +67,7 @@ class MultimodalTransformer(nn.Module):
     in_channels: int = 3
     dropout: float = 0.1
     cross_attention: bool = False
+    image_positions: bool = False
     attention_impl: str = "xla"
 
     @nn.compact
@@ -79,6 +82,8 @@ class MultimodalTransformer(nn.Module):
         image = PatchEmbedding(self.image_size, self.patch_size, self.in_channels, self.dim,
                                name="image_patch_embed")(image)
         image = image + self.param("image_type_embed", nn.initializers.zeros, (1, 1, self.dim))
+        if self.image_positions:
+            image = image + self.param("image_pos_embed", trunc_normal_02, (1, image.shape[1], self.dim))
         x = jnp.concatenate([text, image], axis=1)
         mask = None
         if text_mask is not None:
@@ -107,10 +112,11 @@ class MultimodalTransformerClassifier(nn.Module):
 
 
 def MMTVQA(image_size=224, patch_size=16, in_channels=3, vocab_size=49408, context_length=77, dim=768,
-           num_heads=12, num_layers=12, num_answers=3000, dropout=0.1, cross_attention=False,
+           num_heads=12, num_layers=12, num_answers=3000, dropout=0.1, cross_attention=False, image_positions=True,
            attention_impl="xla"):
-    """A `MultimodalTransformerClassifier` from plain config values (the presets' entry point)."""
+    """A `MultimodalTransformerClassifier` from plain config values (the presets' entry point); its
+    patches have positions by default (questions ask where objects are)."""
     transformer = MultimodalTransformer(dim, num_heads, num_layers, vocab_size, context_length, image_size,
-                                        patch_size, in_channels, dropout, cross_attention, attention_impl,
-                                        parent=None)
+                                        patch_size, in_channels, dropout, cross_attention, image_positions,
+                                        attention_impl, parent=None)
     return MultimodalTransformerClassifier(transformer, num_answers)

@@ -3,6 +3,7 @@ gradient leaf and 20 AdamW steps; the source's state dicts; padding; errors on b
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -53,8 +54,13 @@ def vqa_batches(preset, n, batch, seed):
     return tb, fb
 
 
-def vqa_twins(batch=4, seed=0, **overrides):
+def tiny_preset(**overrides):
     preset = with_overrides(get_preset("vqa-scenes"), **{**TINY, **overrides})
+    return dataclasses.replace(preset, image_size=preset.kwargs["image_size"])
+
+
+def vqa_twins(batch=4, seed=0, **overrides):
+    preset = tiny_preset(**overrides)
     torch.manual_seed(seed)
     tm = torch_reference.create_model(preset)
     fm = jax_models.create_model(preset)
@@ -419,14 +425,16 @@ def test_vqa_rejects_bad_input():
 def test_vqa_state_dict_of_another_fusion_width_is_refused():
     """Weights of a model with fusion width 48 do not fit one of width 32: the error names them."""
     _, _, fm, _, _, (xf, qf, _) = vqa_twins(batch=2)
-    other = torch_reference.create_model(with_overrides(get_preset("vqa-scenes"), **{**TINY, "dim": 48}))
+    other = torch_reference.create_model(tiny_preset(dim=48))
     with pytest.raises(bridge.WeightMismatchError) as info:
         bridge.torch_to_flax(other.state_dict(), fm, xf, qf)
     msg = str(info.value)
     assert "Unexpected key(s): image_projection.weight, image_projection.bias" in msg
-    assert "fusion.layers.1.text_ffn.2.weight: torch (48, 64)" in msg and "the Flax model has (64, 32)" in msg
-    assert "classifier.weight: torch (12, 96)" in msg
-    assert "fusion.layers.0.text_self.in_proj_weight: torch (144, 48)" in msg
+    assert ("fusion.layers.1.text_ffn.2.weight: torch (48, 96) gives fusion/layers_1/text_ffn/2/kernel (96, 48), "
+            "the Flax model has (64, 32)") in msg
+    assert ("fusion.layers.0.text_self.in_proj_weight: torch (144, 48) gives fusion/layers_0/text_self/query/kernel "
+            "(48, 48), the Flax model has (32, 32)") in msg
+    assert "classifier.weight: torch (12, 96) gives classifier/kernel (96, 12), the Flax model has (64, 12)" in msg
 
 
 def test_vqa_round_trip_is_bit_exact():

@@ -6,6 +6,9 @@ without a text mask, give the same outputs. Fixed: the text mask becomes a key p
 (the source builds a (B, L, L) mask that nn.MultiheadAttention refuses), the patch embedding
 takes `image_size` / `patch_size` / `in_channels` (the source fixes 224, 16, 3), and
 `cross_attn` / `norm3`, built and never called by the source, run with `cross_attention=True`.
+The source gives image patches no position: `image_positions=True` adds a learned table
+`image_pos_embed` (without it, where-questions cannot be answered: every output is invariant to
+a permutation of the patches).
 """
 
 from __future__ import annotations
@@ -54,11 +57,11 @@ class MultimodalTransformerLayer(nn.Module):
 class MultimodalTransformer(nn.Module):
     """(B, Lt) text ids, (B, C, H, W) image[, (B, Lt) text_mask, True / 1 at real tokens] ->
     (B, Lt + patches, dim): text embedding + position + text type, patches + image type,
-    concatenated (text first), `num_layers` layers, LayerNorm. `image_size` .. `cross_attention`
+    concatenated (text first), `num_layers` layers, LayerNorm. `image_size` .. `image_positions`
     are additions; their defaults are the source's."""
 
     def __init__(self, dim, num_heads, num_layers, vocab_size, max_seq_len=512, image_size=224, patch_size=16,
-                 in_channels=3, dropout=0.1, cross_attention=False):
+                 in_channels=3, dropout=0.1, cross_attention=False, image_positions=False):
         super().__init__()
         self.dim = dim
         self.max_seq_len = max_seq_len
@@ -67,6 +70,9 @@ class MultimodalTransformer(nn.Module):
         self.image_patch_embed = PatchEmbedding(image_size, patch_size, in_channels, dim)
         self.text_type_embed = nn.Parameter(torch.zeros(1, 1, dim))
         self.image_type_embed = nn.Parameter(torch.zeros(1, 1, dim))
+        if image_positions:
+            self.image_pos_embed = nn.Parameter(torch.zeros(1, self.image_patch_embed.num_patches, dim))
+            nn.init.trunc_normal_(self.image_pos_embed, std=0.02)
         self.layers = nn.ModuleList([MultimodalTransformerLayer(dim, num_heads, dropout, cross_attention)
                                      for _ in range(num_layers)])
         self.norm = nn.LayerNorm(dim)
@@ -78,6 +84,8 @@ class MultimodalTransformer(nn.Module):
         L = text_ids.shape[1]
         text = self.text_embed(text_ids) + self.pos_embed(torch.arange(L, device=text_ids.device)) + self.text_type_embed
         image = self.image_patch_embed(image) + self.image_type_embed
+        if hasattr(self, "image_pos_embed"):
+            image = image + self.image_pos_embed
         x = torch.cat([text, image], dim=1)
         mask = None
         if text_mask is not None:
@@ -105,8 +113,9 @@ class MultimodalTransformerClassifier(nn.Module):
 
 
 def MMTVQA(image_size=224, patch_size=16, in_channels=3, vocab_size=49408, context_length=77, dim=768,
-           num_heads=12, num_layers=12, num_answers=3000, dropout=0.1, cross_attention=False):
-    """A `MultimodalTransformerClassifier` from plain config values (the presets' entry point)."""
+           num_heads=12, num_layers=12, num_answers=3000, dropout=0.1, cross_attention=False, image_positions=True):
+    """A `MultimodalTransformerClassifier` from plain config values (the presets' entry point); its
+    patches have positions by default (questions ask where objects are)."""
     transformer = MultimodalTransformer(dim, num_heads, num_layers, vocab_size, context_length, image_size,
-                                        patch_size, in_channels, dropout, cross_attention)
+                                        patch_size, in_channels, dropout, cross_attention, image_positions)
     return MultimodalTransformerClassifier(transformer, num_answers)
