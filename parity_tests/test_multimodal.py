@@ -242,3 +242,20 @@ def test_classifier_preset_forward_gradients_and_padding():
           f"padding invariance {pad_err:.2e}")
     assert err <= harness.FORWARD_TOL and errs[worst] <= harness.GRAD_TOL and pad_err <= harness.FORWARD_TOL
     assert fa.shape == (3, preset.kwargs["num_answers"])
+
+
+def test_image_positions_make_where_answerable():
+    """Without `image_positions` (the source) swapping two patches of the image leaves the pooled
+    logits unchanged, so no question about where an object is can be answered; with it they move.
+    The table is the only added weight, and the source's state dicts still load without it."""
+    x = torch.randn(2, 3, 16, 16)
+    swapped = x.clone()
+    swapped[..., :4, :4], swapped[..., 12:, 12:] = x[..., 12:, 12:], x[..., :4, :4]
+    q = torch.tensor([[18, 4, 5, 19, 0, 0, 0, 0], [18, 6, 19, 0, 0, 0, 0, 0]])
+    for positions in (False, True):
+        torch.manual_seed(0)
+        model = tm_.MMTVQA(16, 4, 3, 20, 8, 32, 4, 2, 5, dropout=0.0, image_positions=positions).eval()
+        with torch.no_grad():
+            moved = (model(swapped, q) - model(x, q)).abs().max().item()
+        assert (moved > 1e-3) == positions, (positions, moved)
+        assert ("transformer.image_pos_embed" in model.state_dict()) == positions

@@ -56,6 +56,16 @@ def test_pixels_show_the_object_lists(image_size, num_objects):
             assert max(abs(a["x"] - b["x"]), abs(a["y"] - b["y"])) >= a["size"] + 1
 
 
+def test_a_range_of_object_counts():
+    """num_objects=(lo, hi) draws each scene's count from lo..hi; questions that need another
+    object (closest, furthest) are not asked about a lone one."""
+    _, objects = scenes.make_scenes(200, seed=2, num_objects=(1, 4))
+    assert {len(o) for o in objects} == {1, 2, 3, 4}
+    data = scenes.make_vqa(40, seed=2, num_objects=(1, 6))
+    for i, fam in zip(data.image_index, data.family):
+        assert fam not in ("closest_shape", "furthest_shape") or len(data.objects[i]) > 1
+
+
 def recompute(objs, q, image_size):
     """The answer from the object list alone, written independently of `scenes.answer`."""
     me = [o for o in objs if o["color"] == q["color"]][0]
@@ -129,6 +139,7 @@ def test_scene_caption_left_to_right():
 @pytest.mark.parametrize("kwargs, message", [
     (dict(num_objects=7), r"num_objects must be between 1 and 6 .* got 7"),
     (dict(num_objects=0), r"num_objects must be between 1 and 6 .* got 0"),
+    (dict(num_objects=(3, 2)), r"or a pair lo <= hi in that range; got \(3, 2\)"),
     (dict(image_size=16, object_size=7), r"cannot place 6 objects of size 7 without overlap in a 16x16 image"),
     (dict(image_size=8, object_size=9), r"object_size must be between 1 and the image size 8; got 9"),
 ])

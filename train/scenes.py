@@ -40,18 +40,21 @@ def default_object_size(image_size: int) -> int:
     return max(3, (image_size // 5) | 1)
 
 
-def make_scenes(n: int, seed: int, image_size: int = 32, num_objects: int = 6,
+def make_scenes(n: int, seed: int, image_size: int = 32, num_objects: int | tuple[int, int] = 6,
                 object_size: int | None = None) -> tuple[np.ndarray, list[list[dict]]]:
     """(images (n, image_size, image_size, 3) float32 in [-1, 1], objects): `objects[i]` lists
     image i's objects as dicts `color`, `shape`, `x`, `y` (centre in pixels, x to the right, y
     down; a pixel (r, c) has its centre at (c + 0.5, r + 0.5)) and `size` (side / diameter).
 
-    `num_objects` distinct colours are drawn per scene. Objects keep at least one pixel of
-    ground between them and no centre lies on a midline, so every half is unambiguous."""
+    `num_objects` distinct colours are drawn per scene, or, for a pair (lo, hi), a number drawn
+    uniformly from lo..hi per scene (scenes with few objects make the colour words easier to
+    learn). Objects keep at least one pixel of ground between them and no centre lies on a
+    midline, so every half is unambiguous."""
     size = default_object_size(image_size) if object_size is None else object_size
-    if not 1 <= num_objects <= len(COLORS):
+    lo, hi = (num_objects, num_objects) if np.ndim(num_objects) == 0 else num_objects
+    if not 1 <= lo <= hi <= len(COLORS):
         raise ValueError(f"num_objects must be between 1 and {len(COLORS)} (one object per colour: "
-                         f"{', '.join(COLORS)}); got {num_objects}")
+                         f"{', '.join(COLORS)}), or a pair lo <= hi in that range; got {num_objects}")
     if not 1 <= size <= image_size:
         raise ValueError(f"object_size must be between 1 and the image size {image_size}; got {size}")
     rng = np.random.default_rng(seed)
@@ -59,9 +62,10 @@ def make_scenes(n: int, seed: int, image_size: int = 32, num_objects: int = 6,
     objects = []
     colors = list(COLORS)
     for i in range(n):
-        corners = _place(rng, num_objects, size, image_size)
-        picked = rng.permutation(len(colors))[:num_objects]
-        shapes = rng.integers(0, len(SHAPES), num_objects)
+        k = lo if lo == hi else int(rng.integers(lo, hi + 1))
+        corners = _place(rng, k, size, image_size)
+        picked = rng.permutation(len(colors))[:k]
+        shapes = rng.integers(0, len(SHAPES), k)
         canvas = np.empty((image_size, image_size, 3), np.uint8)
         canvas[:] = GROUND
         scene = []
@@ -178,7 +182,8 @@ class VQAData:
         return len(self.answers)
 
 
-def make_vqa(n: int, seed: int, image_size: int = 32, num_objects: int = 6, object_size: int | None = None,
+def make_vqa(n: int, seed: int, image_size: int = 32, num_objects: int | tuple[int, int] = 6,
+             object_size: int | None = None,
              questions_per_scene: int | None = None, tokenizer: Tokenizer | None = None) -> VQAData:
     """`n` scenes (`make_scenes`) and their questions (`make_questions`) tokenized by
     `tokenizer` (default `scenes_tokenizer()`)."""
