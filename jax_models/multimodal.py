@@ -10,8 +10,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import flax.linen as nn
 
-from .layers import (LN_EPS, Mlp, MultiheadAttention, PatchEmbedding, torch_bias_init, torch_linear_init,
-                     trunc_normal_02)
+from .layers import LN_EPS, Mlp, MultiheadAttention, PatchEmbedding, torch_bias_init, torch_linear_init
 
 PAD_ID = 0
 
@@ -56,7 +55,8 @@ class MultimodalTransformer(nn.Module):
     embedding + position + text type, patches + image type, concatenated (text first),
     `num_layers` layers, LayerNorm. Without `cross_attention`, `cross_attn` and `norm3` are
     created at init (so the source's state dicts convert) and never run. `image_positions` adds a
-    learned position table `image_pos_embed` for the patches (the source has none)."""
+    learned position table `image_pos_embed` for the patches (the source has none), N(0, 1) at init
+    like the text's `pos_embed`."""
     dim: int
     num_heads: int
     num_layers: int
@@ -72,10 +72,10 @@ class MultimodalTransformer(nn.Module):
 
     @nn.compact
     def __call__(self, text_ids, image, text_mask=None, train: bool = False):
-        if text_ids.ndim != 2 or not jnp.issubdtype(text_ids.dtype, jnp.integer) or text_ids.shape[1] > self.max_seq_len:
+        L = text_ids.shape[-1]
+        if text_ids.ndim != 2 or not jnp.issubdtype(text_ids.dtype, jnp.integer) or L > self.max_seq_len:
             raise ValueError(f"MultimodalTransformer expects (B, L <= {self.max_seq_len}) integer token ids; "
                              f"got {text_ids.dtype} of shape {tuple(text_ids.shape)}")
-        L = text_ids.shape[1]
         embed = lambda n, name: nn.Embed(n, self.dim, embedding_init=nn.initializers.normal(1.0), name=name)
         text = embed(self.vocab_size, "text_embed")(text_ids) + embed(self.max_seq_len, "pos_embed")(jnp.arange(L))
         text = text + self.param("text_type_embed", nn.initializers.zeros, (1, 1, self.dim))
@@ -83,7 +83,8 @@ class MultimodalTransformer(nn.Module):
                                name="image_patch_embed")(image)
         image = image + self.param("image_type_embed", nn.initializers.zeros, (1, 1, self.dim))
         if self.image_positions:
-            image = image + self.param("image_pos_embed", trunc_normal_02, (1, image.shape[1], self.dim))
+            pos = self.param("image_pos_embed", nn.initializers.normal(1.0), (1, image.shape[1], self.dim))
+            image = image + pos
         x = jnp.concatenate([text, image], axis=1)
         mask = None
         if text_mask is not None:

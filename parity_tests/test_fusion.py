@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import types
 
 import jax
 import jax.numpy as jnp
@@ -99,20 +100,24 @@ def regression_losses(fm, n_inputs):
     return torch_loss, flax_loss
 
 
+def jitted(fm):
+    """`fm` with a compiled `apply`: one compile instead of one per operation at new shapes."""
+    return types.SimpleNamespace(apply=jax.jit(fm.apply))
+
+
 def check_gradients(name, tm, fm, variables, losses, tbatch, fbatch):
     """Every leaf within GRAD_TOL of torch, except the key biases of `CrossModalAttention`: their
     true gradient is exactly 0 (softmax ignores a constant q.b_k added to a query's logits), so
     both frameworks must give 0 up to rounding, measured against the largest gradient."""
-    errs, loss_t, loss_f = harness.gradient_errors(tm, fm, variables, *losses, tbatch, fbatch)
-    grads_t = {k: p.grad.numpy() for k, p in tm.named_parameters()}
-    grads_f = harness.flax_params_as_torch(jax.grad(losses[1])(variables["params"], variables, fbatch))
-    scale = max(np.abs(g).max() for g in grads_t.values())
-    zero = [k for k in errs if k.endswith("k_proj.bias")]
-    for k in zero:
-        noise = max(np.abs(grads_t[k]).max(), np.abs(grads_f[k]).max()) / scale
-        print(f"{name}: {k} (true gradient 0) {noise:.1e} of the largest gradient")
+    torch_loss, flax_loss = losses
+    errs, loss_t, loss_f = harness.gradient_errors(tm, fm, variables, torch_loss, jax.jit(flax_loss),
+                                                   tbatch, fbatch)
+    grads_t = {k: np.abs(p.grad.numpy()).max() for k, p in tm.named_parameters()}
+    scale = max(grads_t.values())
+    for k in [k for k in errs if k.endswith("k_proj.bias")]:
+        noise = grads_t[k] * (1 + errs.pop(k)) / scale     # bounds the Flax gradient too
+        print(f"{name}: {k} (true gradient 0) <= {noise:.1e} of the largest gradient")
         assert noise <= harness.GRAD_TOL * 1e-2, f"{name}: {k} gradient {noise:.3e} of the largest"
-        del errs[k]
     worst = max(errs, key=errs.get)
     print(f"{name}: worst gradient {worst} {errs[worst]:.2e} ({len(errs)} leaves), loss {loss_t:.4f}")
     assert abs(loss_t - loss_f) <= harness.FORWARD_TOL * abs(loss_t)
@@ -163,7 +168,7 @@ def cross_twins(seed=0):
 
 def test_cross_modal_attention_forward_and_gradients():
     tm, fm, variables, tb, fb = cross_twins()
-    err = harness.forward_error(tm, fm, variables, tb[0][:3], fb[0][:3])
+    err = harness.forward_error(tm, jitted(fm), variables, tb[0][:3], fb[0][:3])
     print(f"CrossModalAttention: forward rel err {err:.2e}")
     assert err <= harness.FORWARD_TOL
     check_gradients("CrossModalAttention", tm, fm, variables, regression_losses(fm, 3), tb[0], fb[0])
@@ -185,7 +190,7 @@ def test_cross_modal_attention_blocks_padded_keys():
     with torch.no_grad():
         np.testing.assert_allclose(tm(q, noisy, pad).numpy(), tm(q, kv, pad).numpy(), rtol=0, atol=1e-6)
         assert not np.allclose(tm(q, noisy).numpy(), tm(q, kv).numpy(), atol=1e-3)
-    f = lambda kv_: np.asarray(fm.apply(variables, jnp.asarray(q.numpy()), jnp.asarray(kv_.numpy()),
+    f = lambda kv_: np.asarray(jax.jit(fm.apply)(variables, jnp.asarray(q.numpy()), jnp.asarray(kv_.numpy()),
                                         jnp.asarray(pad.numpy())))
     np.testing.assert_allclose(f(noisy), f(kv), rtol=0, atol=1e-6)
 
@@ -221,7 +226,7 @@ def fusion_twins(padded, seed=0, **kw):
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
 def test_fusion_forward_and_gradients(padded):
     tm, fm, variables, tb, fb = fusion_twins(padded)
-    err = harness.forward_error(tm, fm, variables, tb[0][:2 + padded], fb[0][:2 + padded])
+    err = harness.forward_error(tm, jitted(fm), variables, tb[0][:2 + padded], fb[0][:2 + padded])
     print(f"MultimodalFusion ({'padded' if padded else 'unpadded'}): forward rel err {err:.2e}")
     assert err <= harness.FORWARD_TOL
     check_gradients(f"MultimodalFusion ({'padded' if padded else 'unpadded'})", tm, fm, variables,
@@ -248,7 +253,8 @@ def test_fusion_never_attends_to_padded_text():
         (a_t, a_i), (b_t, b_i) = tm(t, i, pad), tm(noisy, i, pad)
     np.testing.assert_allclose(b_t[~pad].numpy(), a_t[~pad].numpy(), rtol=0, atol=1e-5)
     np.testing.assert_allclose(b_i.numpy(), a_i.numpy(), rtol=0, atol=1e-5)
-    (f_t, f_i), (g_t, g_i) = (fm.apply(variables, jnp.asarray(x.numpy()), jnp.asarray(i.numpy()),
+    apply = jax.jit(fm.apply)
+    (f_t, f_i), (g_t, g_i) = (apply(variables, jnp.asarray(x.numpy()), jnp.asarray(i.numpy()),
                                        jnp.asarray(pad.numpy())) for x in (t, noisy))
     np.testing.assert_allclose(np.asarray(g_t)[~pad.numpy()], np.asarray(f_t)[~pad.numpy()], rtol=0, atol=1e-5)
     np.testing.assert_allclose(np.asarray(g_i), np.asarray(f_i), rtol=0, atol=1e-5)
@@ -285,7 +291,7 @@ def test_source_fusion_state_dicts_load_strictly():
     errs = [harness.rel_err(r.numpy(), g.numpy()) for r, g in zip(ref, got)]
     fm = jf.MultimodalFusion(dim=32, num_layers=2)
     variables = bridge.torch_to_flax(src.state_dict(), fm, *fb[0][:2])
-    flax_errs = [harness.rel_err(r.numpy(), g) for r, g in zip(ref, fm.apply(variables, *fb[0][:2]))]
+    flax_errs = [harness.rel_err(r.numpy(), g) for r, g in zip(ref, jax.jit(fm.apply)(variables, *fb[0][:2]))]
     print(f"source MultimodalFusion: torch twin {max(errs):.2e}, Flax twin {max(flax_errs):.2e}")
     assert max(errs) <= 1e-6 and max(flax_errs) <= harness.FORWARD_TOL
 
@@ -295,7 +301,7 @@ def test_source_fusion_state_dicts_load_strictly():
     with torch.no_grad():
         ref, got = src(t, i).numpy(), ours(t, i).numpy()
     fm = jf.CrossModalAttention(32)
-    flax_got = fm.apply(bridge.torch_to_flax(src.state_dict(), fm, *fb[0][:2]), *fb[0][:2])
+    flax_got = jax.jit(fm.apply)(bridge.torch_to_flax(src.state_dict(), fm, *fb[0][:2]), *fb[0][:2])
     print(f"source CrossModalAttention: torch twin {harness.rel_err(ref, got):.2e}, "
           f"Flax twin {harness.rel_err(ref, flax_got):.2e}")
     assert harness.rel_err(ref, got) <= 1e-6 and harness.rel_err(ref, flax_got) <= harness.FORWARD_TOL
@@ -345,9 +351,11 @@ def test_source_vqa_state_dict_loads_but_for_its_classifier(monkeypatch):
     assert pooled["src"].shape == (2, 1536)
     err = harness.rel_err(pooled["src"].numpy(), pooled["ours"].numpy())
     fm = jf.VQAModel(jax_models.vit.VisionTransformer(16, 8, 3, 0, 768, 1, 12, 1, 0.0, parent=None),
-                     jax_models.clip.TextTransformer(20, 8, 768, 1, 12, 1, parent=None), num_answers=7, num_layers=1)
+                     jax_models.clip.TextTransformer(20, 8, 768, 1, 12, 1, parent=None), num_answers=7,
+                     num_layers=1)
     variables = bridge.torch_to_flax(ours.state_dict(), fm, nhwc(x), jnp.asarray(q.numpy(), jnp.int32))
-    flax_err = harness.rel_err(logits, fm.apply(variables, nhwc(x), jnp.asarray(q.numpy(), jnp.int32)))
+    flax_logits = jax.jit(fm.apply)(variables, nhwc(x), jnp.asarray(q.numpy(), jnp.int32))
+    flax_err = harness.rel_err(logits, flax_logits)
     print(f"source VQAModel: pooled features torch twin {err:.2e}; logits Flax twin {flax_err:.2e}")
     assert err <= 1e-6 and flax_err <= harness.FORWARD_TOL
 
@@ -362,7 +370,7 @@ def test_vqa_preset_forward():
     tm, fm = torch_reference.create_model(preset), jax_models.create_model(preset)
     (tb,), (fb,) = vqa_batches(preset, 1, 3, 0)
     variables = bridge.torch_to_flax(tm.state_dict(), fm, *fb[:2])
-    err = harness.forward_error(tm, fm, variables, tb[:2], fb[:2])
+    err = harness.forward_error(tm, jitted(fm), variables, tb[:2], fb[:2])
     print(f"vqa-scenes: forward rel err {err:.2e}")
     assert err <= harness.FORWARD_TOL
     assert fm.apply(variables, *fb[:2]).shape == (3, preset.kwargs["num_answers"])
@@ -372,7 +380,7 @@ def test_vqa_forward_and_gradients():
     _, tm, fm, variables, tbatch, fbatch = vqa_twins()
     assert "text_projection.weight" in tm.state_dict() and "image_projection.weight" not in tm.state_dict()
     assert tm.classifier.in_features == 2 * TINY["dim"]
-    err = harness.forward_error(tm, fm, variables, tbatch[:2], fbatch[:2])
+    err = harness.forward_error(tm, jitted(fm), variables, tbatch[:2], fbatch[:2])
     print(f"VQAModel (tiny towers): forward rel err {err:.2e}")
     assert err <= harness.FORWARD_TOL
     check_gradients("VQAModel (tiny towers)", tm, fm, variables, vqa_losses(fm), tbatch, fbatch)
@@ -396,7 +404,8 @@ def test_vqa_padding_invariance():
     tm.eval()
     with torch.no_grad():
         a, b = tm(x, torch.from_numpy(short)).numpy(), tm(x, torch.from_numpy(full)).numpy()
-    f = lambda q: np.asarray(fm.apply(variables, xf, jnp.asarray(q, jnp.int32)))
+    apply = jax.jit(fm.apply)
+    f = lambda q: np.asarray(apply(variables, xf, jnp.asarray(q, jnp.int32)))
     fa, fb = f(short), f(full)
     errs = harness.rel_err(a, b), harness.rel_err(fa, fb), harness.rel_err(a, fa)
     print(f"VQAModel padding invariance: torch {errs[0]:.2e}, Flax {errs[1]:.2e}; torch vs Flax {errs[2]:.2e}")
@@ -432,8 +441,8 @@ def test_vqa_state_dict_of_another_fusion_width_is_refused():
     assert "Unexpected key(s): image_projection.weight, image_projection.bias" in msg
     assert ("fusion.layers.1.text_ffn.2.weight: torch (48, 96) gives fusion/layers_1/text_ffn/2/kernel (96, 48), "
             "the Flax model has (64, 32)") in msg
-    assert ("fusion.layers.0.text_self.in_proj_weight: torch (144, 48) gives fusion/layers_0/text_self/query/kernel "
-            "(48, 48), the Flax model has (32, 32)") in msg
+    assert ("fusion.layers.0.text_self.in_proj_weight: torch (144, 48) gives "
+            "fusion/layers_0/text_self/query/kernel (48, 48), the Flax model has (32, 32)") in msg
     assert "classifier.weight: torch (12, 96) gives classifier/kernel (96, 12), the Flax model has (64, 12)" in msg
 
 

@@ -3,6 +3,8 @@ gradient leaf and 20 AdamW steps with a text mask; the source's state dicts; pad
 
 from __future__ import annotations
 
+import types
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -38,8 +40,8 @@ def batches(n, seed, batch=3, masked=True, L=8, vocab=20):
         target = rs.standard_normal((batch, L + 16, KW["dim"])).astype(np.float32)
         t = (torch.from_numpy(ids), torch.from_numpy(x), *([torch.from_numpy(mask)] if masked else []),
              torch.from_numpy(target))
-        f = (jnp.asarray(ids, jnp.int32), jnp.asarray(x.transpose(0, 2, 3, 1)), *([jnp.asarray(mask)] if masked else []),
-             jnp.asarray(target))
+        f = (jnp.asarray(ids, jnp.int32), jnp.asarray(x.transpose(0, 2, 3, 1)),
+             *([jnp.asarray(mask)] if masked else []), jnp.asarray(target))
         tb.append(t)
         fb.append(f)
     return tb, fb
@@ -71,12 +73,18 @@ def losses(fm, real_only=True):
     return torch_loss, flax_loss
 
 
+def jitted(fm):
+    """`fm` with a compiled `apply`: one compile instead of one per operation at new shapes."""
+    return types.SimpleNamespace(apply=jax.jit(fm.apply))
+
+
 def torch_gradients(model, loss, batch):
     """Gradients of every parameter; None (never used) as zeros."""
     model.train()
     model.zero_grad()
     loss(model, batch).backward()
-    return {k: (p.grad if p.grad is not None else torch.zeros_like(p)).numpy() for k, p in model.named_parameters()}
+    return {k: (p.grad if p.grad is not None else torch.zeros_like(p)).numpy()
+            for k, p in model.named_parameters()}
 
 
 @pytest.mark.parametrize("cross_attention", [False, True], ids=["source", "cross_attention"])
@@ -87,14 +95,14 @@ def test_forward_and_gradients_with_text_mask(cross_attention):
     name = f"MultimodalTransformer ({'cross_attention' if cross_attention else 'source layer'})"
     torch.backends.mha.set_fastpath_enabled(False)   # its fast path zeroes padded query rows in eval
     try:
-        err = harness.forward_error(tm, fm, variables, tb[0][:-1], fb[0][:-1])
+        err = harness.forward_error(tm, jitted(fm), variables, tb[0][:-1], fb[0][:-1])
     finally:
         torch.backends.mha.set_fastpath_enabled(True)
     print(f"{name}: forward rel err (text mask) {err:.2e}")
     assert err <= harness.FORWARD_TOL
     torch_loss, flax_loss = losses(fm)
     ref = torch_gradients(tm, torch_loss, tb[0])
-    got = harness.flax_params_as_torch(jax.grad(flax_loss)(variables["params"], variables, fb[0]))
+    got = harness.flax_params_as_torch(jax.jit(jax.grad(flax_loss))(variables["params"], variables, fb[0]))
     assert set(ref) == set(got)
     unused = [] if cross_attention else [k for k in ref if any(f".{u}." in k for u in UNUSED)]
     for k in unused:
@@ -141,9 +149,11 @@ def test_padding_invariance():
     with torch.no_grad():
         a, b = tm(short, x, short_mask), tm(ids, x, mask)
     nhwc = jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
-    fa, fb = (np.asarray(fm.apply(variables, jnp.asarray(t.numpy(), jnp.int32), nhwc, jnp.asarray(m.numpy())))
+    apply = jax.jit(fm.apply)
+    fa, fb = (np.asarray(apply(variables, jnp.asarray(t.numpy(), jnp.int32), nhwc, jnp.asarray(m.numpy())))
               for t, m in ((short, short_mask), (ids, mask)))
-    real = lambda out, m: np.concatenate([out[:, :m.shape[1]][m.numpy()], out[:, m.shape[1]:].reshape(-1, out.shape[-1])])
+    real = lambda out, m: np.concatenate([out[:, :m.shape[1]][m.numpy()],
+                                          out[:, m.shape[1]:].reshape(-1, out.shape[-1])])
     errs = (harness.rel_err(real(a.numpy(), short_mask), real(b.numpy(), mask)),
             harness.rel_err(real(fa, short_mask), real(fb, mask)), harness.rel_err(a.numpy(), fa))
     print(f"MultimodalTransformer padding invariance: torch {errs[0]:.2e}, Flax {errs[1]:.2e}, "
@@ -170,7 +180,7 @@ def test_source_state_dict_loads_strictly_and_gives_its_outputs():
     assert ref.shape == (2, 8 + 196, 32)
     fm = jm.MultimodalTransformer(32, 4, 2, 20, max_seq_len=8)
     fi, fx = jnp.asarray(ids.numpy(), jnp.int32), jnp.asarray(x.numpy().transpose(0, 2, 3, 1))
-    flax_got = fm.apply(bridge.torch_to_flax(src.state_dict(), fm, fi, fx), fi, fx)
+    flax_got = jax.jit(fm.apply)(bridge.torch_to_flax(src.state_dict(), fm, fi, fx), fi, fx)
     err, flax_err = harness.rel_err(ref, got), harness.rel_err(ref, flax_got)
     print(f"source MultimodalTransformer: torch twin {err:.2e}, Flax twin {flax_err:.2e}")
     assert err <= 1e-6 and flax_err <= harness.FORWARD_TOL
@@ -218,7 +228,7 @@ def test_classifier_preset_forward_gradients_and_padding():
     tb = (torch.from_numpy(x), torch.from_numpy(q), torch.from_numpy(y))
     fb = (jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(q, jnp.int32), jnp.asarray(y))
     variables = bridge.torch_to_flax(tm.state_dict(), fm, *fb[:2])
-    err = harness.forward_error(tm, fm, variables, tb[:2], fb[:2])
+    err = harness.forward_error(tm, jitted(fm), variables, tb[:2], fb[:2])
 
     def torch_loss(model, batch):
         return F.cross_entropy(model(*batch[:2]), batch[2])
@@ -228,15 +238,16 @@ def test_classifier_preset_forward_gradients_and_padding():
         return optax.softmax_cross_entropy_with_integer_labels(logits, batch[2]).mean()
 
     ref = torch_gradients(tm, torch_loss, tb)
-    got = harness.flax_params_as_torch(jax.grad(flax_loss)(variables["params"], variables, fb))
+    got = harness.flax_params_as_torch(jax.jit(jax.grad(flax_loss))(variables["params"], variables, fb))
     errs = {k: harness.rel_err(ref[k], got[k]) for k in ref if not any(f".{u}." in k for u in UNUSED)}
     worst = max(errs, key=errs.get)
     tm.eval()
     with torch.no_grad():
         a = tm(tb[0], tb[1]).numpy()
         b = tm(tb[0], tb[1][:, :6]).numpy()   # rows 1 and 2 fit in 6 tokens, row 0 is cut: compare 1, 2
-    fa = np.asarray(fm.apply(variables, fb[0], fb[1]))
-    fb_ = np.asarray(fm.apply(variables, fb[0], fb[1][:, :6]))
+    apply = jax.jit(fm.apply)
+    fa = np.asarray(apply(variables, fb[0], fb[1]))
+    fb_ = np.asarray(apply(variables, fb[0], fb[1][:, :6]))
     pad_err = max(harness.rel_err(a[1:], b[1:]), harness.rel_err(fa[1:], fb_[1:]))
     print(f"mmt-vqa-scenes (16px, 2 layers): forward {err:.2e}, worst gradient {worst} {errs[worst]:.2e}, "
           f"padding invariance {pad_err:.2e}")

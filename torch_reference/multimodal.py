@@ -7,8 +7,8 @@ without a text mask, give the same outputs. Fixed: the text mask becomes a key p
 takes `image_size` / `patch_size` / `in_channels` (the source fixes 224, 16, 3), and
 `cross_attn` / `norm3`, built and never called by the source, run with `cross_attention=True`.
 The source gives image patches no position: `image_positions=True` adds a learned table
-`image_pos_embed` (without it, where-questions cannot be answered: every output is invariant to
-a permutation of the patches).
+`image_pos_embed`, N(0, 1) at init like the text's `pos_embed` (without it, where-questions cannot
+be answered: every output is invariant to a permutation of the patches).
 """
 
 from __future__ import annotations
@@ -71,8 +71,7 @@ class MultimodalTransformer(nn.Module):
         self.text_type_embed = nn.Parameter(torch.zeros(1, 1, dim))
         self.image_type_embed = nn.Parameter(torch.zeros(1, 1, dim))
         if image_positions:
-            self.image_pos_embed = nn.Parameter(torch.zeros(1, self.image_patch_embed.num_patches, dim))
-            nn.init.trunc_normal_(self.image_pos_embed, std=0.02)
+            self.image_pos_embed = nn.Parameter(torch.randn(1, self.image_patch_embed.num_patches, dim))
         self.layers = nn.ModuleList([MultimodalTransformerLayer(dim, num_heads, dropout, cross_attention)
                                      for _ in range(num_layers)])
         self.norm = nn.LayerNorm(dim)
@@ -82,7 +81,8 @@ class MultimodalTransformer(nn.Module):
             raise ValueError(f"MultimodalTransformer expects (B, L <= {self.max_seq_len}) integer token ids; "
                              f"got {text_ids.dtype} of shape {tuple(text_ids.shape)}")
         L = text_ids.shape[1]
-        text = self.text_embed(text_ids) + self.pos_embed(torch.arange(L, device=text_ids.device)) + self.text_type_embed
+        positions = torch.arange(L, device=text_ids.device)
+        text = self.text_embed(text_ids) + self.pos_embed(positions) + self.text_type_embed
         image = self.image_patch_embed(image) + self.image_type_embed
         if hasattr(self, "image_pos_embed"):
             image = image + self.image_pos_embed
@@ -113,7 +113,8 @@ class MultimodalTransformerClassifier(nn.Module):
 
 
 def MMTVQA(image_size=224, patch_size=16, in_channels=3, vocab_size=49408, context_length=77, dim=768,
-           num_heads=12, num_layers=12, num_answers=3000, dropout=0.1, cross_attention=False, image_positions=True):
+           num_heads=12, num_layers=12, num_answers=3000, dropout=0.1, cross_attention=False,
+           image_positions=True):
     """A `MultimodalTransformerClassifier` from plain config values (the presets' entry point); its
     patches have positions by default (questions ask where objects are)."""
     transformer = MultimodalTransformer(dim, num_heads, num_layers, vocab_size, context_length, image_size,
