@@ -28,7 +28,8 @@ def test_deterministic_from_the_seed():
     assert q1 == scenes.make_questions(b_obj, 32, seed=1, per_scene=10) and len(q1) == 50
 
 
-@pytest.mark.parametrize("image_size, num_objects, cell", [(32, 6, None), (48, 4, None), (75, 6, None), (40, 6, 10)])
+@pytest.mark.parametrize("image_size, num_objects, cell",
+                         [(32, 6, None), (48, 4, None), (75, 6, None), (40, 6, 10)])
 def test_pixels_show_the_object_lists(image_size, num_objects, cell):
     """Each object's box holds only its colour (and ground at a circle's corners); every other
     pixel is ground; colours are distinct; boxes are a pixel apart; no centre on a midline; with
