@@ -1,14 +1,19 @@
 """Named model presets: one table, importing neither framework.
 
 A preset names a family (the module in both `jax_models` and `torch_reference`), a class, the
-constructor arguments shared by both twins, the input it takes, and a default training recipe.
-`jax_models.create_model(name)` and `torch_reference.create_model(name)` build the twins.
+constructor arguments shared by both twins, the inputs its forward takes (`inputs`, kinds from
+`INPUT_KINDS`), the task that trains it and its whole training recipe.
+`jax_models.create_model(name)` and `torch_reference.create_model(name)` build the twins;
+`example_inputs(preset)` makes a batch of its inputs (numpy, images NHWC).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import fnmatch
+from typing import Any, Callable
+
+import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +27,8 @@ class Preset:
     task: str = "classification"
     train: dict[str, Any] = dataclasses.field(default_factory=dict)
     description: str = ""
+    inputs: tuple[str, ...] = ("image",)   # the forward's arguments, kinds of INPUT_KINDS
+    bench_batch: int = 8                   # `python -m benchmarks`' default batch (CPU-sized)
 
     @property
     def input_shape_nhwc(self) -> tuple[int, int, int]:
@@ -32,114 +39,124 @@ class Preset:
         return (self.in_channels, self.image_size, self.image_size)
 
 
+# What every recipe holds (the trainer reads nothing else from elsewhere); a task adds its own keys.
+RECIPE_KEYS = ("lr", "weight_decay", "warmup_steps", "batch_size", "label_smoothing", "grad_clip",
+               "data")
+
 # The recipe of the source's train_vision_transformer (AdamW, lr 3e-4, weight decay 0.3, cosine).
+# Full-size presets train on the digits unless told otherwise (--data), for 10 epochs.
 SOURCE_RECIPE = dict(lr=3e-4, weight_decay=0.3, warmup_steps=10_000, batch_size=4096,
-                     label_smoothing=0.0, grad_clip=1.0)
+                     label_smoothing=0.0, grad_clip=1.0, epochs=10, data="digits")
 DIGITS_RECIPE = dict(lr=1e-3, weight_decay=0.05, warmup_steps=100, batch_size=128, epochs=40,
                      label_smoothing=0.1, grad_clip=1.0, data="digits")
 
 
 def _vit(name, image_size, patch_size, in_channels, num_classes, embed_dim, depth, num_heads,
-         mlp_ratio=4, dropout=0.1, train=None, description=""):
+         mlp_ratio=4, dropout=0.1, train=None, bench_batch=8, description=""):
     kwargs = dict(image_size=image_size, patch_size=patch_size, in_channels=in_channels,
                   num_classes=num_classes, embed_dim=embed_dim, depth=depth,
                   num_heads=num_heads, mlp_ratio=mlp_ratio, dropout=dropout)
     return Preset(name, "vit", "VisionTransformer", kwargs, image_size, in_channels,
-                  train=dict(train or SOURCE_RECIPE), description=description)
+                  train=dict(train or SOURCE_RECIPE), description=description, bench_batch=bench_batch)
 
 
 def _encoder_vit(name, img_size, patch_size, in_channels, num_classes, embed_dim, depth,
-                 num_heads, dropout=0.1, train=None, description=""):
+                 num_heads, dropout=0.1, train=None, bench_batch=8, description=""):
     kwargs = dict(img_size=img_size, patch_size=patch_size, in_channels=in_channels,
                   num_classes=num_classes, embed_dim=embed_dim, depth=depth,
                   num_heads=num_heads, dropout=dropout)
     return Preset(name, "vit", "EncoderViT", kwargs, img_size, in_channels,
-                  train=dict(train or SOURCE_RECIPE), description=description)
+                  train=dict(train or SOURCE_RECIPE), description=description, bench_batch=bench_batch)
 
 
 PRESETS: dict[str, Preset] = {p.name: p for p in [
     _vit("vit-digits", 32, 8, 1, 10, 64, 4, 4, mlp_ratio=2, train=DIGITS_RECIPE,
-         description="pre-norm ViT for 32x32 digits (16 patches of 8x8, 4 blocks of width 64)"),
+         bench_batch=128, description="pre-norm ViT for 32x32 digits (16 patches of 8x8, 4 blocks of width 64)"),
+    _vit("vit-tiny-digits", 32, 8, 1, 10, 32, 2, 2, mlp_ratio=2, train=DIGITS_RECIPE,
+         bench_batch=128, description="the smallest ViT: 2 blocks of width 32 (the example preset of CONTRIBUTING.md)"),
     _encoder_vit("encoder-vit-digits", 32, 8, 1, 10, 64, 4, 4, train=DIGITS_RECIPE,
-                 description="post-norm nn.TransformerEncoder ViT for 32x32 digits"),
+                 bench_batch=128, description="post-norm nn.TransformerEncoder ViT for 32x32 digits"),
     _vit("vit-ti16", 224, 16, 3, 1000, 192, 12, 3, description="ViT-Ti/16"),
     _vit("vit-s16", 224, 16, 3, 1000, 384, 12, 6, description="ViT-S/16"),
     _vit("vit-b16", 224, 16, 3, 1000, 768, 12, 12,
-         description="ViT-B/16, the source's default VisionTransformer"),
+         bench_batch=4, description="ViT-B/16, the source's default VisionTransformer"),
     _encoder_vit("encoder-vit-b16", 224, 16, 3, 1000, 768, 12, 12,
-                 description="the second source's ViT at its defaults"),
+                 bench_batch=4, description="the second source's ViT at its defaults"),
 ]}
 
 
 def _swin(name, image_size, patch_size, in_channels, num_classes, embed_dim, depths, num_heads,
-          window_size=7, drop_path_rate=0.1, train=None, description=""):
+          window_size=7, drop_path_rate=0.1, train=None, bench_batch=8, description=""):
     kwargs = dict(image_size=image_size, patch_size=patch_size, in_channels=in_channels,
                   num_classes=num_classes, embed_dim=embed_dim, depths=tuple(depths),
                   num_heads=tuple(num_heads), window_size=window_size, drop_path_rate=drop_path_rate)
     return Preset(name, "swin", "SwinTransformer", kwargs, image_size, in_channels,
-                  train=dict(train or SWIN_RECIPE), description=description)
+                  train=dict(train or SWIN_RECIPE), description=description, bench_batch=bench_batch)
 
 
 # The Swin paper's ImageNet-1K recipe: AdamW, lr 1e-3 at batch 1024, weight decay 0.05, 20 warm-up
 # epochs of 300, label smoothing 0.1, gradient clipping at 5.
 SWIN_RECIPE = dict(lr=1e-3, weight_decay=0.05, warmup_steps=25_000, batch_size=1024,
-                   label_smoothing=0.1, grad_clip=5.0)
+                   label_smoothing=0.1, grad_clip=5.0, epochs=10, data="digits")
 
 PRESETS.update({p.name: p for p in [
     _swin("swin-digits", 32, 4, 1, 10, 64, (2, 2), (2, 4), window_size=4,
           drop_path_rate=0.1, train=DIGITS_RECIPE,
-          description="Swin for 32x32 digits: 8x8 tokens, windows of 4x4 (shifted by 2), stages 8/4"),
+          bench_batch=128, description="Swin for 32x32 digits: 8x8 tokens, windows of 4x4 (shifted by 2), stages 8/4"),
     _swin("swin-t", 224, 4, 3, 1000, 96, (2, 2, 6, 2), (3, 6, 12, 24), drop_path_rate=0.2,
           description="Swin-T (window 7, 224)"),
     _swin("swin-s", 224, 4, 3, 1000, 96, (2, 2, 18, 2), (3, 6, 12, 24), drop_path_rate=0.3,
-          description="Swin-S (window 7, 224)"),
+          bench_batch=4, description="Swin-S (window 7, 224)"),
     _swin("swin-b", 224, 4, 3, 1000, 128, (2, 2, 18, 2), (4, 8, 16, 32), drop_path_rate=0.5,
-          description="Swin-B (window 7, 224)"),
+          bench_batch=4, description="Swin-B (window 7, 224)"),
 ]})
 
 
 def _clip(name, image_size, patch_size, in_channels, vision_width, vision_layers, vision_heads,
           vocab_size, context_length, text_width, text_layers, text_heads, embed_dim, mlp_ratio=4,
-          dropout=0.0, train=None, description=""):
+          dropout=0.0, train=None, bench_batch=8, description=""):
     kwargs = dict(image_size=image_size, patch_size=patch_size, in_channels=in_channels,
                   vision_width=vision_width, vision_layers=vision_layers, vision_heads=vision_heads,
                   vocab_size=vocab_size, context_length=context_length, text_width=text_width,
                   text_layers=text_layers, text_heads=text_heads, embed_dim=embed_dim,
                   mlp_ratio=mlp_ratio, dropout=dropout)
     return Preset(name, "clip", "CLIP", kwargs, image_size, in_channels, task="contrastive",
-                  train=dict(train or CLIP_RECIPE), description=description)
+                  train=dict(train or CLIP_RECIPE), description=description, bench_batch=bench_batch,
+                  inputs=("image", "tokens"))
 
 
 # CLIP's recipe (Radford et al. 2021): AdamW lr 5e-4, weight decay 0.2, batch 32768, 2000 warm-up
 # steps, no clipping. The digits recipe trains captions drawn from templates in a few minutes.
 CLIP_RECIPE = dict(lr=5e-4, weight_decay=0.2, warmup_steps=2000, batch_size=32768,
-                   label_smoothing=0.0, grad_clip=0.0)
+                   label_smoothing=0.0, grad_clip=0.0, epochs=10, data="digits")
 CLIP_DIGITS_RECIPE = dict(lr=2e-3, weight_decay=0.05, warmup_steps=50, batch_size=128, epochs=40,
                           label_smoothing=0.0, grad_clip=1.0, data="digits")
 
 PRESETS.update({p.name: p for p in [
     _clip("clip-digits", 32, 8, 1, 64, 3, 4, 64, 16, 64, 2, 4, 64, train=CLIP_DIGITS_RECIPE,
-          description="CLIP for 32x32 digits and captions: ViT 8x8 patches 64 wide x 3, text 64 "
+          bench_batch=128, description="CLIP for 32x32 digits and captions: ViT 8x8 patches 64 wide x 3, text 64 "
                       "wide x 2, context 16, embedding 64"),
     _clip("clip-b16", 224, 16, 3, 768, 12, 12, 49408, 77, 512, 12, 8, 512,
-          description="CLIP ViT-B/16's layout: 224/16 image tower 768 wide, text 512 wide x 12 "
+          bench_batch=4, description="CLIP ViT-B/16's layout: 224/16 image tower 768 wide, text 512 wide x 12 "
                       "(8 heads, context 77), embedding 512"),
 ]})
 
 
 def _ddpm(name, image_size, in_channels, features, time_emb_dim, num_res_blocks=2, dropout=0.1,
-          train=None, description=""):
+          train=None, bench_batch=8, description=""):
     kwargs = dict(in_channels=in_channels, out_channels=in_channels, features=tuple(features),
                   time_emb_dim=time_emb_dim, num_res_blocks=num_res_blocks, dropout=dropout)
     return Preset(name, "ddpm", "UNet", kwargs, image_size, in_channels, task="diffusion",
-                  train=dict(train or DDPM_RECIPE), description=description)
+                  train=dict(train or DDPM_RECIPE), description=description, bench_batch=bench_batch,
+                  inputs=("image", "timestep"))
 
 
 # The preset's model is the denoiser (UNet), what `python -m bridge verify` compares; `DDPM(model,
 # timesteps, beta_start, beta_end)` is built around it from the recipe. The source's recipe: Adam
 # at 2e-4, the linear schedule 1e-4 .. 0.02 over 1000 steps.
 DDPM_RECIPE = dict(timesteps=1000, beta_start=1e-4, beta_end=0.02, lr=2e-4, weight_decay=0.0,
-                   warmup_steps=0, batch_size=128, grad_clip=0.0, ema_decay=0.9999)
+                   warmup_steps=0, batch_size=128, grad_clip=0.0, ema_decay=0.9999,
+                   label_smoothing=0.0, epochs=10, data="digits")
 # Digits: sized to train in minutes on 2 CPU cores; samples with 100 DDIM steps on the EMA weights.
 DDPM_DIGITS_RECIPE = dict(DDPM_RECIPE, lr=1e-3, warmup_steps=100, batch_size=64, steps=2000,
                           grad_clip=1.0, ema_decay=0.995, data="digits", num_samples=256,
@@ -147,9 +164,9 @@ DDPM_DIGITS_RECIPE = dict(DDPM_RECIPE, lr=1e-3, warmup_steps=100, batch_size=64,
 
 PRESETS.update({p.name: p for p in [
     _ddpm("ddpm-digits", 16, 1, (16, 32), 32, train=DDPM_DIGITS_RECIPE,
-          description="DDPM U-Net for 16x16 digits: stages 16/32, attention in the bottleneck"),
+          bench_batch=64, description="DDPM U-Net for 16x16 digits: stages 16/32, attention in the bottleneck"),
     _ddpm("ddpm-cifar10", 32, 3, (64, 128, 256, 512), 256,
-          description="the source's default U-Net (features 64-128-256-512) on 32x32x3"),
+          bench_batch=16, description="the source's default U-Net (features 64-128-256-512) on 32x32x3"),
 ]})
 
 
@@ -160,30 +177,33 @@ SCENES_VOCAB_SIZE, SCENES_CONTEXT_LENGTH, SCENES_NUM_ANSWERS = 37, 16, 12
 
 def _vqa(name, image_size, patch_size, in_channels, vision_width, vision_layers, vision_heads, vocab_size,
          context_length, text_width, text_layers, text_heads, dim, fusion_layers, fusion_heads, num_answers,
-         mlp_ratio=4, dropout=0.0, train=None, description=""):
+         mlp_ratio=4, dropout=0.0, train=None, bench_batch=64, description=""):
     kwargs = dict(image_size=image_size, patch_size=patch_size, in_channels=in_channels,
                   vision_width=vision_width, vision_layers=vision_layers, vision_heads=vision_heads,
                   vocab_size=vocab_size, context_length=context_length, text_width=text_width,
                   text_layers=text_layers, text_heads=text_heads, dim=dim, fusion_layers=fusion_layers,
                   fusion_heads=fusion_heads, num_answers=num_answers, mlp_ratio=mlp_ratio, dropout=dropout)
     return Preset(name, "fusion", "VQA", kwargs, image_size, in_channels, task="vqa",
-                  train=dict(train or {}), description=description)
+                  train=dict(train or {}), description=description, inputs=("image", "question"),
+                  bench_batch=bench_batch)
 
 
 def _mmt_vqa(name, image_size, patch_size, in_channels, vocab_size, context_length, dim, num_heads, num_layers,
-             num_answers, dropout=0.1, cross_attention=False, image_positions=True, train=None, description=""):
+             num_answers, dropout=0.1, cross_attention=False, image_positions=True, train=None, bench_batch=64,
+             description=""):
     kwargs = dict(image_size=image_size, patch_size=patch_size, in_channels=in_channels, vocab_size=vocab_size,
                   context_length=context_length, dim=dim, num_heads=num_heads, num_layers=num_layers,
                   num_answers=num_answers, dropout=dropout, cross_attention=cross_attention,
                   image_positions=image_positions)
     return Preset(name, "multimodal", "MMTVQA", kwargs, image_size, in_channels, task="vqa",
-                  train=dict(train or {}), description=description)
+                  train=dict(train or {}), description=description, inputs=("image", "question"),
+                  bench_batch=bench_batch)
 
 
 # Measured with a plain jitted optax.adamw loop (see the fusion README notes): sized for 2 CPU cores.
 VQA_SCENES_RECIPE = dict(lr=2e-3, weight_decay=0.05, warmup_steps=200, batch_size=64, steps=3000,
                          grad_clip=1.0, label_smoothing=0.0, data="scenes", num_scenes=10_000,
-                         num_test_scenes=500, num_objects=6, questions_per_scene=None)
+                         num_test_scenes=500, num_objects=6, questions_per_scene=None, cell=None)
 MMT_VQA_SCENES_RECIPE = dict(VQA_SCENES_RECIPE)
 
 PRESETS.update({p.name: p for p in [
@@ -195,6 +215,17 @@ PRESETS.update({p.name: p for p in [
              description="the first source's multimodal transformer as a single-stream VQA classifier "
                          "on 32x32 scenes: 4x4 patches, 64 wide x 4"),
 ]})
+
+
+def _check_recipes():
+    for p in PRESETS.values():
+        missing = [k for k in RECIPE_KEYS if k not in p.train]
+        if missing or not ("steps" in p.train or "epochs" in p.train):
+            raise ValueError(f"preset {p.name!r}: its recipe lacks {missing or ['steps or epochs']}")
+        unknown = [k for k in p.inputs if k not in INPUT_KINDS]
+        if unknown:
+            raise ValueError(f"preset {p.name!r}: unknown input kind(s) {unknown}; known: "
+                             f"{', '.join(INPUT_KINDS)}")
 
 
 def get_preset(name: str) -> Preset:
@@ -209,3 +240,55 @@ def with_overrides(preset: Preset, **kwargs: Any) -> Preset:
     """A copy of `preset` whose constructor arguments are updated by `kwargs`."""
     return dataclasses.replace(preset, kwargs={**preset.kwargs, **kwargs})
 
+
+def without_dropout(preset: Preset) -> Preset:
+    """`preset` with every dropout-like constructor argument (dropout, drop_path_rate, ...) at 0:
+    deterministic in training mode, as the parity checks need."""
+    off = {k: 0.0 for k in preset.kwargs if "drop" in k}
+    return with_overrides(preset, **off) if off else preset
+
+
+def matching(names, patterns: dict[str, str]) -> dict[str, str]:
+    """{name: reason} for each name that matches a glob of `patterns` ({glob: reason})."""
+    return {n: reason for n in names for glob, reason in patterns.items() if fnmatch.fnmatch(n, glob)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Example inputs: what each kind of forward argument looks like (numpy; images NHWC float32).
+
+
+def random_tokens(rs: np.random.RandomState, batch_size: int, vocab_size: int, length: int) -> np.ndarray:
+    """(B, length) int64 ids below `vocab_size - 1`, with the end-of-text id `vocab_size - 1` (the
+    largest, where CLIP's text tower pools) at a random position of each row."""
+    tokens = rs.randint(0, vocab_size - 1, size=(batch_size, length)).astype(np.int64)
+    tokens[np.arange(batch_size), rs.randint(1, length, size=batch_size)] = vocab_size - 1
+    return tokens
+
+
+def random_questions(rs: np.random.RandomState, batch_size: int, vocab_size: int, length: int) -> np.ndarray:
+    """(B, length) int64 questions as the tokenizer writes them: start-of-text (id `vocab_size - 2`),
+    words (ids 1 .. `vocab_size - 3`), end-of-text (`vocab_size - 1`), then padding 0; each row
+    holds 2 .. `length` real tokens."""
+    tokens = np.zeros((batch_size, length), np.int64)
+    for row, n in zip(tokens, rs.randint(2, length + 1, size=batch_size)):
+        row[:n] = [vocab_size - 2, *rs.randint(1, vocab_size - 2, size=n - 2), vocab_size - 1]
+    return tokens
+
+
+INPUT_KINDS: dict[str, Callable[[Preset, np.random.RandomState, int], np.ndarray]] = {
+    "image": lambda p, rs, b: np.ascontiguousarray(
+        rs.standard_normal((b, *p.input_shape_nchw)).astype(np.float32).transpose(0, 2, 3, 1)),
+    "timestep": lambda p, rs, b: rs.randint(0, p.train["timesteps"], size=b),
+    "tokens": lambda p, rs, b: random_tokens(rs, b, p.kwargs["vocab_size"], p.kwargs["context_length"]),
+    "question": lambda p, rs, b: random_questions(rs, b, p.kwargs["vocab_size"], p.kwargs["context_length"]),
+}
+
+
+def example_inputs(preset: Preset, batch_size: int = 2, seed: int = 0) -> tuple[np.ndarray, ...]:
+    """One batch of the preset's forward arguments, drawn in order from one seeded stream:
+    images N(0, 1) NHWC float32 (drawn NCHW, as torch takes them), integer timesteps, token ids."""
+    rs = np.random.RandomState(seed)
+    return tuple(INPUT_KINDS[kind](preset, rs, batch_size) for kind in preset.inputs)
+
+
+_check_recipes()

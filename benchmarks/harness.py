@@ -37,19 +37,11 @@ import sys
 import time
 import traceback
 
-# Batches that keep `--all` to about half an hour on a 2-core CPU; the recipes' (up to 32768)
-# are for accelerators.
-DEFAULT_BATCH = {
-    "vit-digits": 128, "encoder-vit-digits": 128, "swin-digits": 128, "clip-digits": 128,
-    "ddpm-digits": 64, "ddpm-cifar10": 16,
-    "vit-ti16": 8, "vit-s16": 8, "swin-t": 8,
-    "vit-b16": 4, "encoder-vit-b16": 4, "swin-s": 4, "swin-b": 4, "clip-b16": 4,
-}
-FALLBACK_BATCH = 8
-
-
 def default_batch(preset: str) -> int:
-    return DEFAULT_BATCH.get(preset, FALLBACK_BATCH)
+    """The preset's `bench_batch`: CPU-sized, to keep `--all` to about half an hour on 2 cores
+    (the recipes', up to 32768, are for accelerators)."""
+    from presets import get_preset
+    return get_preset(preset).bench_batch
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,10 +157,14 @@ def time_row(workload, framework: str, warmup: int, repeats: int, max_row_second
     if cuda:
         torch.cuda.reset_peak_memory_stats(workload.device)
     rss_before = _proc_status("VmRSS")
+    from jax_models import compile_cache
+
     runner = workload.runner(framework)
+    hits = compile_cache.stats()["hits"]
     t0 = time.perf_counter()
     runner.first()
     compile_s = time.perf_counter() - t0
+    cache_hit = compile_cache.stats()["hits"] > hits
     for _ in range(warmup):
         runner.step()
     times, start = [], time.perf_counter()
@@ -179,6 +175,8 @@ def time_row(workload, framework: str, warmup: int, repeats: int, max_row_second
         if len(times) >= min(3, repeats) and time.perf_counter() - start > max_row_seconds:
             break
     row = {"compile_s": compile_s, "times_ms": [t * 1e3 for t in times]}
+    if framework == "jax":
+        row["compile_cache"] = "warm" if cache_hit else "cold"
 
     if framework == "jax":
         compiled = runner.info["compiled"]
@@ -227,19 +225,28 @@ def parse_args(argv):
 
     from .workloads import FRAMEWORKS
 
-    batches = ", ".join(f"{k} {v}" for k, v in DEFAULT_BATCH.items())
+    batches = ", ".join(f"{k} {p.bench_batch}" for k, p in PRESETS.items())
     ap = argparse.ArgumentParser(
         prog="python -m benchmarks", formatter_class=argparse.RawDescriptionHelpFormatter,
         description=__doc__.split("\n\n")[0],
-        epilog=f"Default batch sizes (CPU-sized, not the recipes'): {batches}; others "
-               f"{FALLBACK_BATCH}.\nKnown presets: {', '.join(PRESETS)}.")
+        epilog=f"Default batch sizes (each preset's `bench_batch`: CPU-sized, not the recipes'): "
+               f"{batches}.")
     which = ap.add_mutually_exclusive_group(required=True)
     which.add_argument("--preset", nargs="+", metavar="P", help="one or more presets")
     which.add_argument("--all", action="store_true", help="every preset")
     ap.add_argument("--mode", choices=("train", "infer", "both"), default="both")
     ap.add_argument("--batch-size", type=int, nargs="+", metavar="B",
-                    help="batch sizes (default: the table below, per preset)")
+                    help="batch sizes (default: each preset's bench_batch, listed below)")
     ap.add_argument("--precision", choices=("fp32", "bf16"), nargs="+", default=["fp32"])
+    ap.add_argument("--peak-flops", type=float, metavar="FLOP/S",
+                    help="the peak that peak_fraction (MFU) divides by, e.g. 989e12 for an H100/H200's "
+                         "dense bf16 (default: the best large matmul measured at start)")
+    ap.add_argument("--attention-impl", choices=("xla", "fused", "cudnn"), default="xla",
+                    help="the JAX models' attention kernel (cudnn: a GPU's, sequences padded to 16)")
+    ap.add_argument("--compile-cache", metavar="DIR", help="JAX's persistent compilation cache "
+                    "(default: ~/.cache/twin-models/jax, or $TWIN_MODELS_COMPILE_CACHE); a warm cache "
+                    "shortens `compile_s`")
+    ap.add_argument("--no-compile-cache", action="store_true", help="compile every row afresh (cold)")
     ap.add_argument("--frameworks", default="jax,torch",
                     help=f"comma-separated, of {','.join(FRAMEWORKS)} (default: jax,torch)")
     ap.add_argument("--repeats", type=int, default=5, help="timed steps per row (default 5)")
@@ -275,6 +282,9 @@ def parse_args(argv):
 def main(argv=None) -> int:
     a = parse_args(argv)
     import jax  # noqa: F401  (after argparse: --help stays fast)
+
+    from jax_models import compile_cache
+    cache_dir = compile_cache.enable(None if a.no_compile_cache else (a.compile_cache or compile_cache.default_dir()))
     import torch
     from tqdm import tqdm
 
@@ -309,16 +319,21 @@ def main(argv=None) -> int:
                unit="row", dynamic_ncols=True)
     for preset, mode, batch, prec in groups:
         base = {"preset": preset, "mode": mode, "batch_size": batch, "precision": prec,
-                "batch_source": "--batch-size" if a.batch_size else "default table",
+                "attention_impl": a.attention_impl,
+                "batch_source": "--batch-size" if a.batch_size else "the preset's bench_batch",
+                "compile_cache_dir": cache_dir,
                 "device": f"{info['host']}; jax {info['jax_device']}; torch {info['torch_device']}",
                 "versions": {**info["versions"], "torch_threads": torch.get_num_threads(),
                              "jax_default_matmul_precision": info["jax_default_matmul_precision"],
                              "torch_allow_tf32": info["torch_allow_tf32"]},
-                "date": info["date"], "peak_flops": max(peaks[prec].values()),
+                "date": info["date"],
+                "peak_flops": a.peak_flops or max(peaks[prec].values()),
+                "peak_source": "--peak-flops (the device's datasheet)" if a.peak_flops else "measured matmul",
                 "peak_flops_by_framework": peaks[prec]}
         bar.set_description(f"{preset} {mode} b{batch} {prec} (check)")
         try:
-            workload = build_workload(preset, mode, batch, prec, seed=a.seed, device=str(device))
+            workload = build_workload(preset, mode, batch, prec, seed=a.seed, device=str(device),
+                                      attention_impl=a.attention_impl)
             base["task"] = workload.preset.task
             base["forward_tol"] = TOLERANCE[prec]
             base["forward_rel_err"] = workload.check()

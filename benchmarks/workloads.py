@@ -14,7 +14,8 @@ The steps are the trainer's own (`train.tasks`): the task's pure JAX step under
   torch under `torch.autocast(dtype=torch.bfloat16)`.
 
 Both frameworks start from the same weights (Flax init, `bridge.flax_to_torch`,
-`load_state_dict(strict=True)`) and get the same batch (`bridge.verify.example_inputs`).
+`load_state_dict(strict=True)`) and get the same batch: the task's `example_batch` to train, the
+preset's `example_inputs` to infer.
 """
 
 from __future__ import annotations
@@ -135,57 +136,48 @@ class _Pieces:
     infer_module: Callable           # torch model -> the module run in eval mode (and compared)
 
 
-def _pieces(preset, f_in, t_in, precision, key, device) -> _Pieces:
+def _pieces(preset, batch_size, seed, precision, key, device, attention_impl="xla") -> _Pieces:
     """The trainer's own pieces for `preset`'s task (`train.tasks`): the JAX state and pure step,
-    the torch `TorchTrainer` and its loss, from the same Flax init."""
+    the torch `TorchTrainer` and its loss, from the same Flax init; the eval forward is the
+    preset's own model (for DDPM the U-Net inside the trained DDPM)."""
     from train.tasks import get_task
     from train.torch_backend import torch_batch, trainer_from_variables
 
     task = get_task(preset)
-    recipe = {**task.defaults, **preset.train}
-    model = task.flax_model(preset)
+    recipe = dict(preset.train)
+    model = task.flax_model(preset, attention_impl)
     init_key, rng = jax.random.split(key)
     args = task.init_args(preset)
     variables = jax.jit(lambda k: model.init(k, *args))(init_key)
-    schedule = steps.warmup_cosine(recipe["lr"], recipe.get("warmup_steps", 0), SCHEDULE_STEPS)
+    schedule = steps.warmup_cosine(recipe["lr"], recipe["warmup_steps"], SCHEDULE_STEPS)
     tx = steps.make_optimizer(schedule, recipe["weight_decay"], recipe["grad_clip"],
                               variables["params"])
     state = task.create_state(model, variables, tx, rng)
     cast = steps.mixed_precision if precision == "bf16" else (lambda f: f)
     state = state.replace(apply_fn=cast(model.apply))
     jax_step = steps.jit_train_step(task.jax_step, **task.step_kwargs(recipe))
-
-    images = np.asarray(f_in[0])
-    if preset.task == "classification":
-        labels = np.random.RandomState(1).randint(0, preset.kwargs["num_classes"], len(images))
-        host = {"image": images, "label": labels.astype(np.int32)}
-        forward, forward_vars, infer = model.apply, variables, (lambda m: m)
-    elif preset.task == "contrastive":
-        host = {"image": images, "tokens": np.asarray(f_in[1], np.int32)}
-        forward, forward_vars, infer = model.apply, variables, (lambda m: m)
-    else:  # diffusion: training is the DDPM loss, inference one U-Net (denoiser) call
-        host = {"image": images}
-        forward = jax_models.create_model(preset).apply
-        forward_vars = {"params": variables["params"]["model"]}
-        infer = lambda ddpm: ddpm.model  # noqa: E731
+    host = task.example_batch(preset, batch_size, seed)
+    forward = jax_models.create_model(preset, attention_impl=attention_impl).apply
     jax_forward = lambda v, *x: cast(forward)(v, *x, train=False)  # noqa: E731
 
     def torch_trainer(precision_):
-        return trainer_from_variables(task, preset, variables, recipe, schedule, precision_, device)
+        return trainer_from_variables(task, preset, variables, recipe, steps.host_schedule(schedule),
+                                      precision_, device)
 
     return _Pieces(state, jax_step, {k: jnp.asarray(v) for k, v in host.items()}, jax_forward,
-                   forward_vars, torch_trainer,
+                   task.preset_variables(variables), torch_trainer,
                    {k: v.to(device) for k, v in torch_batch(host).items()}, task.torch_compile,
-                   infer)
+                   task.preset_module)
 
 
 # ---------------------------------------------------------------------------------------------
 
 
 def build_workload(preset: str | Preset, mode: str, batch_size: int, precision: str = "fp32",
-                   seed: int = 0, device: str | None = None) -> Workload:
+                   seed: int = 0, device: str | None = None, attention_impl: str = "xla") -> Workload:
     """Everything needed to time one row group: the checked forward, a Runner per framework, the
-    model FLOPs. `device`: torch's ('cuda' when available, else 'cpu'); JAX uses its default."""
+    model FLOPs. `device`: torch's ('cuda' when available, else 'cpu'); JAX uses its default and
+    `attention_impl` (`layers.attend`: xla, fused, cudnn)."""
     preset = get_preset(preset) if isinstance(preset, str) else preset
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}; got {mode!r}")
@@ -196,7 +188,7 @@ def build_workload(preset: str | Preset, mode: str, batch_size: int, precision: 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     t_in, f_in = example_inputs(preset, batch_size, seed)
     t_in = tuple(x.to(device) for x in t_in)
-    pieces = _pieces(preset, f_in, t_in, precision, jax.random.key(seed), device)
+    pieces = _pieces(preset, batch_size, seed, precision, jax.random.key(seed), device, attention_impl)
     amp = (lambda m: Autocast(m, device.type)) if precision == "bf16" else (lambda m: m)
     jax_forward = jax.jit(pieces.jax_forward)
 

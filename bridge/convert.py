@@ -32,7 +32,7 @@ _LIST_ENTRY = re.compile(r"^(.*)_(\d+)$")
 class WeightMismatchError(ValueError):
     """A state dict does not fit the model; the message lists every problem at once."""
 
-    def __init__(self, missing=(), unexpected=(), shapes=(), buffers=()):
+    def __init__(self, missing=(), unexpected=(), shapes=(), buffers=(), target: str = "the Flax model"):
         self.missing, self.unexpected, self.shapes, self.buffers = (
             list(missing), list(unexpected), list(shapes), list(buffers))
         parts = []
@@ -44,7 +44,7 @@ class WeightMismatchError(ValueError):
             parts.append("Shape mismatch: " + "; ".join(self.shapes))
         if self.buffers:
             parts.append("Buffer differs from the value the Flax model computes: " + "; ".join(self.buffers))
-        super().__init__("Error(s) in loading state_dict into the Flax model:\n  " + "\n  ".join(parts))
+        super().__init__(f"Error(s) in loading state_dict into {target}:\n  " + "\n  ".join(parts))
 
 
 def to_numpy(x: Any) -> np.ndarray:
@@ -164,6 +164,10 @@ def torch_to_flax(state_dict: Mapping[str, Any], flax_model, *example_inputs, rn
                         if not np.allclose(mine, array, rtol=buffer_rtol, atol=0):
                             err = np.max(np.abs(mine.astype(np.float64) - array.astype(np.float64)))
                             buffers.append(f"{key} (max abs diff {err:.3g})")
+                    elif array.dtype.kind not in "fc" and np.dtype(flat_target[c][path].dtype).kind == "f" \
+                            or array.dtype.kind == "c":
+                        shapes.append(f"{key}: torch dtype {array.dtype} where the Flax model holds "
+                                      f"{np.dtype(flat_target[c][path].dtype)} (floating-point weights expected)")
                     else:
                         loaded[c][path] = array.astype(flat_target[c][path].dtype)
                 break
@@ -202,6 +206,10 @@ def flax_module_path_to_torch(path: tuple[str, ...]) -> str:
 
 def flax_to_torch(variables: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """A torch `state_dict` (numpy arrays, torch key names) from Flax variables, buffers included."""
+    if not isinstance(variables, Mapping) or "params" not in variables:
+        got = sorted(variables) if isinstance(variables, Mapping) else type(variables).__name__
+        raise ValueError(f"flax_to_torch takes a model's variables {{'params': ..., ['buffers': ...]}}; got {got} "
+                         "(pass model.init(...) or apply's variables, not the params alone)")
     out: dict[str, np.ndarray] = {}
     for c in TRAINED + COMPUTED:
         if c not in variables:

@@ -9,7 +9,6 @@ samplers `sample` (ancestral) and `ddim_sample`, each one compiled loop (`lax.fo
 from __future__ import annotations
 
 import math
-from functools import partial
 from typing import Sequence
 
 import jax
@@ -17,140 +16,10 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
-from .layers import attend, compute_dtype, gelu, torch_linear_init
+from model_math import ddim_timesteps, linear_schedule
 
-GN_EPS = 1e-5  # torch's GroupNorm default; flax's is 1e-6
-
-
-def _group_mean(sums, num_groups, n):
-    """(B, C) sums per channel -> (B, 1, C): the mean over n values of each channel's group."""
-    B, C = sums.shape
-    k = C // num_groups
-    return jnp.repeat(sums.reshape(B, num_groups, k).sum(-1), k, axis=-1)[:, None, :] / n
-
-
-def _group_stats(h, num_groups, epsilon):
-    """(normalized h, 1/std) of h (B, HW, C). Two passes; the second also corrects the mean's
-    rounding (m1), which a float32 sum of large values leaves at ~1e-5 of the signal."""
-    n = h.shape[1] * (h.shape[2] // num_groups)
-    d = h - _group_mean(h.sum(1), num_groups, n)
-    m1 = _group_mean(d.sum(1), num_groups, n)
-    rstd = jax.lax.rsqrt(_group_mean(jnp.square(d).sum(1), num_groups, n) - jnp.square(m1) + epsilon)
-    return (d - m1) * rstd, rstd
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def group_normalize(h, num_groups, epsilon):
-    """h (B, HW, C) normalized over each group of contiguous channels and HW. Its backward is
-    written out, (g - mean(g) - y mean(g y)) / std per group: 1.4-1.75x faster on XLA:CPU than
-    the derivative JAX takes through the two passes."""
-    return _group_stats(h, num_groups, epsilon)[0]
-
-
-def _group_normalize_fwd(h, num_groups, epsilon):
-    y, rstd = _group_stats(h, num_groups, epsilon)
-    return y, (y, rstd)
-
-
-def _group_normalize_bwd(num_groups, epsilon, res, g):
-    y, rstd = res
-    n = y.shape[1] * (y.shape[2] // num_groups)
-    return (rstd * (g - _group_mean(g.sum(1), num_groups, n)
-                    - y * _group_mean((g * y).sum(1), num_groups, n)),)
-
-
-group_normalize.defvjp(_group_normalize_fwd, _group_normalize_bwd)
-
-
-class GroupNorm(nn.Module):
-    """Twin of `torch.nn.GroupNorm` on NHWC (params `scale`, `bias`): statistics over each group of
-    contiguous channels and the spatial axes (`group_normalize`). Each pass sums over the spatial
-    axis with the channels minor, then over the channels of a group: on XLA:CPU that is 6x faster
-    than one reduction over (spatial, channels in group). Computed in `compute_dtype` (float32
-    for bfloat16 inputs), returned in the dtype of x, scale and bias."""
-    num_groups: int
-    epsilon: float = GN_EPS
-
-    @nn.compact
-    def __call__(self, x):
-        C = x.shape[-1]
-        if C % self.num_groups:
-            raise ValueError(f"{C} channels do not split into {self.num_groups} groups")
-        scale = self.param("scale", nn.initializers.ones, (C,))
-        bias = self.param("bias", nn.initializers.zeros, (C,))
-        h = x.reshape(x.shape[0], -1, C).astype(compute_dtype(x.dtype))
-        y = group_normalize(h, self.num_groups, self.epsilon).reshape(x.shape)
-        return (y * scale + bias).astype(jnp.result_type(x, scale, bias))
-
-
-MATMUL_CONV_PIXELS = 64  # at or below this many input pixels, a conv is one matmul (see Conv2d)
-
-
-class Conv2d(nn.Module):
-    """Twin of `nn.Conv2d(in, features, kernel, stride, padding)` on NHWC, with `nn.Conv`'s params
-    (`kernel` (k, k, in, out), `bias`) and init. A 1x1 conv is a matmul; so is a conv over at most
-    `MATMUL_CONV_PIXELS` pixels, over the k*k shifted views (im2col): XLA:CPU's convolution takes
-    0.2-1.2 s for a 3x3 over the U-Net's 2x2x1024 bottleneck (batch 16), the matmul ~10 ms."""
-    features: int
-    kernel_size: int
-    stride: int = 1
-    padding: int = 0
-
-    @nn.compact
-    def __call__(self, x):
-        k, s, p = self.kernel_size, self.stride, self.padding
-        kernel = self.param("kernel", torch_linear_init, (k, k, x.shape[-1], self.features))
-        bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias)
-        B, H, W, C = x.shape
-        if k == 1 and s == 1 and p == 0:
-            return x @ kernel[0, 0] + bias
-        if H * W > MATMUL_CONV_PIXELS:
-            y = jax.lax.conv_general_dilated(x, kernel, (s, s), ((p, p), (p, p)),
-                                             dimension_numbers=("NHWC", "HWIO", "NHWC"))
-            return y + bias
-        Ho, Wo = (H + 2 * p - k) // s + 1, (W + 2 * p - k) // s + 1
-        xp = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-        views = [xp[:, i:i + s * (Ho - 1) + 1:s, j:j + s * (Wo - 1) + 1:s] for i in range(k) for j in range(k)]
-        return jnp.concatenate(views, axis=-1) @ kernel.reshape(k * k * C, self.features) + bias
-
-
-def conv(features, kernel, stride=1, padding=0, name=None):
-    """Twin of `nn.Conv2d(in, features, kernel, stride, padding)`."""
-    return Conv2d(features, kernel, stride, padding, name=name)
-
-
-class ConvTranspose2d(nn.Module):
-    """Twin of `torch.nn.ConvTranspose2d` on NHWC. The parameter is torch's own `weight`
-    (in, out, kh, kw), so the bridge carries it as is: the transposed convolution is the input
-    dilated by `stride`, padded by k - 1 - padding, convolved with the spatially flipped kernel;
-    when kernel == stride (no padding) each input pixel paints its own output patch: one matmul,
-    without the dilated zeros (the U-Net's case)."""
-    in_channels: int
-    out_channels: int
-    kernel_size: int
-    stride: int = 1
-    padding: int = 0
-    output_padding: int = 0
-
-    @nn.compact
-    def __call__(self, x):
-        k, s, p = self.kernel_size, self.stride, self.padding
-        bound = 1 / math.sqrt(self.out_channels * k * k)  # torch's fan_in for (in, out, kh, kw)
-        init = lambda key, shape: jax.random.uniform(key, shape, jnp.float32, -bound, bound)
-        weight = self.param("weight", init, (self.in_channels, self.out_channels, k, k))
-        bias = self.param("bias", init, (self.out_channels,))
-        lo, hi = k - 1 - p, k - 1 - p + self.output_padding
-        x, weight, bias = nn.dtypes.promote_dtype(x, weight, bias)
-        if k == s and p == 0 and self.output_padding == 0:  # patches that don't overlap: one matmul
-            B, H, W, _ = x.shape
-            y = jnp.einsum("bhwi,ioac->bhawco", x, weight).reshape(B, H * s, W * s, self.out_channels)
-            return y + bias
-        y = jax.lax.conv_general_dilated(
-            x, weight[:, :, ::-1, ::-1], window_strides=(1, 1), padding=((lo, hi), (lo, hi)),
-            lhs_dilation=(s, s), dimension_numbers=("NHWC", "IOHW", "NHWC"))
-        return y + bias
-
+from .layers import (ConvTranspose2d, GroupNorm, attend, compute_dtype, conv, gelu,  # noqa: F401
+                     torch_linear_init)
 
 class SinusoidalPositionEmbeddings(nn.Module):
     """(B,) timesteps -> (B, dim): [sin(t w_i), cos(t w_i)], w_i = 10000^(-i / (dim/2 - 1))."""
@@ -270,32 +139,6 @@ class UNet(nn.Module):
             in_ch = f
 
         return _NormActConv(self.out_channels, name="final_conv")(x)
-
-
-def linear_schedule(timesteps, beta_start, beta_end) -> dict[str, np.ndarray]:
-    """The source's schedule, float32: computed in float64 and rounded once, as the torch twin does."""
-    i = np.arange(timesteps, dtype=np.float64)
-    betas = beta_start + (beta_end - beta_start) * i / max(timesteps - 1, 1)
-    alphas = 1 - betas
-    alphas_cumprod = np.cumprod(alphas)
-    alphas_cumprod_prev = np.concatenate([np.ones(1), alphas_cumprod[:-1]])
-    s = dict(
-        betas=betas,
-        alphas=alphas,
-        alphas_cumprod=alphas_cumprod,
-        alphas_cumprod_prev=alphas_cumprod_prev,
-        sqrt_alphas_cumprod=np.sqrt(alphas_cumprod),
-        sqrt_one_minus_alphas_cumprod=np.sqrt(1 - alphas_cumprod),
-        posterior_variance=betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod),
-    )
-    return {k: v.astype(np.float32) for k, v in s.items()}
-
-
-def ddim_timesteps(timesteps, steps):
-    """`steps` timesteps spread evenly over [0, timesteps - 1], both ends included, descending."""
-    if steps == 1:
-        return [timesteps - 1]
-    return [round(i * (timesteps - 1) / (steps - 1)) for i in reversed(range(steps))]
 
 
 def _b(v):

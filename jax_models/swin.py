@@ -15,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
+from model_math import check_resolution, effective_window, relative_position_index, shifted_window_mask
+
 from .layers import LN_EPS, DropPath, Mlp, PatchEmbedding, attend, trunc_normal_02
 
 
@@ -30,40 +32,6 @@ def window_reverse(windows, window_size, H, W):
     C = windows.shape[-1]
     x = windows.reshape(-1, H // window_size, W // window_size, window_size, window_size, C)
     return x.transpose(0, 1, 3, 2, 4, 5).reshape(-1, H, W, C)
-
-
-def relative_position_index(window_size) -> np.ndarray:
-    """(Wh*Ww, Wh*Ww) ints: the row of `relative_position_bias_table` for each pair of tokens."""
-    coords = np.stack(np.meshgrid(np.arange(window_size[0]), np.arange(window_size[1]),
-                                  indexing="ij")).reshape(2, -1)
-    rel = (coords[:, :, None] - coords[:, None, :]).transpose(1, 2, 0)
-    return (rel[..., 0] + window_size[0] - 1) * (2 * window_size[1] - 1) + rel[..., 1] + window_size[1] - 1
-
-
-def shifted_window_mask(H, W, window_size, shift_size) -> np.ndarray:
-    """(nW, N, N) float32: -100 between tokens of one window that came from different regions of
-    the cyclically shifted image, 0 elsewhere (N = window_size**2)."""
-    img = np.zeros((1, H, W, 1), np.float32)
-    cuts = (slice(0, -window_size), slice(-window_size, -shift_size), slice(-shift_size, None))
-    for i, (h, w) in enumerate((h, w) for h in cuts for w in cuts):
-        img[:, h, w, :] = i
-    regions = np.asarray(window_partition(img, window_size)).reshape(-1, window_size * window_size)
-    diff = regions[:, None, :] - regions[:, :, None]
-    return np.where(diff != 0, -100.0, 0.0).astype(np.float32)
-
-
-def effective_window(input_resolution, window_size, shift_size):
-    """(window, shift) of a block: a window as large as the map replaces a larger one, unshifted."""
-    if min(input_resolution) <= window_size:
-        return min(input_resolution), 0
-    return window_size, shift_size
-
-
-def check_resolution(input_resolution, window_size, owner):
-    H, W = input_resolution
-    if H % window_size or W % window_size:
-        raise ValueError(f"{owner}: input resolution {H}x{W} is not divisible by window_size "
-                         f"{window_size}; choose image_size / patch_size / 2**stage divisible by it")
 
 
 class WindowAttention(nn.Module):

@@ -1,12 +1,17 @@
-"""The parity harness every family's tests use: forward, gradients and an AdamW trajectory.
+"""The parity harness every test uses: forward, gradients and an AdamW trajectory, each with one
+error metric and one tolerance (`bridge.verify`'s).
 
-Errors are relative to the largest magnitude of the reference (torch) value, per leaf.
+Every error is `rel_err`: the largest absolute difference over the largest magnitude of the
+reference (torch) value, per leaf; a trajectory's loss error is relative to its largest loss.
 Gradients and weights are compared in torch key names: Flax trees go through
 `bridge.flax_to_torch`, so the fused and transposed layouts are handled by the same rules.
+`check_forward`, `check_gradients` and `check_trajectory` assert the tolerances and return the
+figures they measured.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import gc
 from typing import Callable, Mapping, Sequence
@@ -18,10 +23,7 @@ import optax
 import torch
 
 import bridge
-
-FORWARD_TOL = 1e-5
-GRAD_TOL = 1e-4
-TRAJECTORY_TOL = 1e-4
+from bridge.verify import FORWARD_TOL, GRAD_TOL, TRAJECTORY_TOL  # noqa: F401  (one definition)
 
 
 def rel_err(ref, got) -> float:
@@ -49,14 +51,37 @@ def flax_params_as_torch(params) -> dict[str, np.ndarray]:
     return bridge.flax_to_torch({"params": params})
 
 
-def forward_error(torch_model, flax_model, variables, torch_inputs: Sequence, flax_inputs: Sequence,
-                  to_numpy: Callable = lambda y: y) -> float:
+def as_reference_layout(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
+    """`got` (Flax) in the layout of `ref` (torch): an NHWC image batch becomes NCHW."""
+    got = np.asarray(got)
+    if got.ndim == 4 and got.shape != ref.shape and got.transpose(0, 3, 1, 2).shape == ref.shape:
+        return got.transpose(0, 3, 1, 2)
+    return got
+
+
+def forward_error(torch_model, flax_model, variables, torch_inputs: Sequence, flax_inputs: Sequence) -> float:
+    """The worst `rel_err` over the outputs of both models in eval mode; the outputs must pair up
+    one to one (a missing or extra output is an error, not a pass)."""
     torch_model.eval()
     with torch.no_grad():
         ref = torch_model(*torch_inputs)
     got = flax_model.apply(variables, *flax_inputs)
     refs, gots = jax.tree_util.tree_leaves(ref), jax.tree_util.tree_leaves(got)
-    return max(rel_err(to_numpy(r.numpy()), np.asarray(g)) for r, g in zip(refs, gots))
+    assert len(refs) == len(gots), f"torch gives {len(refs)} outputs, Flax {len(gots)}"
+    return max(rel_err(r.numpy(), as_reference_layout(r.numpy(), g)) for r, g in zip(refs, gots, strict=True))
+
+
+@contextlib.contextmanager
+def precision(float64: bool):
+    """Both frameworks in float64 (JAX's x64, torch's default dtype) or as they are."""
+    default = torch.get_default_dtype()
+    with jax.enable_x64(float64):
+        if float64:
+            torch.set_default_dtype(torch.float64)
+        try:
+            yield
+        finally:
+            torch.set_default_dtype(default)
 
 
 def _in_float64(torch_model, variables, torch_batch, flax_batch):
@@ -75,7 +100,7 @@ def gradient_errors(torch_model, flax_model, variables, torch_loss: Callable, fl
     of zero may take the other side of the kink in the other framework, which changes that
     unit's gradient wholesale; in float64 no such tie is left at these sizes.
     """
-    with jax.enable_x64(float64):
+    with precision(float64):
         if float64:
             torch_model, variables, torch_batch, flax_batch = _in_float64(
                 torch_model, variables, torch_batch, flax_batch)
@@ -125,6 +150,13 @@ def adamw_trajectories(torch_model, flax_model, variables, torch_loss: Callable,
     float64 differs as much). Final weights are therefore held to the tolerance in float64,
     where that noise is gone and any difference in the model or the optimizer remains.
     """
+    with precision(float64):
+        return _adamw_trajectories(torch_model, flax_model, variables, torch_loss, flax_loss, torch_batches,
+                                   flax_batches, lr, betas, eps, weight_decay, float64)
+
+
+def _adamw_trajectories(torch_model, flax_model, variables, torch_loss, flax_loss, torch_batches,
+                        flax_batches, lr, betas, eps, weight_decay, float64):
     if float64:
         torch_model = torch_model.double()
         torch_batches = [tuple(t.double() if t.is_floating_point() else t for t in b) for b in torch_batches]
@@ -142,52 +174,76 @@ def adamw_trajectories(torch_model, flax_model, variables, torch_loss: Callable,
     torch_model.zero_grad(set_to_none=True)
     gc.collect()
 
-    with jax.enable_x64(float64):
-        cast = ((lambda t: jnp.asarray(t, jnp.float64) if jnp.issubdtype(t.dtype, jnp.floating) else t)
-                if float64 else jnp.asarray)
-        if float64:
-            flax_batches = [jax.tree_util.tree_map(cast, b) for b in flax_batches]
-        tx = optax.adamw(lr, b1=betas[0], b2=betas[1], eps=eps, weight_decay=weight_decay)
-        params = jax.tree_util.tree_map(lambda t: jnp.array(cast(t), copy=True), variables["params"])
-        variables = {k: jax.tree_util.tree_map(cast, v) for k, v in variables.items() if k != "params"}
-        opt_state = tx.init(params)
+    cast = ((lambda t: jnp.asarray(t, jnp.float64) if jnp.issubdtype(t.dtype, jnp.floating) else t)
+            if float64 else jnp.asarray)
+    if float64:
+        flax_batches = [jax.tree_util.tree_map(cast, b) for b in flax_batches]
+    tx = optax.adamw(lr, b1=betas[0], b2=betas[1], eps=eps, weight_decay=weight_decay)
+    params = jax.tree_util.tree_map(lambda t: jnp.array(cast(t), copy=True), variables["params"])
+    variables = {k: jax.tree_util.tree_map(cast, v) for k, v in variables.items() if k != "params"}
+    opt_state = tx.init(params)
 
-        @functools.partial(jax.jit, donate_argnums=(0, 1))
-        def step(params, opt_state, batch):
-            loss, grads = jax.value_and_grad(flax_loss)(params, variables, batch)
-            updates, opt_state = tx.update(grads, opt_state, params)
-            return optax.apply_updates(params, updates), opt_state, loss
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, opt_state, batch):
+        loss, grads = jax.value_and_grad(flax_loss)(params, variables, batch)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
 
-        losses_f = []
-        for batch in flax_batches:
-            params, opt_state, loss = step(params, opt_state, batch)
-            losses_f.append(float(loss))
-        final_f = flax_params_as_torch(params)
+    losses_f = []
+    for batch in flax_batches:
+        params, opt_state, loss = step(params, opt_state, batch)
+        losses_f.append(float(loss))
+    final_f = flax_params_as_torch(params)
     return np.array(losses_t), np.array(losses_f), torch_params(torch_model), final_f
 
 
-def classification_losses(flax_model):
-    """Cross-entropy of a classifier in both frameworks; batches are (images, integer labels)."""
-
-    def torch_loss(model, batch):
-        x, y = batch
-        return torch.nn.functional.cross_entropy(model(x), y)
-
-    def flax_loss(params, variables, batch):
-        x, y = batch
-        logits = flax_model.apply({**variables, "params": params}, x)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    return torch_loss, flax_loss
+def check_forward(torch_model, flax_model, variables, torch_inputs, flax_inputs, label: str) -> float:
+    err = forward_error(torch_model, flax_model, variables, torch_inputs, flax_inputs)
+    print(f"{label}: forward rel err {err:.2e}")
+    assert err <= FORWARD_TOL, f"{label}: forward rel err {err:.3e} > {FORWARD_TOL:g}"
+    return err
 
 
-def image_batches(n, batch_size, nchw_shape, num_classes, seed=0):
-    """`n` batches of N(0,1) images and random labels: (torch batches NCHW, flax batches NHWC)."""
-    rs = np.random.RandomState(seed)
-    tb, fb = [], []
-    for _ in range(n):
-        x = rs.standard_normal((batch_size, *nchw_shape)).astype(np.float32)
-        y = rs.randint(0, num_classes, size=batch_size)
-        tb.append((torch.from_numpy(x), torch.from_numpy(y)))
-        fb.append((jnp.asarray(x.transpose(0, 2, 3, 1)), jnp.asarray(y)))
-    return tb, fb
+def check_gradients(torch_model, flax_model, variables, losses, torch_batch, flax_batch, label: str,
+                    float64=False) -> tuple[str, float]:
+    """Every gradient leaf within GRAD_TOL, the loss within FORWARD_TOL; (worst key, its error)."""
+    torch_loss, flax_loss = losses
+    errs, loss_t, loss_f = gradient_errors(torch_model, flax_model, variables, torch_loss, jax.jit(flax_loss),
+                                           torch_batch, flax_batch, float64=float64)
+    worst = max(errs, key=errs.get)
+    print(f"{label}: worst gradient {worst} {errs[worst]:.2e}, loss rel err {abs(loss_t - loss_f) / abs(loss_t):.2e}")
+    assert abs(loss_t - loss_f) <= FORWARD_TOL * abs(loss_t), f"{label}: losses {loss_t} vs {loss_f}"
+    assert errs[worst] <= GRAD_TOL, f"{label}: gradient of {worst} rel err {errs[worst]:.3e} > {GRAD_TOL:g}"
+    return worst, errs[worst]
+
+
+def check_trajectory(torch_model, flax_model, variables, losses, torch_batches, flax_batches, label: str,
+                     lr: float, weight_decay: float, float64=False, falls=False, xfail_if=None) -> dict:
+    """20 AdamW steps (or as many as batches) in both frameworks: the losses within
+    TRAJECTORY_TOL relative to the largest loss; in float64 the final weights too (see
+    `adamw_trajectories`). `falls`: the loss must also fall (last 4 steps' mean below the first 4's).
+    `xfail_if(loss_err) -> reason or None` turns a miss into an xfail with a stated reason."""
+    import pytest
+
+    torch_loss, flax_loss = losses
+    w_0 = torch_params(torch_model)
+    losses_t, losses_f, w_t, w_f = adamw_trajectories(
+        torch_model, flax_model, variables, torch_loss, jax.jit(flax_loss), torch_batches, flax_batches,
+        lr=lr, weight_decay=weight_decay, float64=float64)
+    loss_err = rel_err(losses_t, losses_f)
+    _, moved = worst_leaf(w_0, {k: v.astype(w_0[k].dtype) for k, v in w_t.items()})
+    out = {"loss_err": loss_err, "moved": moved}
+    print(f"{label}: losses {np.round(losses_t[[0, -1]], 4).tolist()}, trajectory loss rel err {loss_err:.2e}")
+    assert moved > 100 * TRAJECTORY_TOL, f"{label}: the weights moved only {moved:.2e}"
+    if falls:
+        assert losses_t[-4:].mean() < losses_t[:4].mean(), f"{label}: the loss did not fall: {losses_t}"
+    reason = xfail_if(loss_err) if xfail_if and loss_err > TRAJECTORY_TOL else None
+    if reason:
+        pytest.xfail(reason)
+    assert loss_err <= TRAJECTORY_TOL, f"{label}: loss rel err {loss_err:.3e} > {TRAJECTORY_TOL:g}"
+    if float64:
+        key, w_err = worst_leaf(w_t, w_f)
+        out["weights_err"] = w_err
+        print(f"{label}: final weight {key} rel err {w_err:.2e}")
+        assert w_err <= TRAJECTORY_TOL, f"{label}: final weight {key} rel err {w_err:.3e}"
+    return out

@@ -1,5 +1,6 @@
-"""Parity of the Swin Transformer twins: the source's block (shifted and not) and the whole model:
-forward, gradients, an AdamW trajectory, the buffers through the bridge, and the errors."""
+"""What is Swin's own: the source's block (shifted and not) against ours and between the frameworks
+(forward, gradients, an AdamW trajectory), the buffers through the bridge, window partition, drop
+path, and the errors. The whole presets are in `test_presets.py`."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 import bridge
+import model_math
 import jax_models
 import torch_reference
 from jax_models import swin as jswin
@@ -24,8 +26,6 @@ from torch_reference import swin as tswin
 # stage 1 at 4x4 (one window: unshifted, no mask).
 TINY = with_overrides(dataclasses.replace(get_preset("swin-digits"), name="swin-tiny-test", image_size=16),
                       image_size=16, patch_size=2, embed_dim=16, depths=(2, 2), num_heads=(2, 4), drop_path_rate=0.0)
-MODELS = [TINY, pytest.param(with_overrides(get_preset("swin-t"), drop_path_rate=0.0), marks=pytest.mark.slow)]
-MODEL_IDS = ["tiny", "swin-t"]
 SHIFTS = pytest.mark.parametrize("shift", [0, 2], ids=["unshifted", "shifted"])
 BLOCK = dict(dim=16, input_resolution=(8, 8), num_heads=2, window_size=4)
 
@@ -59,51 +59,11 @@ def block_losses(fm):
         x, y = batch
         return ((model(x) - y) ** 2).mean()
 
-    @jax.jit
     def flax_loss(params, variables, batch):
         x, y = batch
         return ((fm.apply({**variables, "params": params}, x) - y) ** 2).mean()
 
     return torch_loss, flax_loss
-
-
-_WEIGHTS = {}
-
-
-def _model_weights(preset):
-    if preset.name not in _WEIGHTS:
-        torch.manual_seed(0)
-        tm = torch_reference.create_model(preset)
-        fm = jax_models.create_model(preset)
-        x = jnp.zeros((1, *preset.input_shape_nhwc))
-        _WEIGHTS[preset.name] = tm.state_dict(), fm, bridge.torch_to_flax(tm.state_dict(), fm, x)
-    return _WEIGHTS[preset.name]
-
-
-def model_twins(preset, batch_size=2, seed=0):
-    """Like `block_twins` for a whole model, with a batch of images and labels."""
-    sd, fm, variables = _model_weights(preset)
-    tm = torch_reference.create_model(preset)
-    tm.load_state_dict(sd, strict=True)
-    tb, fb = harness.image_batches(1, batch_size, preset.input_shape_nchw, preset.kwargs["num_classes"], seed)
-    return tm, fm, variables, tb[0], fb[0]
-
-
-def jit_classification_losses(fm):
-    torch_loss, flax_loss = harness.classification_losses(fm)
-    return torch_loss, jax.jit(flax_loss)
-
-
-def check_trajectory(tm, fm, variables, losses, tb, fb, float64, falls=True):
-    torch_loss, flax_loss = losses
-    losses_t, losses_f, w_t, w_f = harness.adamw_trajectories(
-        tm, fm, variables, torch_loss, flax_loss, tb, fb, lr=1e-3, weight_decay=0.05, float64=float64)
-    loss_err = np.max(np.abs(losses_t - losses_f) / np.abs(losses_t))
-    assert losses_t[-1] < losses_t[0] or not falls, "20 steps on fixed batches should lower the loss"
-    assert loss_err <= harness.TRAJECTORY_TOL, f"loss rel err {loss_err:.3e}"
-    if float64:
-        key, w_err = harness.worst_leaf(w_t, w_f)
-        assert w_err <= harness.TRAJECTORY_TOL, f"final weight {key} rel err {w_err:.3e}"
 
 
 # --- the block ------------------------------------------------------------------------------
@@ -142,18 +102,14 @@ def test_source_window_attention_loads_strictly(window):
 @SHIFTS
 def test_block_forward(shift):
     tm, fm, variables, xt, xf = block_twins(shift)
-    err = harness.forward_error(tm, fm, variables, [xt], [xf])
-    assert err <= harness.FORWARD_TOL, f"forward rel err {err:.3e}"
+    harness.check_forward(tm, fm, variables, [xt], [xf], f"block shift {shift}")
 
 
 @SHIFTS
 def test_block_gradients(shift):
     tm, fm, variables, _, _ = block_twins(shift)
     tb, fb = block_batches(1)
-    errs, loss_t, loss_f = harness.gradient_errors(tm, fm, variables, *block_losses(fm), tb[0], fb[0])
-    worst = max(errs, key=errs.get)
-    assert abs(loss_t - loss_f) <= harness.FORWARD_TOL * abs(loss_t)
-    assert errs[worst] <= harness.GRAD_TOL, f"gradient of {worst} rel err {errs[worst]:.3e}"
+    harness.check_gradients(tm, fm, variables, block_losses(fm), tb[0], fb[0], f"block shift {shift}")
 
 
 @pytest.mark.parametrize("float64", [False, True], ids=["float32", "float64"])
@@ -161,37 +117,11 @@ def test_block_gradients(shift):
 def test_block_adamw_trajectory(shift, float64):
     tm, fm, variables, _, _ = block_twins(shift)
     tb, fb = block_batches(20)
-    check_trajectory(tm, fm, variables, block_losses(fm), tb, fb, float64)
+    harness.check_trajectory(tm, fm, variables, block_losses(fm), tb, fb, f"block shift {shift}", lr=1e-3,
+                             weight_decay=0.05, float64=float64, falls=True)
 
 
 # --- the whole model ------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("preset", MODELS, ids=MODEL_IDS)
-def test_forward(preset):
-    tm, fm, variables, (xt, _), (xf, _) = model_twins(preset)
-    err = harness.forward_error(tm, fm, variables, [xt], [xf])
-    assert err <= harness.FORWARD_TOL, f"forward rel err {err:.3e}"
-
-
-@pytest.mark.parametrize("preset", MODELS, ids=MODEL_IDS)
-def test_gradients(preset):
-    tm, fm, variables, tbatch, fbatch = model_twins(preset, batch_size=4)
-    errs, loss_t, loss_f = harness.gradient_errors(tm, fm, variables, *jit_classification_losses(fm),
-                                                   tbatch, fbatch)
-    worst = max(errs, key=errs.get)
-    assert abs(loss_t - loss_f) <= harness.FORWARD_TOL * abs(loss_t)
-    assert errs[worst] <= harness.GRAD_TOL, f"gradient of {worst} rel err {errs[worst]:.3e}"
-
-
-@pytest.mark.parametrize("float64", [False, True], ids=["float32", "float64"])
-@pytest.mark.parametrize("preset", MODELS, ids=MODEL_IDS)
-def test_adamw_trajectory(preset, float64):
-    tm, fm, variables, _, _ = model_twins(preset)
-    batch = 8 if preset is TINY else 2
-    tb, fb = harness.image_batches(20, batch, preset.input_shape_nchw, preset.kwargs["num_classes"], seed=1)
-    # at batch 2 with 1000 random classes the loss on each new batch need not fall
-    check_trajectory(tm, fm, variables, jit_classification_losses(fm), tb, fb, float64, falls=preset is TINY)
 
 
 def test_pooled_features_and_flax_export_loads_into_torch():
@@ -232,11 +162,8 @@ def test_converter_reports_a_wrong_buffer(key):
 def test_buffers_match_the_source():
     src = source_architectures.SwinTransformerBlock(dim=8, input_resolution=(12, 12), num_heads=2, window_size=6,
                                           shift_size=3)
-    np.testing.assert_array_equal(tswin.relative_position_index((6, 6)).numpy(),
-                                  src.attn.relative_position_index.numpy())
-    np.testing.assert_array_equal(jswin.relative_position_index((6, 6)), src.attn.relative_position_index.numpy())
-    np.testing.assert_array_equal(jswin.shifted_window_mask(12, 12, 6, 3), src.attn_mask.numpy())
-    np.testing.assert_array_equal(tswin.shifted_window_mask(12, 12, 6, 3).numpy(), src.attn_mask.numpy())
+    np.testing.assert_array_equal(model_math.relative_position_index((6, 6)), src.attn.relative_position_index.numpy())
+    np.testing.assert_array_equal(model_math.shifted_window_mask(12, 12, 6, 3), src.attn_mask.numpy())
 
 
 def test_window_partition_round_trip():
@@ -246,24 +173,6 @@ def test_window_partition_round_trip():
     np.testing.assert_array_equal(w, tswin.window_partition(torch.from_numpy(x), 4).numpy())
     np.testing.assert_array_equal(jswin.window_reverse(w, 4, 8, 12), x)
     np.testing.assert_array_equal(tswin.window_reverse(torch.from_numpy(np.array(w)), 4, 8, 12).numpy(), x)
-
-
-def test_drop_path_only_in_training_and_per_sample():
-    p = 0.3
-    x = np.ones((4000, 5, 2), np.float32)
-    dp = jax_models.layers.DropPath(p)
-    np.testing.assert_array_equal(dp.apply({}, jnp.asarray(x)), x)
-    f = np.asarray(dp.apply({}, jnp.asarray(x), train=True, rngs={"dropout": jax.random.key(0)}))
-    tdp = torch_reference.layers.DropPath(p)
-    np.testing.assert_array_equal(tdp.eval()(torch.from_numpy(x)).numpy(), x)
-    t = tdp.train()(torch.from_numpy(x)).numpy()
-    sigma = np.sqrt(p * (1 - p) / len(x))
-    for out in (f, t):
-        assert np.all(out == out[:, :1, :1])  # whole samples are kept or dropped
-        assert set(np.unique(out)) == {0.0, np.float32(1 / (1 - p))}
-        assert abs(np.mean(out[:, 0, 0] == 0) - p) < 5 * sigma
-    with pytest.raises(Exception, match="dropout"):
-        dp.apply({}, jnp.asarray(x), train=True)
 
 
 def test_drop_path_rates_grow_linearly():
@@ -314,12 +223,3 @@ def test_full_presets_build(name):
     shapes = jax.eval_shape(fm.init, jax.random.key(0), jnp.zeros((1, 224, 224, 3)))
     n = sum(np.prod(s.shape) for s in jax.tree_util.tree_leaves(shapes["params"]))
     assert abs(n / 1e6 - {"swin-t": 28.3, "swin-s": 49.6, "swin-b": 87.8}[name]) < 0.3, n
-
-
-@pytest.mark.parametrize("name", [pytest.param("swin-t", marks=pytest.mark.slow)])
-def test_verify_cli_passes(name, capsys):
-    from bridge.__main__ import main
-
-    assert main(["verify", name, "--batch-size", "1"]) == 0
-    out = capsys.readouterr().out
-    assert "layers.3.blocks.1.attn.qkv" in out and "PASS" in out

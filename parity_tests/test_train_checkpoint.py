@@ -14,7 +14,7 @@ import torch
 
 from bridge import load_safetensors
 from train.checkpoint import CheckpointError
-from train.train import Config, resolve, run
+from train.loop import Config, resolve, run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {"depth": 1, "embed_dim": 16, "num_heads": 2, "patch_size": 8}
@@ -127,10 +127,11 @@ def test_incompatible_checkpoint_is_an_error(finished):
 
 
 def test_shape_mismatch_is_an_error_even_with_matching_records(finished):
-    from train.jax_backend import checkpoint_tree, make_state, open_checkpoints
+    from train.checkpoint import Checkpoints
+    from train.jax_backend import checkpoint_tree, make_state
     other = resolve(_config(finished, steps=3, model_overrides={**TINY, "embed_dim": 32}))
-    state, _ = make_state(other)
-    ckpt = open_checkpoints(other)
+    state = make_state(other)
+    ckpt = Checkpoints(os.path.join(other.workdir, "checkpoints"), other.checkpoint_every)
     try:
         with pytest.raises(CheckpointError, match="could not be restored|does not fit"):
             ckpt.restore(checkpoint_tree(state), run={})

@@ -68,3 +68,52 @@ def test_bf16_trains_over_float32_master_weights(tmp_path, backend):
         assert {v.dtype for v in weights.values() if v.dtype.kind == "f"} == {np.dtype(np.float32)}
     assert losses["bf16"] != losses["fp32"]
     np.testing.assert_allclose(losses["bf16"][0], losses["fp32"][0], rtol=3e-2)
+
+
+def test_mesh_with_fsdp_trains_resumes_and_exports(tmp_path, capsys):
+    """--parallel mesh --fsdp: the run shards over every device, checkpoints the whole state, and a
+    resume from the first checkpoint ends with the weights of the run left alone."""
+    import jax
+    import numpy as np
+
+    from bridge import load_safetensors
+
+    n = jax.device_count()
+    args = ["vit-digits", *TINY_ARGS, "--parallel", "mesh", "--fsdp", "--steps", "2", "--batch-size",
+            str(2 * n), "--checkpoint-every", "1", "--no-progress"]
+    assert main([*args, "--workdir", str(tmp_path / "a"), "--export", str(tmp_path / "a.safetensors")]) == 0
+    summary = json.loads((tmp_path / "a" / "summary.json").read_text())
+    assert summary["parallel"] == "mesh-fsdp" and summary["devices"] == n
+    import shutil
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "2")
+    assert main([*args, "--workdir", str(tmp_path / "b"), "--resume",
+                 "--export", str(tmp_path / "b.safetensors")]) == 0
+    a, b = load_safetensors(tmp_path / "a.safetensors"), load_safetensors(tmp_path / "b.safetensors")
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    rc = main(["vit-digits", *TINY_ARGS, "--fsdp", "--steps", "1", "--no-progress",
+               "--workdir", str(tmp_path / "c")])
+    assert rc == 2 and "--fsdp shards over a mesh" in capsys.readouterr().err
+
+
+def test_compile_cache_makes_the_second_process_warm(tmp_path):
+    """Two processes with the same --compile-cache: the first compiles the step (cold), the second
+    finds it on disk (warm); --no-compile-cache turns it off. summary.json says which."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    summaries = []
+    for name, cache in (("a", ["--compile-cache", str(tmp_path / "cache")]),
+                        ("b", ["--compile-cache", str(tmp_path / "cache")]), ("c", ["--no-compile-cache"])):
+        done = subprocess.run([sys.executable, "-m", "train", "vit-digits", *TINY_ARGS, "--steps", "1",
+                               "--batch-size", "16", "--no-progress", "--workdir", str(tmp_path / name), *cache],
+                              cwd=root, env={**env, "PYTHONPATH": root}, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        summaries.append(json.loads((tmp_path / name / "summary.json").read_text()))
+    cold, warm, off = summaries
+    print(f"first step's compile: cold {cold['compile_seconds']:.2f} s, warm {warm['compile_seconds']:.2f} s")
+    assert (cold["compile_cache"], warm["compile_cache"], off["compile_cache"]) == ("cold", "warm", "off")
+    assert warm["compile_seconds"] < cold["compile_seconds"]

@@ -16,6 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model_math import ddim_timesteps, linear_schedule
+
 
 class SinusoidalPositionEmbeddings(nn.Module):
     """(B,) timesteps -> (B, dim): [sin(t w_i), cos(t w_i)], w_i = 10000^(-i / (dim/2 - 1))."""
@@ -155,33 +157,6 @@ class UNet(nn.Module):
         return self.final_conv(x)
 
 
-def linear_schedule(timesteps, beta_start, beta_end) -> dict[str, torch.Tensor]:
-    """The source's schedule tensors, float32. Computed in float64 and rounded once, so that the
-    Flax twin (same formula in numpy) gets the same bits."""
-    i = torch.arange(timesteps, dtype=torch.float64)
-    betas = beta_start + (beta_end - beta_start) * i / max(timesteps - 1, 1)
-    alphas = 1 - betas
-    alphas_cumprod = torch.cumprod(alphas, dim=0)
-    alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
-    s = dict(
-        betas=betas,
-        alphas=alphas,
-        alphas_cumprod=alphas_cumprod,
-        alphas_cumprod_prev=alphas_cumprod_prev,
-        sqrt_alphas_cumprod=torch.sqrt(alphas_cumprod),
-        sqrt_one_minus_alphas_cumprod=torch.sqrt(1 - alphas_cumprod),
-        posterior_variance=betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod),
-    )
-    return {k: v.float() for k, v in s.items()}
-
-
-def ddim_timesteps(timesteps, steps):
-    """`steps` timesteps spread evenly over [0, timesteps - 1], both ends included, descending."""
-    if steps == 1:
-        return [timesteps - 1]
-    return [round(i * (timesteps - 1) / (steps - 1)) for i in reversed(range(steps))]
-
-
 class DDPM(nn.Module):
     """Denoising Diffusion Probabilistic Model around a noise predictor `model(x_t, t)`."""
 
@@ -190,7 +165,7 @@ class DDPM(nn.Module):
         self.model = model
         self.timesteps = timesteps
         for name, value in linear_schedule(timesteps, beta_start, beta_end).items():
-            self.register_buffer(name, value)
+            self.register_buffer(name, torch.from_numpy(value))
 
     def q_sample(self, x_start, t, noise=None):
         """x_t ~ q(x_t | x_0): sqrt(abar_t) x_0 + sqrt(1 - abar_t) noise."""
@@ -250,7 +225,8 @@ class DDPM(nn.Module):
             img = torch.sqrt(a_prev) * x0 + torch.sqrt(1 - a_prev) * eps
         return img
 
-    def forward(self, x):
-        """The training loss at uniformly drawn timesteps."""
-        t = torch.randint(0, self.timesteps, (x.shape[0],), device=x.device).long()
-        return self.p_losses(x, t)
+    def forward(self, x, t=None, noise=None):
+        """The training loss at uniformly drawn timesteps (or the given `t` and `noise`)."""
+        if t is None:
+            t = torch.randint(0, self.timesteps, (x.shape[0],), device=x.device).long()
+        return self.p_losses(x, t, noise)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from model_math import check_resolution, effective_window, relative_position_index, shifted_window_mask
+
 from .layers import DropPath, Mlp, PatchEmbedding, attend
 
 
@@ -27,40 +29,6 @@ def window_reverse(windows, window_size, H, W):
     return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, H, W, C)
 
 
-def relative_position_index(window_size):
-    """(Wh*Ww, Wh*Ww) int64: the row of `relative_position_bias_table` for each pair of tokens."""
-    coords = torch.stack(torch.meshgrid(torch.arange(window_size[0]), torch.arange(window_size[1]),
-                                        indexing="ij")).flatten(1)
-    rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0)
-    return (rel[..., 0] + window_size[0] - 1) * (2 * window_size[1] - 1) + rel[..., 1] + window_size[1] - 1
-
-
-def shifted_window_mask(H, W, window_size, shift_size):
-    """(nW, N, N) float: -100 between tokens of one window that came from different regions of the
-    cyclically shifted image, 0 elsewhere (N = window_size**2)."""
-    img = torch.zeros(1, H, W, 1)
-    cuts = (slice(0, -window_size), slice(-window_size, -shift_size), slice(-shift_size, None))
-    for i, (h, w) in enumerate((h, w) for h in cuts for w in cuts):
-        img[:, h, w, :] = i
-    regions = window_partition(img, window_size).view(-1, window_size * window_size)
-    diff = regions[:, None, :] - regions[:, :, None]
-    return diff.masked_fill(diff != 0, -100.0).masked_fill(diff == 0, 0.0)
-
-
-def effective_window(input_resolution, window_size, shift_size):
-    """(window, shift) of a block: a window as large as the map replaces a larger one, unshifted."""
-    if min(input_resolution) <= window_size:
-        return min(input_resolution), 0
-    return window_size, shift_size
-
-
-def check_resolution(input_resolution, window_size, owner):
-    H, W = input_resolution
-    if H % window_size or W % window_size:
-        raise ValueError(f"{owner}: input resolution {H}x{W} is not divisible by window_size "
-                         f"{window_size}; choose image_size / patch_size / 2**stage divisible by it")
-
-
 class WindowAttention(nn.Module):
     """Multi-head self-attention inside windows, with a learned relative position bias:
     (B*nW, N, C) -> (B*nW, N, C); `mask` (nW, N, N) is added to the logits (shifted windows)."""
@@ -73,7 +41,7 @@ class WindowAttention(nn.Module):
         self.scale = (dim // num_heads) ** -0.5
         self.relative_position_bias_table = nn.Parameter(
             torch.zeros((2 * window_size[0] - 1) * (2 * window_size[1] - 1), num_heads))
-        self.register_buffer("relative_position_index", relative_position_index(window_size))
+        self.register_buffer("relative_position_index", torch.from_numpy(relative_position_index(window_size)))
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(dim, dim)
@@ -114,7 +82,7 @@ class SwinTransformerBlock(nn.Module):
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout=drop)
-        attn_mask = (shifted_window_mask(*input_resolution, self.window_size, self.shift_size)
+        attn_mask = (torch.from_numpy(shifted_window_mask(*input_resolution, self.window_size, self.shift_size))
                      if self.shift_size > 0 else None)
         self.register_buffer("attn_mask", attn_mask)
 

@@ -1,8 +1,10 @@
-"""Image classification data: the built-in digits, an image folder per class, CIFAR-10 batches.
+"""Data: the built-in digits, an image folder per class, CIFAR-10 batches (and, through their
+tasks, generated scenes with questions or captions, and COCO-style caption files).
 
-Every source becomes an `ArrayDataset` of NHWC float32 images in [-1, 1] and int32 labels, held
-in memory. `batches` walks one epoch in an order fixed by (seed, epoch) and gives each host its
-own share of every global batch; `shard` splits a host's batch over its local devices.
+Every source becomes an `ArrayDataset` of NHWC float32 images in [-1, 1] and int32 labels, with
+any other per-example arrays in `extras` (question tokens, captions), held in memory. `batches`
+walks one epoch in an order fixed by (seed, epoch) and gives each host its own share of every
+global batch; `shard` splits a host's batch over its local devices.
 """
 
 from __future__ import annotations
@@ -26,10 +28,19 @@ class ArrayDataset:
     images: np.ndarray  # (N, H, W, C) float32 in [-1, 1]
     labels: np.ndarray  # (N,) int32
     class_names: tuple[str, ...]
+    extras: dict = dataclasses.field(default_factory=dict)  # name -> (N, ...) array, batched too
 
     def __post_init__(self):
         if len(self.images) != len(self.labels):
             raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+        bad = {k: len(v) for k, v in self.extras.items() if len(v) != len(self.labels)}
+        if bad:
+            raise ValueError(f"{len(self.labels)} examples but extras of lengths {bad}")
+
+    def rows(self, index) -> dict[str, np.ndarray]:
+        """{'image', 'label', *extras} of the examples `index`."""
+        return {"image": self.images[index], "label": self.labels[index],
+                **{k: v[index] for k, v in self.extras.items()}}
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -260,18 +271,17 @@ def batches(data: ArrayDataset, global_batch_size: int, seed: int, epoch: int,
     for b in range(start, steps_per_epoch(len(data), global_batch_size)):
         rows = order[b * global_batch_size:(b + 1) * global_batch_size]
         rows = rows[process_index * local:(process_index + 1) * local]
-        yield {"image": data.images[rows], "label": data.labels[rows]}
+        yield data.rows(rows)
 
 
 def eval_batches(data: ArrayDataset, batch_size: int) -> Iterator[dict[str, np.ndarray]]:
     """The whole set in order, in batches of `batch_size`; the last is padded, with 'mask' 0."""
     for start in range(0, len(data), batch_size):
-        image, label = data.images[start:start + batch_size], data.labels[start:start + batch_size]
-        n = len(label)
+        batch = data.rows(slice(start, start + batch_size))
+        n = len(batch["label"])
         pad = batch_size - n
-        yield {"image": np.pad(image, [(0, pad)] + [(0, 0)] * (image.ndim - 1)),
-               "label": np.pad(label, (0, pad)),
-               "mask": (np.arange(batch_size) < n).astype(np.float32)}
+        batch = {k: np.pad(v, [(0, pad)] + [(0, 0)] * (v.ndim - 1)) for k, v in batch.items()}
+        yield {**batch, "mask": (np.arange(batch_size) < n).astype(np.float32)}
 
 
 def shard(batch: dict[str, np.ndarray], num_devices: int) -> dict[str, np.ndarray]:

@@ -1,11 +1,10 @@
-"""The JAX side of a run: jit on one device or pmap over the local devices."""
+"""The JAX adapter of the training loop (`train.loop`): the task's pure step under jit on one
+device, pmap over the local devices, or jit over a mesh of every device (the batch split on its
+'data' axis; the state replicated, or sharded with --fsdp), the state donated to each step."""
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import os
-import time
 
 import jax
 import jax.numpy as jnp
@@ -13,31 +12,20 @@ import numpy as np
 
 from train import data as data_lib
 from train import steps
-from train.checkpoint import CheckpointError, Checkpoints
-from train.train import MetricsLog, Run, Throughput, export_weights, summary
-
-
-def init_variables(r: Run):
-    """(model, variables, train key): the task's model of `r.preset`, initialised from the run's
-    seed. The torch backend starts from these same weights."""
-    model = r.task.flax_model(r.preset)
-    init_key, train_key = jax.random.split(jax.random.key(r.config.seed))
-    args = r.task.init_args(r.preset)
-    variables = jax.jit(lambda k: model.init(k, *args))(init_key)
-    return model, variables, train_key
+from train.config import Run
+from train.tasks import init_variables
 
 
 def make_state(r: Run):
-    """(state at step 0, learning-rate schedule); under bf16 the state's `apply_fn` computes in
-    bfloat16 over float32 master weights."""
-    model, variables, train_key = init_variables(r)
-    schedule = steps.warmup_cosine(r.recipe["lr"], r.recipe["warmup_steps"], r.total_steps)
-    tx = steps.make_optimizer(schedule, r.recipe["weight_decay"], r.recipe["grad_clip"],
+    """The state at step 0; under bf16 its `apply_fn` computes in bfloat16 over float32 master
+    weights."""
+    model, variables, train_key = init_variables(r.task, r.preset, r.config.seed, r.config.attention_impl)
+    tx = steps.make_optimizer(r.schedule, r.recipe["weight_decay"], r.recipe["grad_clip"],
                               variables["params"])
     state = r.task.create_state(model, variables, tx, train_key)
     if r.config.precision == "bf16":
         state = state.replace(apply_fn=steps.mixed_precision(model.apply, jnp.bfloat16))
-    return state, schedule
+    return state
 
 
 def _array_fields(state) -> list[str]:
@@ -50,7 +38,15 @@ def checkpoint_tree(state: steps.TrainState) -> dict:
     buffers are donated to the next step."""
     tree = {name: getattr(state, name) for name in _array_fields(state)}
     tree["rng"] = jax.random.key_data(tree["rng"])
-    return jax.tree_util.tree_map(np.asarray, jax.device_get(tree))
+    return jax.tree_util.tree_map(_host, tree)
+
+
+def _host(x) -> np.ndarray:
+    """A whole array on this host: FSDP shards held by other processes are gathered first."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+        from jax.experimental import multihost_utils
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
 
 
 def from_checkpoint_tree(state: steps.TrainState, tree: dict) -> steps.TrainState:
@@ -59,121 +55,118 @@ def from_checkpoint_tree(state: steps.TrainState, tree: dict) -> steps.TrainStat
     return state.replace(**fields, rng=jax.random.wrap_key_data(jnp.asarray(tree["rng"])))
 
 
-def open_checkpoints(r: Run) -> Checkpoints:
-    return Checkpoints(os.path.join(r.workdir, "checkpoints"), r.checkpoint_every, r.config.keep)
+class JaxBackend:
+    """jit (one device of one process), pmap (every local device; gradients pmean'd) or mesh
+    (jit over every device of every process; XLA partitions the global batch's step)."""
 
-
-def check_fresh(r: Run, ckpt: Checkpoints):
-    latest = ckpt.latest_step()
-    if latest is not None:
-        raise CheckpointError(f"{ckpt.directory} already holds checkpoints (latest: step "
-                              f"{latest}); pass --resume to continue that run, or pick another "
-                              "--workdir")
-
-
-@contextlib.contextmanager
-def closing_on_error(ckpt: Checkpoints):
-    """Close `ckpt` when the block raises: an unclosed orbax manager's threads outlive the error."""
-    try:
-        yield
-    except BaseException:
-        ckpt.close()
-        raise
-
-
-def check_position(r: Run, meta: dict, step: int):
-    if meta.get("position") != r.position(step):
-        raise CheckpointError(f"checkpoint at step {step} records data position "
-                              f"{meta.get('position')}, expected {r.position(step)}")
-
-
-def train(r: Run) -> dict:
-    cfg, task = r.config, r.task
-    t_start = time.perf_counter()
-    extra = task.setup(r)
-    state, schedule = make_state(r)
-    model = task.flax_model(r.preset)
-    ckpt = open_checkpoints(r)
-    start_step = 0
-    with closing_on_error(ckpt):
-        if cfg.resume:
-            tree, meta = ckpt.restore(checkpoint_tree(state), r.record())
-            state = from_checkpoint_tree(state, tree)
-            start_step = int(state.step)
-            check_position(r, meta, start_step)
+    def __init__(self, r: Run):
+        self.r, self.task = r, r.task
+        self.model = self.task.flax_model(r.preset, r.config.attention_impl)
+        state = make_state(r)
+        self.parallel = r.config.parallel
+        batch_size, processes = r.recipe["batch_size"], jax.process_count()
+        if batch_size % processes:
+            raise ValueError(f"global batch size {batch_size} does not split evenly over "
+                             f"{processes} processes")
+        local_batch = batch_size // processes
+        kwargs = self.task.step_kwargs(r.recipe)
+        if self.parallel == "pmap":
+            n = jax.local_device_count()
+            if local_batch % n:
+                raise ValueError(f"batch size {local_batch} per process does not split evenly over "
+                                 f"{n} local devices ({local_batch} % {n} = {local_batch % n}); "
+                                 f"use a multiple of {n}")
+            self.step_fn = steps.pmap_train_step(self.task.jax_step, **kwargs)
+            self.state = steps.replicate(state)
+            self.put = lambda b: data_lib.shard(b, n)  # noqa: E731
+            self.single = steps.unreplicate
+        elif self.parallel == "mesh":
+            mesh = steps.make_mesh()
+            n = mesh.devices.size // processes
+            if batch_size % mesh.devices.size:
+                raise ValueError(f"global batch size {batch_size} does not split evenly over the "
+                                 f"{mesh.devices.size} devices of the mesh ({batch_size} % "
+                                 f"{mesh.devices.size} = {batch_size % mesh.devices.size}); use a "
+                                 f"multiple of {mesh.devices.size}")
+            self.shardings = steps.state_shardings(state, mesh, r.config.fsdp)
+            self.step_fn = steps.mesh_train_step(self.task.jax_step, mesh, self.shardings, **kwargs)
+            self.state = steps.put_state(state, self.shardings)
+            self.put = lambda b: steps.put_batch(b, mesh)  # noqa: E731
+            self.single = lambda s: s  # noqa: E731
+            self.parallel = "mesh-fsdp" if r.config.fsdp else "mesh"
         else:
-            check_fresh(r, ckpt)
+            if processes > 1:
+                raise ValueError("--parallel jit trains on one device of one process; use "
+                                 "--parallel pmap with several processes")
+            n = 1
+            self.step_fn = steps.jit_train_step(self.task.jax_step, **kwargs)
+            self.state = state
+            self.put = lambda b: b  # noqa: E731
+            self.single = lambda s: s  # noqa: E731
+        self.devices = n * processes
+        # Fake CPU devices share one small thread pool: a pmap step dispatched while the last one
+        # still runs can hold the threads its peers need to reach the all-reduce, and hang.
+        self.sync_each_step = self.parallel != "jit" and jax.default_backend() == "cpu"
+        self.compiled = None   # {'seconds', 'cache'} once the step is compiled
 
-    local_batch = r.recipe["batch_size"] // jax.process_count()
-    if r.recipe["batch_size"] % jax.process_count():
-        raise ValueError(f"global batch size {r.recipe['batch_size']} does not split evenly over "
-                         f"{jax.process_count()} processes")
-    kwargs = task.step_kwargs(r.recipe)
-    if cfg.parallel == "pmap":
-        n_dev = jax.local_device_count()
-        if local_batch % n_dev:
-            raise ValueError(f"batch size {local_batch} per process does not split evenly over "
-                             f"{n_dev} local devices ({local_batch} % {n_dev} = "
-                             f"{local_batch % n_dev}); use a multiple of {n_dev}")
-        train_fn = steps.pmap_train_step(task.jax_step, **kwargs)
-        dstate = steps.replicate(state)
-        put = lambda b: data_lib.shard(b, n_dev)  # noqa: E731
-        single = steps.unreplicate
-    else:
+    def compile(self, batch):
+        """The step compiled ahead of time for this state and batch: its compile time and whether
+        the persistent cache held it go into the summary. Several processes then meet at a barrier
+        (their first collective must find every peer within 30 s)."""
+        import time
+
+        from jax_models import compile_cache
+
+        hits, t0 = compile_cache.stats()["hits"], time.perf_counter()
+        compiled = self.step_fn.lower(self.state, batch).compile()
+        self.compiled = {"seconds": time.perf_counter() - t0,
+                         "cache": "warm" if compile_cache.stats()["hits"] > hits else "cold"}
         if jax.process_count() > 1:
-            raise ValueError("--parallel jit trains on one device of one process; use --parallel "
-                             "pmap with several processes")
-        n_dev = 1
-        train_fn = steps.jit_train_step(task.jax_step, **kwargs)
-        dstate = state
-        put = lambda b: b  # noqa: E731
-        single = lambda s: s  # noqa: E731
-    # Fake CPU devices share one small thread pool: a pmap step dispatched while the last one
-    # still runs can hold the threads its peers need to reach the all-reduce, and hang.
-    sync_each_step = cfg.parallel == "pmap" and jax.default_backend() == "cpu"
+            from train import distributed
+            distributed.barrier("train_first_step")
+        return compiled
 
-    def save(step, force=False):
-        if force or (ckpt.every and step % ckpt.every == 0):
-            ckpt.save(step, checkpoint_tree(single(dstate)),
-                      {**r.record(), "position": r.position(step)}, force=True)
+    def info(self) -> dict:
+        """What the summary reports of this backend beyond the task's figures."""
+        return {"compile_seconds": (self.compiled or {}).get("seconds"),
+                "compile_cache": (self.compiled or {}).get("cache") if jax.config.jax_compilation_cache_dir
+                else "off"}
 
-    def host_metrics(metrics):
+    def state_tree(self) -> dict:
+        return checkpoint_tree(self.single(self.state))
+
+    def load_state_tree(self, tree: dict) -> int:
+        state = from_checkpoint_tree(self.single(self.state), tree)
+        if self.parallel == "pmap":
+            self.state = steps.replicate(state)
+        elif self.parallel.startswith("mesh"):
+            self.state = steps.put_state(state, self.shardings)
+        else:
+            self.state = state
+        return int(state.step)
+
+    def step(self, batch: dict):
+        batch = self.put(batch)
+        if self.compiled is None:
+            self.step_fn = self.compile(batch)
+        self.state, metrics = self.step_fn(self.state, batch)
+        if self.sync_each_step:
+            jax.block_until_ready(metrics)
+        return metrics
+
+    def read(self, metrics) -> dict:
         m = jax.device_get(metrics)
-        if cfg.parallel == "pmap":
+        if self.parallel == "pmap":
             m = jax.tree_util.tree_map(lambda x: x[0], m)
         return {k: float(v) for k, v in m.items()}
 
-    log = MetricsLog(r.workdir, r.total_steps, start_step, cfg.progress, ("loss", *task.report))
-    speed = Throughput()
-    step, metrics, last_eval = start_step, None, {}
-    try:
-        for step, batch in r.batches_from(start_step):
-            dstate, metrics = train_fn(dstate, put(task.batch(batch, step, r)))
-            if sync_each_step:
-                jax.block_until_ready(metrics)
-            speed.tick(r.recipe["batch_size"])
-            done = step + 1
-            if done % cfg.log_every == 0 or done == r.total_steps:
-                log.write({"step": done, "epoch": done / r.steps_per_epoch,
-                           **host_metrics(metrics), "lr": float(schedule(step)),
-                           "examples_per_second": speed.window_rate()})
-            if r.eval_every and done % r.eval_every == 0 and done != r.total_steps:
-                log.write({"step": done, **task.jax_evaluate(model, single(dstate), r)})
-            save(done)
-            step = done
-        final = host_metrics(metrics) if metrics is not None else None
-        state = single(dstate)
-        last_eval = task.jax_evaluate(model, state, r)
-        log.write({"step": step, **last_eval})
-        save(step, force=True)
-    finally:
-        ckpt.close()
-        log.close(step)
-    extra.update(task.jax_finish(model, state, r))
+    def evaluate(self) -> dict:
+        return self.task.jax_evaluate(self.model, self.single(self.state), self.r)
 
-    export = export_weights(cfg.export, task.jax_export(state)) if cfg.export else None
-    return summary(
-        r, final_metrics=final, eval_metrics=last_eval, extra=extra, step=step,
-        throughput=speed.rate(), devices=n_dev * jax.process_count(), parallel=cfg.parallel,
-        wall=time.perf_counter() - t_start, checkpoint_dir=ckpt.directory, export=export,
-        start_step=start_step)
+    def finish(self) -> dict:
+        return self.task.jax_finish(self.model, self.single(self.state), self.r)
+
+    def export(self) -> dict:
+        """Every process gathers the whole state (FSDP shards included); process 0 writes it."""
+        keep = lambda x: x if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else _host(x)  # noqa: E731
+        return self.task.jax_export(jax.tree_util.tree_map(keep, self.single(self.state)))

@@ -1,13 +1,15 @@
-"""TrainState, optimizer and the pure classification steps, with thin jit and pmap wrappers.
+"""TrainState, the recipe (schedule, weight-decay mask, AdamW), the one gradient step every
+task's pure step is built on, and the thin jit and pmap wrappers.
 
-`train_step(state, batch, rng) -> (state, metrics)` knows nothing of devices; given an
-`axis_name` it averages gradients and metrics over that axis with `lax.pmean` and folds the
-device index into the dropout key. `jit_train_step` and `pmap_train_step` wrap it.
+A task's step `(state, batch, rng, *, axis_name=None, **kw) -> (state, metrics)` knows nothing
+of devices: it hands its loss to `gradient_step`, which, given an `axis_name`, averages gradients
+and metrics over that axis with `lax.pmean` and folds the device index into the key.
+`jit_train_step`, `pmap_train_step` and `mesh_train_step` (jit over a device mesh, the batch split
+on a 'data' axis, the state replicated or FSDP-sharded) wrap any such step.
 """
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Callable
 
 import jax
@@ -36,23 +38,35 @@ class TrainState(train_state.TrainState):
 
 def warmup_cosine(peak: float, warmup_steps: int, total_steps: int, end: float = 0.0
                   ) -> Callable[[Any], Any]:
-    """Learning rate of update `count` (0-based): linear from peak/warmup up to `peak` over
-    `warmup_steps`, then half a cosine down to `end` at `total_steps`.
+    """Learning rate of update `count` (0-based): linear from peak/warmup up to `peak` at the last
+    warm-up update, then half a cosine (optax's) from `peak` down to `end` at `total_steps`.
 
-    In float32 on a traced count (inside optax) and in float32 numpy on a host int, so both
-    backends read the same rates from this one function without device round trips."""
+    An optax schedule: inside the optimizer it runs on the traced count; `host_schedule` evaluates
+    the same compiled function for the torch backend, so both read the same rates."""
     warmup_steps = max(int(warmup_steps), 0)
     decay_steps = max(int(total_steps) - warmup_steps, 1)
+    cosine = optax.cosine_decay_schedule(peak, decay_steps, alpha=end / peak if peak else 0.0)
+    if not warmup_steps:
+        return cosine
+    warm = optax.linear_schedule(peak / warmup_steps, peak * (warmup_steps + 1) / warmup_steps,
+                                 warmup_steps)
+    return optax.join_schedules([warm, cosine], [warmup_steps])
 
-    def schedule(count):
-        xp = jnp if isinstance(count, jax.Array) else np
-        count = xp.asarray(count, xp.float32)
-        f32 = lambda v: xp.asarray(v, xp.float32)  # noqa: E731
-        warm = f32(peak) * (count + f32(1.0)) / f32(max(warmup_steps, 1))
-        t = xp.clip((count - f32(warmup_steps)) / f32(decay_steps), f32(0.0), f32(1.0))
-        cosine = f32(end) + f32(0.5 * (peak - end)) * (f32(1.0) + xp.cos(f32(np.pi) * t))
-        return xp.where(count < warmup_steps, warm, cosine).astype(xp.float32)
-    return schedule
+
+def host_schedule(schedule: Callable) -> Callable[[int], float]:
+    """`schedule` as a host function of an int step -> float, through one compiled program."""
+    compiled = jax.jit(schedule)
+    return lambda step: float(compiled(np.int32(step)))
+
+
+def ema_step_size(count, decay: float):
+    """The share of the new weights in the moving average after update `count` (0-based):
+    1 - min(decay, (1 + count) / (10 + count)), warmed up as in big-vision and timm. float32 on a
+    traced count (JAX) and in numpy on a host int (torch), so both backends average alike."""
+    xp = jnp if isinstance(count, jax.Array) else np
+    count = xp.asarray(count, xp.float32)
+    d = xp.minimum(xp.asarray(decay, xp.float32), (count + xp.float32(1.0)) / (count + xp.float32(10.0)))
+    return (xp.float32(1.0) - d).astype(xp.float32)
 
 
 def decay_mask(params) -> Any:
@@ -108,59 +122,40 @@ def mixed_precision(apply_fn: Callable, dtype=jnp.bfloat16) -> Callable:
 
 
 # ---------------------------------------------------------------------------------------------
-# The classification task
+# The one gradient step
 
 
-def classification_loss(logits, labels, label_smoothing: float = 0.0, mask=None):
-    """Mean softmax cross-entropy over (B, K) logits and (B,) int labels, and the accuracy.
+def gradient_step(state: TrainState, loss_fn: Callable, rng: jax.Array,
+                  axis_name: str | None = None) -> tuple[TrainState, dict]:
+    """One optimizer update of `state` with `loss_fn(params, rng) -> (loss, metrics)`.
 
-    With `mask` (B,) of 0/1 weights both are weighted means over the rows that count."""
-    num_classes = logits.shape[-1]
-    targets = jax.nn.one_hot(labels, num_classes)
-    if label_smoothing:
-        targets = optax.smooth_labels(targets, label_smoothing)
-    losses = optax.softmax_cross_entropy(logits, targets)
-    correct = (jnp.argmax(logits, -1) == labels).astype(jnp.float32)
-    if mask is None:
-        return losses.mean(), correct.mean()
-    count = jnp.maximum(mask.sum(), 1.0)
-    return (losses * mask).sum() / count, (correct * mask).sum() / count
-
-
-def train_step(state: TrainState, batch: dict, rng: jax.Array, *, label_smoothing: float = 0.0,
-               axis_name: str | None = None) -> tuple[TrainState, dict]:
-    """One AdamW update on `batch` = {'image': (B, H, W, C), 'label': (B,)}.
-
-    Under pmap (`axis_name` set) gradients and metrics are averaged over the axis and each
-    device draws dropout from its own key. Metrics: loss, accuracy, grad_norm."""
+    Under pmap (`axis_name` set) each device folds its index into `rng` (its own dropout and
+    noise draws), and gradients and metrics are averaged over the axis with `lax.pmean`.
+    A step whose loss or gradients are not finite changes nothing: the parameters, optimizer
+    state and step count come back bit for bit as they were, and `metrics['nonfinite']` is 1.
+    Returns the new state and the metrics with 'loss', 'grad_norm' and 'nonfinite'."""
     if axis_name is not None:
         rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-
-    def loss_fn(params):
-        logits = state.apply_fn(state.variables(params), batch["image"], train=True,
-                                rngs={"dropout": rng})
-        return classification_loss(logits, batch["label"], label_smoothing)
-
-    (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    metrics = {"loss": loss, "accuracy": accuracy}
+    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, rng)
+    metrics = {"loss": loss, **metrics}
     if axis_name is not None:
         grads = jax.lax.pmean(grads, axis_name)
         metrics = jax.lax.pmean(metrics, axis_name)
     metrics["grad_norm"] = optax.tree.norm(grads)
-    return state.apply_gradients(grads=grads), metrics
+    finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    new = state.apply_gradients(grads=grads)
+    keep = lambda a, b: jax.tree_util.tree_map(lambda x, y: jnp.where(finite, x, y), a, b)  # noqa: E731
+    new = new.replace(params=keep(new.params, state.params), opt_state=keep(new.opt_state, state.opt_state),
+                      step=jnp.where(finite, new.step, state.step))
+    metrics["nonfinite"] = (~finite).astype(jnp.int32)
+    return new, metrics
 
 
-def eval_step(state: TrainState, batch: dict, *, axis_name: str | None = None) -> dict:
-    """Sums over `batch` (with its 'mask' of real rows): loss_sum, correct, count."""
-    logits = state.apply_fn(state.variables(), batch["image"], train=False)
-    mask = batch.get("mask", jnp.ones(batch["label"].shape, jnp.float32))
-    losses = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"])
-    correct = (jnp.argmax(logits, -1) == batch["label"]).astype(jnp.float32)
-    sums = {"loss_sum": (losses * mask).sum(), "correct": (correct * mask).sum(),
-            "count": mask.sum()}
-    if axis_name is not None:
-        sums = jax.lax.psum(sums, axis_name)
-    return sums
+def where_finite(metrics: dict, new, old):
+    """`new` after a finite step, `old` after a skipped one (for what a task updates itself after
+    `gradient_step`: an EMA, a clamp)."""
+    ok = metrics["nonfinite"] == 0
+    return jax.tree_util.tree_map(lambda x, y: jnp.where(ok, x, y), new, old)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -172,14 +167,14 @@ def step_rng(state: TrainState) -> jax.Array:
     return jax.random.fold_in(state.rng, state.step)
 
 
-def jit_train_step(step: Callable = train_step, **kwargs) -> Callable:
+def jit_train_step(step: Callable, **kwargs) -> Callable:
     """(state, batch) -> (state, metrics) jitted on one device, the state donated."""
     def wrapped(state, batch):
         return step(state, batch, step_rng(state), **kwargs)
     return jax.jit(wrapped, donate_argnums=0)
 
 
-def pmap_train_step(step: Callable = train_step, axis_name: str = PMAP_AXIS, **kwargs
+def pmap_train_step(step: Callable, axis_name: str = PMAP_AXIS, **kwargs
                     ) -> Callable:
     """(replicated state, sharded batch) -> (state, metrics) under pmap over `axis_name`.
 
@@ -190,12 +185,74 @@ def pmap_train_step(step: Callable = train_step, axis_name: str = PMAP_AXIS, **k
     return jax.pmap(wrapped, axis_name=axis_name, donate_argnums=0)
 
 
-def jit_eval_step(step: Callable = eval_step) -> Callable:
-    return jax.jit(step)
+MESH_AXIS = "data"
 
 
-def pmap_eval_step(step: Callable = eval_step, axis_name: str = PMAP_AXIS) -> Callable:
-    return jax.pmap(functools.partial(step, axis_name=axis_name), axis_name=axis_name)
+def make_mesh(devices=None) -> jax.sharding.Mesh:
+    """A one-axis mesh ('data') over `devices` (default: every device of every process)."""
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    return jax.sharding.Mesh(devices, (MESH_AXIS,))
+
+
+def fsdp_spec(x, n: int) -> jax.sharding.PartitionSpec:
+    """How FSDP splits one array over `n` devices: its largest axis that `n` divides (the first of
+    equals), or nothing (replicated) when none does, or when it is a scalar or small."""
+    P = jax.sharding.PartitionSpec
+    shape = np.shape(x)
+    if not shape or np.prod(shape) < 4 * n:
+        return P()
+    fits = [i for i, d in enumerate(shape) if d % n == 0]
+    if not fits:
+        return P()
+    axis = max(fits, key=lambda i: (shape[i], -i))
+    return P(*(MESH_AXIS if i == axis else None for i in range(len(shape))))
+
+
+def state_shardings(state, mesh, fsdp: bool = False):
+    """The sharding of every leaf of `state` on `mesh`: replicated, or with `fsdp` the parameters,
+    the optimizer state and any other float arrays (an EMA) split by `fsdp_spec`."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    if not fsdp:
+        return jax.tree_util.tree_map(lambda _: replicated, state)
+    n = mesh.devices.size
+    split = lambda x: jax.sharding.NamedSharding(mesh, fsdp_spec(x, n))  # noqa: E731
+    shardings = jax.tree_util.tree_map(split, state)
+    return shardings.replace(step=replicated, rng=replicated, constants=jax.tree_util.tree_map(
+        lambda _: replicated, state.constants))
+
+
+def mesh_train_step(step: Callable, mesh: jax.sharding.Mesh, state_sharding, **kwargs) -> Callable:
+    """(state, global batch) -> (state, metrics) under `jax.jit` on `mesh`: the batch split over
+    the 'data' axis, the state as `state_sharding` says (replicated, or FSDP). The step runs as
+    written for one device, on the global batch: XLA partitions it and adds the reductions, so no
+    `axis_name` (and no pmean) is involved and the result is jit's on the whole batch. The state is
+    donated."""
+    batch_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(MESH_AXIS))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def wrapped(state, batch):
+        return step(state, batch, step_rng(state), **kwargs)
+    return jax.jit(wrapped, in_shardings=(state_sharding, batch_sharding),
+                   out_shardings=(state_sharding, replicated), donate_argnums=0)
+
+
+def put_batch(batch: dict, mesh: jax.sharding.Mesh) -> dict:
+    """A host's share of a global batch -> global arrays split over the mesh's 'data' axis (each
+    process passes its own rows; `jax.make_array_from_process_local_data` puts them together)."""
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(MESH_AXIS))
+    return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in batch.items()}
+
+
+def put_state(state, shardings):
+    """`state` (the same values in every process) placed as `shardings` say, as global arrays built
+    from each process's host copy: fresh buffers, so the step can donate them (a replicated
+    `device_put` may share its source's buffer), and valid when the mesh spans processes."""
+    def put(x, sharding):
+        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(put(jax.random.key_data(x), sharding), impl=jax.random.key_impl(x))
+        host = np.asarray(jax.device_get(x))
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    return jax.tree_util.tree_map(put, state, shardings)
 
 
 def replicate(tree, devices=None):

@@ -1,36 +1,27 @@
-"""The same recipe in eager PyTorch: the JAX run's initial weights, data order, schedule,
-weight-decay mask, clipping and AdamW, so the two frameworks can be trained side by side. The
-task (`train.tasks`) gives the loss, evaluation and final report, as it does for JAX."""
+"""The torch adapter of the training loop (`train.loop`): the same recipe in eager PyTorch (the
+JAX run's initial weights, data order, schedule, weight-decay mask, clipping and AdamW), so the two
+frameworks can be trained side by side. The task (`train.tasks`) gives the loss, evaluation and
+final report, as it does for JAX."""
 
 from __future__ import annotations
 
 import contextlib
-import time
 
 import numpy as np
 import torch
 
 from train import steps
-from train.train import MetricsLog, Run, Throughput, export_weights, summary
-
-
-def to_nchw(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(images.transpose(0, 3, 1, 2)))
+from train.config import Run
+from train.tasks import init_variables
 
 
 def torch_batch(batch: dict) -> dict:
-    """A host batch as tensors: image-shaped arrays (images, noise) NHWC -> NCHW, integers
-    (labels, tokens, timesteps) int64."""
-    out = {}
-    for k, v in batch.items():
-        v = np.asarray(v)
-        if np.issubdtype(v.dtype, np.integer):
-            out[k] = torch.from_numpy(v.astype(np.int64))
-        elif v.ndim == 4:
-            out[k] = to_nchw(v.astype(np.float32))
-        else:
-            out[k] = torch.from_numpy(np.ascontiguousarray(v))
-    return out
+    """A host batch as tensors (`bridge.verify.framework_inputs`): image-shaped float arrays
+    (images, noise) NHWC -> NCHW, integers (labels, tokens, timesteps) int64."""
+    from bridge.verify import framework_inputs
+
+    tensors, _ = framework_inputs(list(batch.values()))
+    return dict(zip(batch, tensors))
 
 
 class TorchTrainer:
@@ -81,6 +72,11 @@ class TorchTrainer:
         loss.backward()
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).float()
+        if not (torch.isfinite(loss) and torch.isfinite(norm)):
+            # as the JAX step: nothing changes (weights, moments, step count, moving averages)
+            self.optimizer.zero_grad(set_to_none=True)
+            return {"loss": loss.item(), **{k: float(v) for k, v in metrics.items()},
+                    "grad_norm": norm.item(), "nonfinite": 1, "lr": lr}
         if self.grad_clip and norm >= self.grad_clip:
             for g in grads:
                 g.div_(norm).mul_(self.grad_clip)
@@ -88,7 +84,7 @@ class TorchTrainer:
         metrics = {**metrics, **(self.task.torch_after_step(self) or {})}
         self.step += 1
         return {"loss": loss.item(), **{k: float(v) for k, v in metrics.items()},
-                "grad_norm": norm.item(), "lr": lr}
+                "grad_norm": norm.item(), "nonfinite": 0, "lr": lr}
 
     # Checkpoint trees: numpy only, parameters and moments listed in named_parameters order.
     def state_tree(self) -> dict:
@@ -148,65 +144,42 @@ def trainer_from_variables(task, preset, variables, recipe: dict, schedule, prec
 def build(r: Run) -> TorchTrainer:
     """The torch twin of the task's model holding the JAX backend's initial weights, and its
     trainer."""
-    from train.jax_backend import init_variables
-
-    _, variables, _ = init_variables(r)
-    schedule = steps.warmup_cosine(r.recipe["lr"], r.recipe["warmup_steps"], r.total_steps)
+    _, variables, _ = init_variables(r.task, r.preset, r.config.seed)
     torch.manual_seed(r.config.seed)
-    return trainer_from_variables(r.task, r.preset, variables, r.recipe, schedule,
-                                  r.config.precision)
+    return trainer_from_variables(r.task, r.preset, variables, r.recipe, r.lr, r.config.precision)
 
 
-def train(r: Run) -> dict:
-    from train.jax_backend import check_fresh, check_position, closing_on_error, open_checkpoints
+class TorchBackend:
+    """Eager PyTorch on the CPU (or the one device torch picks), one process."""
 
-    cfg, task = r.config, r.task
-    t_start = time.perf_counter()
-    extra = task.setup(r)
-    trainer = build(r)
-    ckpt = open_checkpoints(r)
-    start_step = 0
-    with closing_on_error(ckpt):
-        if cfg.resume:
-            tree, meta = ckpt.restore(trainer.state_tree(), r.record())
-            trainer.load_state_tree(tree)
-            start_step = trainer.step
-            check_position(r, meta, start_step)
-        else:
-            check_fresh(r, ckpt)
+    parallel = "eager"
+    devices = 1
 
-    def save(step, force=False):
-        if force or (ckpt.every and step % ckpt.every == 0):
-            ckpt.save(step, trainer.state_tree(), {**r.record(), "position": r.position(step)},
-                      force=True)
+    def __init__(self, r: Run):
+        self.r, self.task = r, r.task
+        self.trainer = build(r)
 
-    log = MetricsLog(r.workdir, r.total_steps, start_step, cfg.progress, ("loss", *task.report))
-    speed = Throughput()
-    step, metrics, last_eval = start_step, None, {}
-    try:
-        for step, batch in r.batches_from(start_step):
-            metrics = trainer.train_step(task.batch(batch, step, r))
-            speed.tick(r.recipe["batch_size"])
-            done = step + 1
-            if done % cfg.log_every == 0 or done == r.total_steps:
-                log.write({"step": done, "epoch": done / r.steps_per_epoch, **metrics,
-                           "examples_per_second": speed.window_rate()})
-            if r.eval_every and done % r.eval_every == 0 and done != r.total_steps:
-                log.write({"step": done, **task.torch_evaluate(trainer, r)})
-            save(done)
-            step = done
-        last_eval = task.torch_evaluate(trainer, r)
-        log.write({"step": step, **last_eval})
-        save(step, force=True)
-    finally:
-        ckpt.close()
-        log.close(step)
-    extra.update(task.torch_finish(trainer, r))
+    def info(self) -> dict:
+        return {}
 
-    export = export_weights(cfg.export, task.torch_export(trainer)) if cfg.export else None
-    final = {k: v for k, v in metrics.items() if k != "lr"} if metrics else None
-    return summary(
-        r, final_metrics=final, eval_metrics=last_eval, extra=extra, step=step,
-        throughput=speed.rate(), devices=1, parallel="eager",
-        wall=time.perf_counter() - t_start, checkpoint_dir=ckpt.directory, export=export,
-        start_step=start_step)
+    def state_tree(self) -> dict:
+        return self.trainer.state_tree()
+
+    def load_state_tree(self, tree: dict) -> int:
+        self.trainer.load_state_tree(tree)
+        return self.trainer.step
+
+    def step(self, batch: dict) -> dict:
+        return self.trainer.train_step(batch)
+
+    def read(self, metrics: dict) -> dict:
+        return {k: v for k, v in metrics.items() if k != "lr"}
+
+    def evaluate(self) -> dict:
+        return self.task.torch_evaluate(self.trainer, self.r)
+
+    def finish(self) -> dict:
+        return self.task.torch_finish(self.trainer, self.r)
+
+    def export(self) -> dict:
+        return self.task.torch_export(self.trainer)

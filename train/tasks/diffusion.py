@@ -3,7 +3,7 @@ compiled sampler on the EMA weights, the sample files, and the digits check.
 
 `diffusion_step(state, batch, rng) -> (state, metrics)` draws t and the noise from `rng`, so it runs
 as is under `steps.jit_train_step` and `steps.pmap_train_step` (gradients and metrics averaged
-over the pmap axis). `DiffusionTask` hands it, and its eager torch twin, to the shared trainer:
+over the pmap axis). `Diffusion` (the task) hands it, and its eager torch twin, to the shared trainer:
 `python -m train ddpm-digits [--backend torch]`.
 """
 
@@ -18,10 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from . import steps
-from .tasks import Task
-
-_EMA_WARMUP = 10.0
+from train import steps
+from train.tasks.base import Task, image_batches, register
 
 
 class DiffusionState(steps.TrainState):
@@ -29,13 +27,14 @@ class DiffusionState(steps.TrainState):
     ema_params: Any = None
 
 
-def build(preset):
+def build(preset, attention_impl: str = "xla"):
     """The Flax `DDPM` of a diffusion preset: the preset's U-Net inside the recipe's schedule."""
     import jax_models
     from jax_models.ddpm import DDPM
 
     r = preset.train
-    return DDPM(jax_models.create_model(preset), r["timesteps"], r["beta_start"], r["beta_end"])
+    return DDPM(jax_models.create_model(preset, attention_impl=attention_impl), r["timesteps"],
+                r["beta_start"], r["beta_end"])
 
 
 def create_state(model, variables: dict, tx: optax.GradientTransformation, rng: jax.Array
@@ -53,29 +52,20 @@ def create_state(model, variables: dict, tx: optax.GradientTransformation, rng: 
 def diffusion_step(state: DiffusionState, batch: dict, rng: jax.Array, *, timesteps: int,
                    ema_decay: float, axis_name: str | None = None) -> tuple[DiffusionState, dict]:
     """One update of the noise-prediction loss on `batch['image']` (B, H, W, C) in [-1, 1] at
-    uniform timesteps (or the batch's own 't' and 'noise', to replay a run), then ema <- d ema + (1 - d) params with d warmed up as min(decay,
-    (1 + step) / (10 + step)). Metrics: loss, grad_norm."""
-    if axis_name is not None:
-        rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-    t_key, n_key, d_key = jax.random.split(rng, 3)
+    uniform timesteps (or the batch's own 't' and 'noise', to replay a run), then the EMA moves
+    by `steps.ema_step_size` (`optax.incremental_update`). Metrics: loss, grad_norm."""
     x = batch["image"]
-    t = batch["t"] if "t" in batch else jax.random.randint(t_key, (x.shape[0],), 0, timesteps)
-    noise = batch["noise"] if "noise" in batch else jax.random.normal(n_key, x.shape, x.dtype)
 
-    def loss_fn(params):
-        return state.apply_fn(state.variables(params), x, t, noise, train=True, rngs={"dropout": d_key})
+    def loss_fn(params, rng):
+        t_key, n_key, d_key = jax.random.split(rng, 3)
+        t = batch["t"] if "t" in batch else jax.random.randint(t_key, (x.shape[0],), 0, timesteps)
+        noise = batch["noise"] if "noise" in batch else jax.random.normal(n_key, x.shape, x.dtype)
+        loss = state.apply_fn(state.variables(params), x, t, noise, train=True, rngs={"dropout": d_key})
+        return loss, {}
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    metrics = {"loss": loss}
-    if axis_name is not None:
-        grads = jax.lax.pmean(grads, axis_name)
-        metrics = jax.lax.pmean(metrics, axis_name)
-    metrics["grad_norm"] = optax.tree.norm(grads)
-    new = state.apply_gradients(grads=grads)
-    step = state.step.astype(jnp.float32)
-    d = jnp.minimum(ema_decay, (1.0 + step) / (_EMA_WARMUP + step))
-    ema = jax.tree_util.tree_map(lambda e, p: d * e + (1 - d) * p, state.ema_params, new.params)
-    return new.replace(ema_params=ema), metrics
+    new, metrics = steps.gradient_step(state, loss_fn, rng, axis_name)
+    ema = optax.incremental_update(new.params, state.ema_params, steps.ema_step_size(state.step, ema_decay))
+    return new.replace(ema_params=steps.where_finite(metrics, ema, state.ema_params)), metrics
 
 
 def sampler(preset, num_samples: int, ddim_steps: int | None = None):
@@ -122,7 +112,7 @@ def digit_classifier(image_size: int, seed: int = 0):
     test accuracy."""
     from sklearn.neural_network import MLPClassifier
 
-    from .data import load_digits
+    from train.data import load_digits
 
     train, test = load_digits(image_size, 1)
     clf = MLPClassifier(hidden_layer_sizes=(256,), alpha=1e-3, max_iter=400, random_state=seed)
@@ -152,19 +142,18 @@ def torch_ddpm(preset):
     return DDPM(torch_reference.create_model(preset), r["timesteps"], r["beta_start"], r["beta_end"])
 
 
-class DiffusionTask(Task):
+@register
+class Diffusion(Task):
     """DDPM: noise prediction at uniform timesteps, an EMA of the weights, and at the end samples
     from the EMA weights (WORKDIR/samples.npy, samples.png) and, on the digits, `digit_check`.
-    `--export` writes the EMA U-Net (the preset's model)."""
+    The preset's model is the U-Net inside the DDPM; `--export` writes the EMA U-Net."""
 
     name = "diffusion"
     report = ("digit_check",)
     eval_by_default = False
-    defaults = dict(Task.defaults, label_smoothing=0.0, weight_decay=0.0, grad_clip=0.0,
-                    lr=2e-4, warmup_steps=0, ema_decay=0.9999)
 
-    def flax_model(self, preset):
-        return build(preset)
+    def flax_model(self, preset, attention_impl: str = "xla"):
+        return build(preset, attention_impl)
 
     def init_args(self, preset) -> tuple:
         x = np.zeros((1, *preset.input_shape_nhwc), np.float32)
@@ -179,12 +168,20 @@ class DiffusionTask(Task):
     def batch(self, batch: dict, step: int, r) -> dict:
         return {"image": batch["image"]}
 
+    def example_batch(self, preset, batch_size: int, seed: int = 0) -> dict:
+        """Images with their timesteps and noise fixed (the step draws them when absent), so
+        that runs on any number of devices compute the same loss."""
+        from presets import example_inputs
+        images, t = example_inputs(preset, batch_size, seed)
+        noise = np.random.RandomState(seed + 1).standard_normal(images.shape).astype(np.float32)
+        return {"image": np.clip(images, -1, 1), "t": t.astype(np.int32), "noise": noise}
+
     @property
     def jax_step(self):
         return diffusion_step
 
-    def jax_evaluate(self, model, state, r) -> dict:
-        return {}
+    def preset_variables(self, variables: dict) -> dict:
+        return {"params": variables["params"]["model"]}
 
     def _report(self, samples: np.ndarray, seconds: float, r) -> dict:
         npy, png = save_samples(samples, r.workdir)
@@ -208,10 +205,13 @@ class DiffusionTask(Task):
 
     def jax_export(self, state) -> dict:
         from bridge import flax_to_torch
-        return flax_to_torch({"params": jax.device_get(state.ema_params)["model"]})
+        return flax_to_torch(self.preset_variables({"params": jax.device_get(state.ema_params)}))
 
     def torch_model(self, preset):
         return torch_ddpm(preset)
+
+    def preset_module(self, model):
+        return model.model
 
     def torch_compile(self, model):
         model.model.compile()
@@ -229,12 +229,13 @@ class DiffusionTask(Task):
         return model.p_losses(x, t, noise), {}
 
     def torch_after_step(self, trainer):
-        """ema <- d ema + (1 - d) params, d = min(decay, (1 + step) / (10 + step)), as in JAX."""
+        """The EMA moves by the JAX side's `steps.ema_step_size` (computed on the host), as
+        `optax.incremental_update` does: step * params + (1 - step) * ema."""
         import torch
-        d = min(trainer.recipe["ema_decay"], (1.0 + trainer.step) / (_EMA_WARMUP + trainer.step))
+        rate = float(steps.ema_step_size(trainer.step, trainer.recipe["ema_decay"]))
         with torch.no_grad():
             for e, p in zip(self.ema.parameters(), trainer.model.parameters()):
-                e.mul_(d).add_(p, alpha=1 - d)
+                e.mul_(1.0 - rate).add_(p, alpha=rate)
 
     def torch_extra_state(self, trainer) -> dict:
         return {"ema": [p.detach().numpy().copy() for p in self.ema.parameters()]}
@@ -244,9 +245,6 @@ class DiffusionTask(Task):
         with torch.no_grad():
             for p, v in zip(self.ema.parameters(), tree["ema"]):
                 p.copy_(torch.from_numpy(np.asarray(v)))
-
-    def torch_evaluate(self, trainer, r) -> dict:
-        return {}
 
     def torch_finish(self, trainer, r) -> dict:
         import torch
@@ -260,4 +258,32 @@ class DiffusionTask(Task):
         return self._report(samples, time.perf_counter() - t0, r)
 
     def torch_export(self, trainer) -> dict:
-        return {k: v.detach().numpy() for k, v in self.ema.model.state_dict().items()}
+        return {k: v.detach().numpy() for k, v in self.preset_module(self.ema).state_dict().items()}
+
+    def parity_losses(self, flax_model):
+        """The noise-prediction loss of the U-Net alone: mean (unet(x_t, t) - noise)^2 on batches
+        of (x_t, t, noise), with x_t drawn on the host by the preset's schedule."""
+        def torch_loss(model, batch):
+            x_t, t, noise = batch
+            return ((model(x_t, t) - noise) ** 2).mean()
+
+        def flax_loss(params, variables, batch):
+            x_t, t, noise = batch
+            return jnp.mean(jnp.square(flax_model.apply({**variables, "params": params}, x_t, t) - noise))
+
+        return torch_loss, flax_loss
+
+    def parity_batches(self, preset, n: int, batch_size: int, seed: int = 0):
+        from model_math import linear_schedule
+
+        schedule = linear_schedule(preset.train["timesteps"], preset.train["beta_start"],
+                                   preset.train["beta_end"])
+        a, s = schedule["sqrt_alphas_cumprod"], schedule["sqrt_one_minus_alphas_cumprod"]
+
+        def noised(rs, arrays):
+            x, t = arrays
+            noise = rs.standard_normal(x.shape).astype(np.float32)
+            x_t = a[t][:, None, None, None] * np.clip(x, -1, 1) + s[t][:, None, None, None] * noise
+            arrays[0] = x_t.astype(np.float32)
+            return (noise,)
+        return image_batches(preset, n, batch_size, seed, noised)

@@ -3,7 +3,7 @@
 `contrastive_step(state, batch, rng) -> (state, metrics)` is pure, like the classification step:
 under pmap (`axis_name` set) the features are gathered over the device axis so every image meets
 every caption of the global batch as a negative, and gradients are averaged with `lax.pmean`.
-`ContrastiveTask` hands it, and its eager torch twin, to the shared trainer (`python -m train
+`Contrastive` (the task) hands it, and its eager torch twin, to the shared trainer (`python -m train
 clip-digits`), which reports zero-shot accuracy on the held-out digits from text prompts alone,
 and image->text / text->image recall@1, in WORKDIR/summary.json.
 """
@@ -19,7 +19,7 @@ import numpy as np
 
 from tokenizer import Tokenizer
 from train import steps
-from train.tasks import Task
+from train.tasks.base import Task, image_batches, register
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 TEMPLATES = ("a photo of the number {}", "a handwritten {}", "a photo of a {}", "the digit {}",
@@ -49,27 +49,19 @@ def with_captions(batch: dict, tokenizer: Tokenizer, seed: int, step: int) -> di
 
 def contrastive_step(state: steps.TrainState, batch: dict, rng: jax.Array, *,
                      axis_name: str | None = None) -> tuple[steps.TrainState, dict]:
-    """One AdamW update on {'image': (B, H, W, C), 'tokens': (B, L)}; the logit scale is then
-    clipped to [0, log 100] as in CLIP. Metrics: loss, logit_scale, grad_norm."""
+    """One update on {'image': (B, H, W, C), 'tokens': (B, L)}; the logit scale is then clipped to
+    [0, log 100] as in CLIP. Under pmap the features are gathered over the axis (every image meets
+    every caption of the global batch). Metrics: loss, logit_scale, grad_norm."""
     from jax_models.clip import contrastive_loss
 
-    if axis_name is not None:
-        rng = jax.random.fold_in(rng, jax.lax.axis_index(axis_name))
-
-    def loss_fn(params):
+    def loss_fn(params, rng):
         features = state.apply_fn(state.variables(params), batch["image"], batch["tokens"], train=True,
                                   rngs={"dropout": rng}, method="features")
-        return contrastive_loss(*features, axis_name=axis_name)
+        return contrastive_loss(*features, axis_name=axis_name), {}
 
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    if axis_name is not None:
-        grads = jax.lax.pmean(grads, axis_name)
-        loss = jax.lax.pmean(loss, axis_name)
-    state = state.apply_gradients(grads=grads)
+    state, metrics = steps.gradient_step(state, loss_fn, rng, axis_name)
     params = {**state.params, "logit_scale": jnp.clip(state.params["logit_scale"], 0.0, MAX_LOGIT_SCALE)}
-    metrics = {"loss": loss, "logit_scale": jnp.exp(params["logit_scale"]),
-               "grad_norm": jax.numpy.sqrt(sum(jnp.sum(g ** 2) for g in jax.tree_util.tree_leaves(grads)))}
-    return state.replace(params=params), metrics
+    return state.replace(params=params), {**metrics, "logit_scale": jnp.exp(params["logit_scale"])}
 
 
 def retrieval_report(labels: np.ndarray, class_probs: np.ndarray, image_features: np.ndarray,
@@ -90,12 +82,12 @@ def eval_captions(labels: np.ndarray, tokenizer: Tokenizer, seed: int) -> np.nda
     return tokenizer(caption_texts(labels, np.random.default_rng([seed, 2]))).astype(np.int32)
 
 
-class ContrastiveTask(Task):
+@register
+class Contrastive(Task):
     """CLIP on images and template captions of their labels (the digits)."""
 
     name = "contrastive"
     report = ("zero_shot_accuracy", "image_to_text_recall@1", "text_to_image_recall@1")
-    defaults = dict(Task.defaults, lr=5e-4, weight_decay=0.2, grad_clip=0.0)
 
     def setup(self, r) -> dict:
         if r.recipe["data"] != "digits":
@@ -112,12 +104,10 @@ class ContrastiveTask(Task):
         batch = with_captions(batch, self.tokenizer, r.config.seed, step)
         return {"image": batch["image"], "tokens": batch["tokens"]}
 
-    def init_args(self, preset) -> tuple:
-        return (np.zeros((1, *preset.input_shape_nhwc), np.float32),
-                np.zeros((1, preset.kwargs["context_length"]), np.int32))
-
-    def step_kwargs(self, recipe: dict) -> dict:
-        return {}
+    def example_batch(self, preset, batch_size: int, seed: int = 0) -> dict:
+        from presets import example_inputs
+        images, tokens = example_inputs(preset, batch_size, seed)
+        return {"image": images, "tokens": tokens.astype(np.int32)}
 
     @property
     def jax_step(self):
@@ -132,7 +122,7 @@ class ContrastiveTask(Task):
                                    TEMPLATES, tokenizer=self.tokenizer, batch_size=512)
         images = encode(model, "encode_image", variables, jnp.asarray(data.images))
         texts = encode(model, "encode_text", variables,
-                        jnp.asarray(eval_captions(data.labels, self.tokenizer, r.config.seed)))
+                       jnp.asarray(eval_captions(data.labels, self.tokenizer, r.config.seed)))
         return retrieval_report(np.asarray(data.labels), np.asarray(probs), np.asarray(images),
                                 np.asarray(texts))
 
@@ -154,17 +144,31 @@ class ContrastiveTask(Task):
     def torch_evaluate(self, trainer, r) -> dict:
         import torch
 
+        from bridge.verify import framework_inputs
         from torch_reference.clip import zero_shot_classify
-        from train.torch_backend import to_nchw
 
         model, data = trainer.model, r.test_data
         model.eval()
-        images = to_nchw(data.images)
-        tokens = torch.from_numpy(eval_captions(data.labels, self.tokenizer,
-                                                r.config.seed).astype(np.int64))
+        (images, tokens), _ = framework_inputs(
+            (data.images, eval_captions(data.labels, self.tokenizer, r.config.seed)))
         with torch.no_grad():
             probs = zero_shot_classify(model, images, NUMBER_WORDS, TEMPLATES,
                                        tokenizer=self.tokenizer, batch_size=512)
             image_features, text_features = model.encode_image(images), model.encode_text(tokens)
         return retrieval_report(np.asarray(data.labels), probs.numpy(), image_features.numpy(),
                                 text_features.numpy())
+
+    def parity_losses(self, flax_model):
+        """CLIP's symmetric cross-entropy over the (image, tokens) pairs of a batch."""
+        from jax_models.clip import clip_loss
+
+        def torch_loss(model, batch):
+            return model.contrastive_loss(*batch)
+
+        def flax_loss(params, variables, batch):
+            return clip_loss(*flax_model.apply({**variables, "params": params}, *batch))
+
+        return torch_loss, flax_loss
+
+    def parity_batches(self, preset, n: int, batch_size: int, seed: int = 0):
+        return image_batches(preset, n, batch_size, seed)

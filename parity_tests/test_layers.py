@@ -1,0 +1,133 @@
+"""The shared layers against torch's built-ins and their own contracts: the convolution,
+transposed convolution and GroupNorm twins (both of `Conv2d`'s forms), GELU's hand-written
+derivative, and stochastic depth."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+import bridge
+import jax_models
+import torch_reference
+from jax_models import layers
+from parity_tests import harness
+
+
+def nhwc(a):
+    return jnp.asarray(np.asarray(a).transpose(0, 2, 3, 1))
+
+
+def nchw(a):
+    return np.asarray(a).transpose(0, 3, 1, 2)
+
+
+# --- convolutions and GroupNorm (the U-Net's) -----------------------------------------------------
+
+
+def check_layer(tm, fm, x, grads):
+    """A torch layer against its Flax twin on NCHW `x` under a random cotangent: the forward, the
+    input's gradient and, per `grads` entry {flax param: (torch param, to flax layout)}, its gradient."""
+    variables = bridge.torch_to_flax(tm.state_dict(), fm, nhwc(x))
+    xt = torch.from_numpy(x).requires_grad_()
+    yt = tm(xt)
+    w = np.random.RandomState(1).standard_normal(yt.shape).astype(np.float32)
+    (yt * torch.from_numpy(w)).sum().backward()
+    f = lambda v, x: jnp.sum(fm.apply(v, x) * nhwc(w))
+    gv, gx = jax.grad(f, argnums=(0, 1))(variables, nhwc(x))
+    assert harness.rel_err(yt.detach().numpy(), nchw(fm.apply(variables, nhwc(x)))) <= harness.FORWARD_TOL
+    assert harness.rel_err(xt.grad.numpy(), nchw(gx)) <= harness.GRAD_TOL
+    for name, (param, layout) in grads.items():
+        err = harness.rel_err(layout(param.grad.numpy()), gv["params"][name])
+        assert err <= harness.GRAD_TOL, f"gradient of {name}: rel err {err:.2e}"
+
+
+same = lambda a: a
+
+
+@pytest.mark.parametrize("k, s, p, op", [(2, 2, 0, 0), (3, 2, 1, 1), (4, 2, 1, 0), (3, 1, 1, 0), (3, 3, 2, 2)])
+def test_conv_transpose_forward_and_gradients(k, s, p, op):
+    torch.manual_seed(0)
+    tm = torch.nn.ConvTranspose2d(6, 5, k, stride=s, padding=p, output_padding=op)
+    x = np.random.RandomState(0).standard_normal((2, 6, 5, 7)).astype(np.float32)
+    check_layer(tm, layers.ConvTranspose2d(6, 5, k, s, p, op), x,
+                {"weight": (tm.weight, same), "bias": (tm.bias, same)})
+
+
+@pytest.mark.parametrize("size", [5, 9], ids=["matmul", "xla-conv"])  # 25 / 81 pixels
+@pytest.mark.parametrize("k, s, p", [(3, 1, 1), (3, 2, 1), (1, 1, 0), (4, 2, 1)])
+def test_conv2d_forward_and_gradients(k, s, p, size):
+    """Both of `Conv2d`'s forms, the patch matmul (small inputs) and XLA's conv, against torch."""
+    torch.manual_seed(0)
+    tm = torch.nn.Conv2d(6, 5, k, stride=s, padding=p)
+    x = np.random.RandomState(0).standard_normal((2, 6, size, size)).astype(np.float32)
+    check_layer(tm, layers.Conv2d(5, k, s, p), x,
+                {"kernel": (tm.weight, lambda g: g.transpose(2, 3, 1, 0)), "bias": (tm.bias, same)})
+
+
+def test_conv2d_initializes_as_flax_conv():
+    import flax.linen as nn
+    x = jnp.ones((1, 4, 4, 3))
+    ours = layers.Conv2d(8, 3, 1, 1).init(jax.random.key(0), x)
+    flax_conv = nn.Conv(8, (3, 3), padding=1, kernel_init=layers.torch_linear_init).init(jax.random.key(0), x)
+    assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda a, b: bool((a == b).all()), ours, flax_conv))
+
+
+def test_group_norm_forward_and_gradients():
+    """Two-pass statistics: an offset of 100 on a unit signal is where E[x^2] - E[x]^2 fails."""
+    torch.manual_seed(0)
+    tm = torch.nn.GroupNorm(8, 32)
+    torch.nn.init.normal_(tm.weight)
+    torch.nn.init.normal_(tm.bias)
+    x = (100 + np.random.RandomState(0).standard_normal((3, 32, 6, 5))).astype(np.float32)
+    check_layer(tm, layers.GroupNorm(8), x, {"scale": (tm.weight, same), "bias": (tm.bias, same)})
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_gelu_derivative_matches_torch(dtype):
+    """`layers.gelu` carries its own derivative (XLA:CPU runs it faster than JAX's); it must
+    stay torch's exact-GELU derivative, tails included."""
+    x = np.linspace(-12, 12, 20001).astype(dtype)
+    with jax.enable_x64(dtype == "float64"):
+        y, vjp = jax.vjp(layers.gelu, jnp.asarray(x))
+        (got,) = vjp(jnp.ones_like(y))
+        assert got.dtype == np.dtype(dtype)
+    tx = torch.tensor(x, requires_grad=True)
+    torch.nn.functional.gelu(tx).sum().backward()
+    assert harness.rel_err(torch.nn.functional.gelu(tx).detach().numpy(), y) <= harness.FORWARD_TOL
+    assert harness.rel_err(tx.grad.numpy(), got) <= (1e-6 if dtype == "float32" else 1e-14)
+
+
+def test_drop_path_only_in_training_and_per_sample():
+    p = 0.3
+    x = np.ones((4000, 5, 2), np.float32)
+    dp = jax_models.layers.DropPath(p)
+    np.testing.assert_array_equal(dp.apply({}, jnp.asarray(x)), x)
+    f = np.asarray(dp.apply({}, jnp.asarray(x), train=True, rngs={"dropout": jax.random.key(0)}))
+    tdp = torch_reference.layers.DropPath(p)
+    np.testing.assert_array_equal(tdp.eval()(torch.from_numpy(x)).numpy(), x)
+    t = tdp.train()(torch.from_numpy(x)).numpy()
+    sigma = np.sqrt(p * (1 - p) / len(x))
+    for out in (f, t):
+        assert np.all(out == out[:, :1, :1])  # whole samples are kept or dropped
+        assert set(np.unique(out)) == {0.0, np.float32(1 / (1 - p))}
+        assert abs(np.mean(out[:, 0, 0] == 0) - p) < 5 * sigma
+    with pytest.raises(Exception, match="dropout"):
+        dp.apply({}, jnp.asarray(x), train=True)
+
+
+@pytest.mark.parametrize("with_mask", [False, True], ids=["lengths", "mask"])
+def test_fused_attention_padded_for_cudnn_gives_the_unpadded_result(with_mask):
+    """cuDNN refuses 197 tokens; `_fused_attend` pads q, k, v to a multiple of 16 and masks the
+    padded keys (by key lengths, or in the mask): the result is the unpadded one. Checked here on
+    XLA's kernel, which takes any length."""
+    rs = np.random.RandomState(0)
+    q, k, v = (jnp.asarray(rs.standard_normal((2, 3, 197, 8)), jnp.float32) for _ in range(3))
+    mask = jnp.asarray(rs.rand(197, 197) > 0.3) | jnp.eye(197, dtype=bool) if with_mask else None
+    ref = layers.attend(q, k, v, 8 ** -0.5, mask=mask)
+    got = layers._fused_attend(q, k, v, 8 ** -0.5, None, mask, None, pad_to=16)
+    assert got.shape == ref.shape
+    assert harness.rel_err(ref, got) <= 1e-6

@@ -1,0 +1,139 @@
+"""Every preset, both frameworks, one contract: the same weights give the same outputs, every
+gradient leaf and the same 20-step AdamW trajectory, the bridge's round trip is bit-exact, and
+`python -m bridge verify` passes.
+
+Parametrized over `presets.PRESETS` (timm's `test_model_forward` pattern): a new preset is tested
+by adding its row. Twins come from `bridge.verify.build_twins`, inputs from the preset, losses and
+batches from its task (`train.tasks`). Exclusions are named below, each with its reason.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+import pytest
+
+import bridge
+from bridge.verify import build_twins
+from parity_tests import harness
+from presets import PRESETS, get_preset, matching, without_dropout
+from train.tasks import get_task
+
+# Full-size presets: run by `make test-all` (marker `slow`), with batches of 2.
+FULL_SIZE = {
+    "vit-ti16": "ViT-Ti/16 at 224 (5.7M parameters)",
+    "vit-s16": "ViT-S/16 at 224 (22M)",
+    "vit-b16": "ViT-B/16 at 224 (86M)",
+    "encoder-vit-b16": "the second source's ViT-B/16 at 224 (86M)",
+    "swin-[tsb]": "Swin-T/S/B at 224 (28-88M)",
+    "clip-b16": "CLIP ViT-B/16 (150M)",
+    "ddpm-cifar10": "the source's U-Net 64-128-256-512 at 32x32x3 (~34M)",
+}
+SLOW = matching(PRESETS, FULL_SIZE)
+
+# The full-size trajectory steps at a lower rate where the recipe's diverges in 20 steps.
+TRAJECTORY_LR = {
+    "clip-b16": (1e-5, "at 1e-3 without warm-up on 2 pairs a batch its 150M weights diverge (loss "
+                       "0.7 -> 5.7, in float64 too); 1e-5 is still above what CLIP's own recipe "
+                       "(5e-4 after 2000 warm-up steps) reaches by step 20"),
+}
+
+# ReLU feed-forward at full size: float32 rounding puts some pre-activations on opposite sides of
+# the kink in the two frameworks; each flips a unit's derivative, so the float32 gradient and
+# trajectory checks are xfail only when such flips exist. float64 (no ties) holds the tolerances.
+RELU_TIES = matching(PRESETS, {"encoder-vit-b16": "2x197x3072 ReLU pre-activations per layer"})
+
+
+def cases():
+    """pytest params over every preset, `slow` where full-size."""
+    return [pytest.param(name, marks=[pytest.mark.slow] if name in SLOW else [], id=name) for name in PRESETS]
+
+
+FLOAT = pytest.mark.parametrize("float64", [False, True], ids=["float32", "float64"])
+
+
+@functools.lru_cache(maxsize=2)
+def _weights(name):
+    """The torch state dict of a dropout-free twin and the converted Flax variables, once per preset."""
+    preset = without_dropout(get_preset(name))
+    tm, fm, variables, _, _ = build_twins(preset)
+    return preset, {k: v.clone() for k, v in tm.state_dict().items()}, fm, variables
+
+
+def twins(name):
+    """(preset, fresh torch model, Flax model, Flax variables, task) with the same weights."""
+    import torch_reference
+
+    preset, state_dict, fm, variables = _weights(name)
+    tm = torch_reference.create_model(preset)
+    tm.load_state_dict(state_dict, strict=True)
+    return preset, tm, fm, variables, get_task(preset)
+
+
+def batch_size(name):
+    return 2 if name in SLOW else 4
+
+
+def relu_flips(name, tm, fm, variables, torch_inputs, flax_inputs):
+    if name not in RELU_TIES:
+        return 0
+    return harness.relu_sign_flips(tm, fm, variables, [t[:1] for t in torch_inputs], [f[:1] for f in flax_inputs])
+
+
+@pytest.mark.parametrize("name", cases())
+def test_forward(name):
+    preset = without_dropout(get_preset(name))
+    tm, fm, variables, t_in, f_in = build_twins(preset, batch_size=batch_size(name))
+    harness.check_forward(tm, fm, variables, t_in, f_in, name)
+
+
+@FLOAT
+@pytest.mark.parametrize("name", cases())
+def test_gradients(name, float64):
+    preset, tm, fm, variables, task = twins(name)
+    (tb,), (fb,) = task.parity_batches(preset, 1, batch_size(name), seed=0)
+    if not float64:
+        flips = relu_flips(name, tm, fm, variables, tb, fb)
+        if flips:
+            pytest.xfail(f"{flips} ReLU pre-activations within float32 rounding of 0 fall on opposite "
+                         f"sides of the kink ({RELU_TIES[name]}); float64 holds the tolerance")
+    harness.check_gradients(tm, fm, variables, task.parity_losses(fm), tb, fb,
+                            f"{name} ({'float64' if float64 else 'float32'})", float64=float64)
+
+
+@FLOAT
+@pytest.mark.parametrize("name", cases())
+def test_adamw_trajectory(name, float64):
+    """20 AdamW steps on 20 batches at the recipe's rate and weight decay: losses within the
+    tolerance in float32, the final weights too in float64 (see `harness.adamw_trajectories` for
+    why the float32 weights are not held to it)."""
+    preset, tm, fm, variables, task = twins(name)
+    tb, fb = task.parity_batches(preset, 20, 8 if name not in SLOW else 2, seed=1)
+    lr = TRAJECTORY_LR.get(name, (preset.train["lr"], ""))[0]
+    flips = 0 if float64 else relu_flips(name, tm, fm, variables, tb[0], fb[0])
+    xfail_if = (lambda err: f"{flips} ReLU pre-activations at step 0 tie at the kink ({RELU_TIES[name]}) "
+                            f"and send the float32 trajectories apart (loss rel err {err:.2e})") if flips else None
+    harness.check_trajectory(tm, fm, variables, task.parity_losses(fm), tb, fb,
+                             f"{name} ({'float64' if float64 else 'float32'})", lr=lr,
+                             weight_decay=preset.train["weight_decay"], float64=float64, xfail_if=xfail_if)
+
+
+@pytest.mark.parametrize("name", cases())
+def test_round_trip_is_bit_exact(name):
+    """torch -> Flax -> torch gives back every tensor, buffers included, bit for bit."""
+    _, state_dict, _, variables = _weights(name)
+    back = bridge.flax_to_torch(variables)
+    assert set(back) == set(state_dict)
+    for k, v in state_dict.items():
+        v = v.numpy()
+        assert back[k].shape == v.shape and np.array_equal(back[k], v.astype(back[k].dtype)), k
+
+
+@pytest.mark.parametrize("name", cases())
+def test_verify_cli_passes(name, capsys):
+    from bridge.__main__ import main
+
+    assert main(["verify", name, "--batch-size", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "PASS" in out and out.count("\n") > 5, out
