@@ -106,22 +106,9 @@ def jitted(fm):
 
 
 def check_gradients(name, tm, fm, variables, losses, tbatch, fbatch):
-    """Every leaf within GRAD_TOL of torch, except the key biases of `CrossModalAttention`: their
-    true gradient is exactly 0 (softmax ignores a constant q.b_k added to a query's logits), so
-    both frameworks must give 0 up to rounding, measured against the largest gradient."""
-    torch_loss, flax_loss = losses
-    errs, loss_t, loss_f = harness.gradient_errors(tm, fm, variables, torch_loss, jax.jit(flax_loss),
-                                                   tbatch, fbatch)
-    grads_t = {k: np.abs(p.grad.numpy()).max() for k, p in tm.named_parameters()}
-    scale = max(grads_t.values())
-    for k in [k for k in errs if k.endswith("k_proj.bias")]:
-        noise = grads_t[k] * (1 + errs.pop(k)) / scale     # bounds the Flax gradient too
-        print(f"{name}: {k} (true gradient 0) <= {noise:.1e} of the largest gradient")
-        assert noise <= harness.GRAD_TOL * 1e-2, f"{name}: {k} gradient {noise:.3e} of the largest"
-    worst = max(errs, key=errs.get)
-    print(f"{name}: worst gradient {worst} {errs[worst]:.2e} ({len(errs)} leaves), loss {loss_t:.4f}")
-    assert abs(loss_t - loss_f) <= harness.FORWARD_TOL * abs(loss_t)
-    assert errs[worst] <= harness.GRAD_TOL, f"{name}: gradient of {worst} rel err {errs[worst]:.3e}"
+    """Every leaf within GRAD_TOL of torch; the key biases of `CrossModalAttention`, whose true
+    gradient is 0, within 1% of it against the largest gradient (`harness.ZERO_GRADIENT`)."""
+    harness.check_gradients(tm, fm, variables, losses, tbatch, fbatch, name)
 
 
 def check_trajectory(name, tm, fm, variables, losses, tb, fb, float64, lr=1e-3):
