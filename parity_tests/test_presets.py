@@ -39,15 +39,23 @@ TRAJECTORY_LR = {
                        "(5e-4 after 2000 warm-up steps) reaches by step 20"),
 }
 
+# Trajectories run by `make test-all` only (the test-time budget); a smaller twin's runs by default.
+SLOW_TRAJECTORY = matching(PRESETS, {
+    "vqa-scenes": "ViT, text tower and fusion (50 s a precision at load 12); test_fusion's "
+                  "CrossModalAttention trajectory runs by default",
+    "mmt-vqa-scenes": "4 layers (45 s a precision at load 12); test_multimodal's 2-layer float64 "
+                      "trajectory runs by default",
+})
+
 # ReLU feed-forward at full size: float32 rounding puts some pre-activations on opposite sides of
 # the kink in the two frameworks; each flips a unit's derivative, so the float32 gradient and
 # trajectory checks are xfail only when such flips exist. float64 (no ties) holds the tolerances.
 RELU_TIES = matching(PRESETS, {"encoder-vit-b16": "2x197x3072 ReLU pre-activations per layer"})
 
 
-def cases():
-    """pytest params over every preset, `slow` where full-size."""
-    return [pytest.param(name, marks=[pytest.mark.slow] if name in SLOW else [], id=name) for name in PRESETS]
+def cases(slow=SLOW):
+    """pytest params over every preset, `slow` where full-size (or in `slow`)."""
+    return [pytest.param(name, marks=[pytest.mark.slow] if name in slow else [], id=name) for name in PRESETS]
 
 
 FLOAT = pytest.mark.parametrize("float64", [False, True], ids=["float32", "float64"])
@@ -103,7 +111,7 @@ def test_gradients(name, float64):
 
 
 @FLOAT
-@pytest.mark.parametrize("name", cases())
+@pytest.mark.parametrize("name", cases({**SLOW, **SLOW_TRAJECTORY}))
 def test_adamw_trajectory(name, float64):
     """20 AdamW steps on 20 batches at the recipe's rate and weight decay: losses within the
     tolerance in float32, the final weights too in float64 (see `harness.adamw_trajectories` for

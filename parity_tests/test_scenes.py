@@ -156,3 +156,55 @@ def test_scene_caption_left_to_right():
 def test_options_that_cannot_be_met(kwargs, message):
     with pytest.raises(ValueError, match=message):
         scenes.make_scenes(2, seed=0, **kwargs)
+
+
+# --- the vqa task's data and report -------------------------------------------------------------
+
+
+def _resolve(tmp_path, data=None, model=None, **recipe):
+    from train.loop import Config, resolve
+    return resolve(Config(preset="vqa-scenes", workdir=str(tmp_path), progress=False, data=data,
+                          model_overrides=model or {},
+                          recipe_overrides={"num_scenes": 3, "num_test_scenes": 2, **recipe}))
+
+
+def test_scenes_data_is_a_fixed_split_of_questions_on_shared_images(tmp_path):
+    r = _resolve(tmp_path)
+    train, test = r.train_data, r.test_data
+    assert len(train.images) == 3 and len(test.images) == 2
+    assert len(train) > 3 * 20 and train.num_classes == len(scenes.ANSWERS)
+    rows = train.rows(np.array([0, len(train) - 1]))
+    assert np.array_equal(rows["image"], train.images[[0, 2]])
+    assert rows["question"].shape == (2, presets.SCENES_CONTEXT_LENGTH)
+    again = _resolve(tmp_path / "again")
+    assert np.array_equal(again.test_data.images, test.images)
+    assert not np.array_equal(train.images[:2], test.images)
+
+
+@pytest.mark.parametrize("recipe, message", [
+    (dict(num_objects=7), "num_objects must be between 1 and 6"),
+    (dict(num_scenes=0), "num_scenes must be a positive number of scenes; got 0"),
+    (dict(model={"context_length": 8}), "the longest question has 14 tokens; preset 'vqa-scenes' has "
+                                        "context_length 8"),
+    (dict(data="digits"), "expected --data scenes, got 'digits'"),
+    (dict(model={"vocab_size": 30}), "the scenes' questions need 37 token ids; preset 'vqa-scenes' has "
+                                     "vocab_size 30"),
+])
+def test_scenes_options_that_cannot_be_met_are_named(tmp_path, recipe, message):
+    """Before anything is trained (the model's sizes are checked in the task's setup)."""
+    with pytest.raises(ValueError, match=message):
+        r = _resolve(tmp_path, **recipe)
+        r.task.setup(r)
+
+
+def test_the_report_splits_relational_from_nonrelational():
+    from train.tasks.vqa import FAMILIES, accuracy_report, question_dataset
+
+    data = question_dataset(scenes.make_vqa(4, seed=0))
+    relational = data.extras["relational"].astype(bool)
+    wrong = (data.labels + 1) % len(scenes.ANSWERS)
+    report = accuracy_report(data, np.zeros(len(data)), np.where(relational, data.labels, wrong))
+    assert report["accuracy_relational"] == 1.0 and report["accuracy_nonrelational"] == 0.0
+    assert report["eval_accuracy"] == relational.mean() and report["eval_examples"] == len(data)
+    for name in FAMILIES:
+        assert report[f"accuracy_{name}"] == float(scenes.FAMILIES[name][0])

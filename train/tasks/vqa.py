@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from tokenizer import split_words
 from train import data as data_lib
 from train import scenes
 from train import steps
@@ -51,14 +52,9 @@ def question_dataset(vqa: scenes.VQAData) -> QuestionDataset:
                             "family": family}, image_index=vqa.image_index)
 
 
-def load_scenes(spec: str, preset, recipe: dict) -> tuple[QuestionDataset, QuestionDataset]:
-    """(train, test) for `--data scenes`, checked against the preset's vocabulary, context and
-    answers."""
-    if spec != "scenes":
-        raise ValueError(f"VQA presets train on generated scenes: expected --data scenes, got {spec!r}")
-    for key in ("num_scenes", "num_test_scenes"):
-        if not isinstance(recipe[key], int) or recipe[key] < 1:
-            raise ValueError(f"{key} must be a positive number of scenes; got {recipe[key]!r}")
+def check_preset(preset):
+    """The scenes' tokenizer at the preset's context, once the preset is known to fit the scenes'
+    vocabulary, longest question and answers."""
     kw = preset.kwargs
     tokenizer = scenes.scenes_tokenizer(kw["context_length"])
     if tokenizer.vocab_size > kw["vocab_size"]:
@@ -67,10 +63,22 @@ def load_scenes(spec: str, preset, recipe: dict) -> tuple[QuestionDataset, Quest
     if len(scenes.ANSWERS) > kw["num_answers"]:
         raise ValueError(f"the scenes have {len(scenes.ANSWERS)} answers; preset {preset.name!r} has "
                          f"num_answers {kw['num_answers']}")
-    longest = max(len(tokenizer.encode(t.format(c))) for c in scenes.COLORS for _, t in scenes.FAMILIES.values())
+    longest = 2 + max(len(split_words(t.format(c))) for c in scenes.COLORS for _, t in scenes.FAMILIES.values())
     if longest > kw["context_length"]:
         raise ValueError(f"the longest question has {longest} tokens; preset {preset.name!r} has "
                          f"context_length {kw['context_length']}")
+    return tokenizer
+
+
+def load_scenes(spec: str, preset, recipe: dict) -> tuple[QuestionDataset, QuestionDataset]:
+    """(train, test) for `--data scenes`, checked against the preset's vocabulary, context and
+    answers."""
+    if spec != "scenes":
+        raise ValueError(f"VQA presets train on generated scenes: expected --data scenes, got {spec!r}")
+    for key in ("num_scenes", "num_test_scenes"):
+        if not isinstance(recipe[key], int) or recipe[key] < 1:
+            raise ValueError(f"{key} must be a positive number of scenes; got {recipe[key]!r}")
+    tokenizer = check_preset(preset)
     objects = recipe["num_objects"]
     objects = tuple(objects) if isinstance(objects, (list, tuple)) else objects
     make = lambda n, seed: question_dataset(scenes.make_vqa(  # noqa: E731
@@ -125,6 +133,10 @@ class VQA(Task):
 
     def load_data(self, spec: str, preset, recipe: dict):
         return load_scenes(spec, preset, recipe)
+
+    def setup(self, r) -> dict:
+        check_preset(r.preset)
+        return {}
 
     def batch(self, batch: dict, step: int, r) -> dict:
         return {"image": batch["image"], "question": batch["question"], "label": batch["label"]}
