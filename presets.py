@@ -202,6 +202,53 @@ PRESETS.update({p.name: p for p in [
 ]})
 
 
+# VQA on the generated scenes (`train/scenes.py`: Sort-of-CLEVR, 6 objects, 36 questions per
+# scene). The scenes tokenizer has 37 ids and a context of 16; the answers are 12 words.
+SCENES_VOCAB_SIZE, SCENES_CONTEXT_LENGTH, SCENES_NUM_ANSWERS = 37, 16, 12
+
+
+def _vqa(name, image_size, patch_size, in_channels, vision_width, vision_layers, vision_heads, vocab_size,
+         context_length, text_width, text_layers, text_heads, dim, fusion_layers, fusion_heads, num_answers,
+         mlp_ratio=4, dropout=0.0, train=None, bench_batch=64, description=""):
+    kwargs = dict(image_size=image_size, patch_size=patch_size, in_channels=in_channels,
+                  vision_width=vision_width, vision_layers=vision_layers, vision_heads=vision_heads,
+                  vocab_size=vocab_size, context_length=context_length, text_width=text_width,
+                  text_layers=text_layers, text_heads=text_heads, dim=dim, fusion_layers=fusion_layers,
+                  fusion_heads=fusion_heads, num_answers=num_answers, mlp_ratio=mlp_ratio, dropout=dropout)
+    return Preset(name, "fusion", "VQA", kwargs, image_size, in_channels, task="vqa",
+                  train=dict(train or {}), description=description, inputs=("image", "question"),
+                  bench_batch=bench_batch)
+
+
+def _mmt_vqa(name, image_size, patch_size, in_channels, vocab_size, context_length, dim, num_heads, num_layers,
+             num_answers, dropout=0.1, cross_attention=False, image_positions=True, train=None, bench_batch=64,
+             description=""):
+    kwargs = dict(image_size=image_size, patch_size=patch_size, in_channels=in_channels, vocab_size=vocab_size,
+                  context_length=context_length, dim=dim, num_heads=num_heads, num_layers=num_layers,
+                  num_answers=num_answers, dropout=dropout, cross_attention=cross_attention,
+                  image_positions=image_positions)
+    return Preset(name, "multimodal", "MMTVQA", kwargs, image_size, in_channels, task="vqa",
+                  train=dict(train or {}), description=description, inputs=("image", "question"),
+                  bench_batch=bench_batch)
+
+
+# Measured with a plain jitted optax.adamw loop (see the fusion README notes): sized for 2 CPU cores.
+VQA_SCENES_RECIPE = dict(lr=2e-3, weight_decay=0.05, warmup_steps=200, batch_size=64, steps=3000,
+                         grad_clip=1.0, label_smoothing=0.0, data="scenes", num_scenes=10_000,
+                         num_test_scenes=500, num_objects=6, questions_per_scene=None, cell=None)
+MMT_VQA_SCENES_RECIPE = dict(VQA_SCENES_RECIPE)
+
+PRESETS.update({p.name: p for p in [
+    _vqa("vqa-scenes", 32, 4, 3, 64, 2, 4, SCENES_VOCAB_SIZE, SCENES_CONTEXT_LENGTH, 64, 1, 4, 64, 2, 4,
+         SCENES_NUM_ANSWERS, mlp_ratio=2, train=VQA_SCENES_RECIPE,
+         description="VQA on 32x32 scenes: ViT 4x4 patches 64 wide x 2, text 64 wide x 1, 2 fusion layers"),
+    _mmt_vqa("mmt-vqa-scenes", 32, 4, 3, SCENES_VOCAB_SIZE, SCENES_CONTEXT_LENGTH, 64, 4, 4,
+             SCENES_NUM_ANSWERS, dropout=0.0, train=MMT_VQA_SCENES_RECIPE,
+             description="the first source's multimodal transformer as a single-stream VQA classifier "
+                         "on 32x32 scenes: 4x4 patches, 64 wide x 4"),
+]})
+
+
 def _check_recipes():
     for p in PRESETS.values():
         missing = [k for k in RECIPE_KEYS if k not in p.train]
@@ -261,12 +308,23 @@ def random_captions(rs: np.random.RandomState, batch_size: int, vocab_size: int,
     return out
 
 
+def random_questions(rs: np.random.RandomState, batch_size: int, vocab_size: int, length: int) -> np.ndarray:
+    """(B, length) int64 questions as the tokenizer writes them: start-of-text (id `vocab_size - 2`),
+    words (ids 1 .. `vocab_size - 3`), end-of-text (`vocab_size - 1`), then padding 0; each row
+    holds 2 .. `length` real tokens."""
+    tokens = np.zeros((batch_size, length), np.int64)
+    for row, n in zip(tokens, rs.randint(2, length + 1, size=batch_size)):
+        row[:n] = [vocab_size - 2, *rs.randint(1, vocab_size - 2, size=n - 2), vocab_size - 1]
+    return tokens
+
+
 INPUT_KINDS: dict[str, Callable[[Preset, np.random.RandomState, int], np.ndarray]] = {
     "image": lambda p, rs, b: np.ascontiguousarray(
         rs.standard_normal((b, *p.input_shape_nchw)).astype(np.float32).transpose(0, 2, 3, 1)),
     "timestep": lambda p, rs, b: rs.randint(0, p.train["timesteps"], size=b),
     "tokens": lambda p, rs, b: random_tokens(rs, b, p.kwargs["vocab_size"], p.kwargs["context_length"]),
     "caption": lambda p, rs, b: random_captions(rs, b, p.kwargs["vocab_size"], p.kwargs["max_positions"]),
+    "question": lambda p, rs, b: random_questions(rs, b, p.kwargs["vocab_size"], p.kwargs["context_length"]),
 }
 
 

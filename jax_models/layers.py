@@ -239,21 +239,26 @@ def _fused_attend(q, k, v, scale, bias, mask, implementation, pad_to: int | None
 
 
 class Mlp(nn.Module):
-    """Dense -> GELU -> Dropout -> Dense -> Dropout, children '0' and '3' as in torch's nn.Sequential.
+    """Dense -> GELU -> Dropout -> Dense -> Dropout, children '0' and '3' as in torch's nn.Sequential;
+    `dropout_layers=False`: Dense -> GELU -> Dense, children '0' and '2' (the second source's FFN).
     `act` names the activation (`activation`): exact GELU by default."""
     in_features: int
     hidden_features: int
     out_features: int | None = None
     dropout: float = 0.0
+    dropout_layers: bool = True
     kernel_init: Any = torch_linear_init
     act: str = "gelu"
 
     @nn.compact
     def __call__(self, x, train: bool = False):
+        if self.dropout and not self.dropout_layers:
+            raise ValueError(f"dropout {self.dropout} needs dropout_layers=True")
         x = nn.Dense(self.hidden_features, kernel_init=self.kernel_init, name="0")(x)
         x = activation(self.act)(x)
         x = nn.Dropout(self.dropout)(x, deterministic=not train)
-        x = nn.Dense(self.out_features or self.in_features, kernel_init=self.kernel_init, name="3")(x)
+        x = nn.Dense(self.out_features or self.in_features, kernel_init=self.kernel_init,
+                     name="3" if self.dropout_layers else "2")(x)
         return nn.Dropout(self.dropout)(x, deterministic=not train)
 
 

@@ -673,3 +673,104 @@ class SwinTransformerBlock(nn.Module):
         x = x + self.drop_path(self.mlp(self.norm2(x)))
 
         return x
+
+
+# --- Multimodal Transformer (the text mask does not run: a bool mask is concatenated with a float
+# one, and a (B, L, L) mask reaches nn.MultiheadAttention; cross_attn and norm3 are never called) ---
+
+class MultimodalTransformer(nn.Module):
+    """Transformer with cross-modal attention."""
+    
+    def __init__(self, dim, num_heads, num_layers, vocab_size, max_seq_len=512):
+        super().__init__()
+        self.dim = dim
+        
+        # Text embedding
+        self.text_embed = nn.Embedding(vocab_size, dim)
+        self.pos_embed = nn.Embedding(max_seq_len, dim)
+        
+        # Image patch embedding
+        self.image_patch_embed = PatchEmbedding(embed_dim=dim)
+        
+        # Modality type embeddings
+        self.text_type_embed = nn.Parameter(torch.zeros(1, 1, dim))
+        self.image_type_embed = nn.Parameter(torch.zeros(1, 1, dim))
+        
+        # Transformer layers with cross-attention
+        self.layers = nn.ModuleList([
+            MultimodalTransformerLayer(dim, num_heads)
+            for _ in range(num_layers)
+        ])
+        
+        self.norm = nn.LayerNorm(dim)
+    
+    def forward(self, text_ids, image, text_mask=None):
+        """Forward pass with text and image inputs."""
+        
+        # Text encoding
+        text_embeds = self.text_embed(text_ids)
+        seq_len = text_ids.shape[1]
+        pos_ids = torch.arange(seq_len, device=text_ids.device).expand_as(text_ids)
+        text_embeds += self.pos_embed(pos_ids)
+        text_embeds += self.text_type_embed
+        
+        # Image encoding
+        image_embeds = self.image_patch_embed(image)
+        image_embeds += self.image_type_embed
+        
+        # Combine modalities
+        combined_embeds = torch.cat([text_embeds, image_embeds], dim=1)
+        
+        # Create attention mask
+        if text_mask is not None:
+            image_mask = torch.ones(image_embeds.shape[:2], device=image.device)
+            combined_mask = torch.cat([text_mask, image_mask], dim=1)
+        else:
+            combined_mask = None
+        
+        # Apply transformer layers
+        for layer in self.layers:
+            combined_embeds = layer(combined_embeds, combined_mask)
+        
+        return self.norm(combined_embeds)
+
+class MultimodalTransformerLayer(nn.Module):
+    """Transformer layer with cross-modal capabilities."""
+    
+    def __init__(self, dim, num_heads, dropout=0.1):
+        super().__init__()
+        self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
+        
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+        
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, dim * 4),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(dim * 4, dim),
+            nn.Dropout(dropout)
+        )
+    
+    def forward(self, x, mask=None):
+        # Self-attention
+        attn_mask = self._create_attention_mask(mask) if mask is not None else None
+        x2, _ = self.self_attn(x, x, x, attn_mask=attn_mask)
+        x = self.norm1(x + x2)
+        
+        # MLP
+        x2 = self.mlp(x)
+        x = self.norm2(x + x2)
+        
+        return x
+    
+    def _create_attention_mask(self, mask):
+        """Create attention mask for transformer."""
+        # mask: (batch_size, seq_len)
+        # output: (seq_len, seq_len) for each batch
+        seq_len = mask.shape[1]
+        mask = mask.unsqueeze(1).expand(-1, seq_len, -1)  # (batch, seq_len, seq_len)
+        mask = mask & mask.transpose(1, 2)  # Bidirectional mask
+        return ~mask  # Invert for attention mask

@@ -170,3 +170,125 @@ def zero_shot_classify(model, image, class_names):
     probs = F.softmax(similarities, dim=0)
     
     return probs
+
+
+# --- Multimodal Fusion with Cross-Attention, and VQA (its classifier takes 768 features; the pooled
+# vector has 1536) ---
+
+class CrossModalAttention(nn.Module):
+    def __init__(self, dim, num_heads=8):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.o_proj = nn.Linear(dim, dim)
+    
+    def forward(self, query_features, key_value_features):
+        """
+        query_features: (batch, query_len, dim) - e.g., text features
+        key_value_features: (batch, kv_len, dim) - e.g., image features
+        """
+        batch_size = query_features.shape[0]
+        
+        # Project
+        Q = self.q_proj(query_features)
+        K = self.k_proj(key_value_features)
+        V = self.v_proj(key_value_features)
+        
+        # Reshape for multi-head
+        Q = Q.view(batch_size, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        K = K.view(batch_size, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        V = V.view(batch_size, -1, self.num_heads, self.head_dim).transpose(1, 2)
+        
+        # Attention
+        scores = torch.matmul(Q, K.transpose(-2, -1)) / (self.head_dim ** 0.5)
+        attn = F.softmax(scores, dim=-1)
+        output = torch.matmul(attn, V)
+        
+        # Reshape and project
+        output = output.transpose(1, 2).contiguous()
+        output = output.view(batch_size, -1, self.num_heads * self.head_dim)
+        output = self.o_proj(output)
+        
+        return output
+
+class MultimodalFusion(nn.Module):
+    def __init__(self, dim=768, num_layers=6):
+        super().__init__()
+        
+        self.layers = nn.ModuleList([
+            nn.ModuleDict({
+                'text_to_image': CrossModalAttention(dim),
+                'image_to_text': CrossModalAttention(dim),
+                'text_self': nn.MultiheadAttention(dim, num_heads=8, batch_first=True),
+                'image_self': nn.MultiheadAttention(dim, num_heads=8, batch_first=True),
+                'text_ffn': nn.Sequential(
+                    nn.Linear(dim, dim * 4),
+                    nn.GELU(),
+                    nn.Linear(dim * 4, dim)
+                ),
+                'image_ffn': nn.Sequential(
+                    nn.Linear(dim, dim * 4),
+                    nn.GELU(),
+                    nn.Linear(dim * 4, dim)
+                )
+            })
+            for _ in range(num_layers)
+        ])
+    
+    def forward(self, text_features, image_features):
+        for layer in self.layers:
+            # Self-attention
+            text_features = text_features + layer['text_self'](
+                text_features, text_features, text_features
+            )[0]
+            image_features = image_features + layer['image_self'](
+                image_features, image_features, image_features
+            )[0]
+            
+            # Cross-attention
+            text_features = text_features + layer['text_to_image'](
+                text_features, image_features
+            )
+            image_features = image_features + layer['image_to_text'](
+                image_features, text_features
+            )
+            
+            # FFN
+            text_features = text_features + layer['text_ffn'](text_features)
+            image_features = image_features + layer['image_ffn'](image_features)
+        
+        return text_features, image_features
+
+class VQAModel(nn.Module):
+    def __init__(self, image_encoder, text_encoder, num_answers=3000):
+        super().__init__()
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder
+        
+        # Fusion
+        self.fusion = MultimodalFusion(dim=768)
+        
+        # Answer classifier
+        self.classifier = nn.Linear(768, num_answers)
+    
+    def forward(self, image, question):
+        # Encode
+        image_features = self.image_encoder(image)
+        question_features = self.text_encoder(question)
+        
+        # Fuse
+        text_fused, image_fused = self.fusion(question_features, image_features)
+        
+        # Pool and classify
+        pooled = torch.cat([
+            text_fused.mean(dim=1),
+            image_fused.mean(dim=1)
+        ], dim=-1)
+        
+        logits = self.classifier(pooled)
+        
+        return logits

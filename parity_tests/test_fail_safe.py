@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from parity_tests.test_parallel import TASK_PRESETS
+from parity_tests.test_parallel import TASK_PRESETS, task_cases
 from presets import get_preset, without_dropout
 from train import steps
 from train.tasks import get_task, init_variables
@@ -29,7 +29,7 @@ def _same(a, b) -> bool:
                for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True))
 
 
-@pytest.mark.parametrize("name", TASK_PRESETS.values(), ids=list(TASK_PRESETS))
+@pytest.mark.parametrize("name", task_cases())
 def test_a_nonfinite_step_changes_nothing_in_jax(name):
     preset = without_dropout(get_preset(name))
     task = get_task(preset)

@@ -20,6 +20,18 @@ from train.tasks import TASKS, get_task, init_variables
 # The smallest preset of each task (the first tiny one in the table).
 TASK_PRESETS = {task: next(n for n, p in PRESETS.items() if p.task == task and n not in SLOW)
                 for task in sorted(TASKS) if any(p.task == task for p in PRESETS.values())}
+# Tasks whose cases here and in test_fail_safe run in `make test-all` only (the test-time budget),
+# with the reason; a task's claim stays in the default run through a task with the same step.
+SLOW_TASKS = {"vqa": "VQAModel's three towers compile for 1-4 min under pmap at load 10; its step "
+                     "is classification's (gradient_step around a cross-entropy), whose cases run"}
+
+
+def task_cases():
+    """pytest params over TASK_PRESETS (id: the task), `slow` for SLOW_TASKS."""
+    return [pytest.param(name, id=task, marks=[pytest.mark.slow] if task in SLOW_TASKS else [])
+            for task, name in TASK_PRESETS.items()]
+
+
 # SGD makes each weight's change its gradient (rate 100: the change dwarfs the float32 spacing of
 # a weight near 1, a norm scale say). AdamW's first step divides every gradient element by its own
 # magnitude, so elements near zero turn rounding noise into changes of the order of the rate.
@@ -42,8 +54,8 @@ SLOW_MESH = {
 
 
 def mesh_cases():
-    return [pytest.param(name, marks=[pytest.mark.slow] if task in SLOW_MESH else [], id=task)
-            for task, name in TASK_PRESETS.items()]
+    return [pytest.param(name, marks=[pytest.mark.slow] if task in SLOW_MESH or task in SLOW_TASKS else [],
+                         id=task) for task, name in TASK_PRESETS.items()]
 
 
 def sgd_lr(task: str) -> float:
@@ -56,9 +68,25 @@ def change_error(old, a, b) -> float:
     return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max() / max(change, 1e-12))
 
 
+def change_errors(old, a, b) -> dict:
+    """{leaf path: `change_error`}; a leaf whose true gradient is 0 (`harness.ZERO_GRADIENT`, and
+    the key bias of the `nn.MultiheadAttention` twin, which keeps q, k, v apart where torch packs
+    them: its SGD change is rounding noise) is measured against the largest change of any leaf."""
+    from parity_tests.harness import ZERO_GRADIENT
+    zero_suffixes = (*ZERO_GRADIENT, "key.bias")
+
+    f64 = lambda t: {jax.tree_util.keystr(k): np.asarray(v, np.float64)  # noqa: E731
+                     for k, v in jax.tree_util.tree_flatten_with_path(t)[0]}
+    old, a, b = f64(old), f64(a), f64(b)
+    largest = max(np.abs(a[k] - old[k]).max() for k in a)
+    zero = lambda k: k.replace("']['", ".").strip("[']").endswith(zero_suffixes)  # noqa: E731
+    return {k: (float(np.abs(a[k] - b[k]).max() / largest) if zero(k) else change_error(old[k], a[k], b[k]))
+            for k in a}
+
+
 @pytest.mark.skipif(jax.local_device_count() < 8, reason="needs 8 (fake) devices; conftest sets "
                     "XLA_FLAGS=--xla_force_host_platform_device_count=8")
-@pytest.mark.parametrize("name", TASK_PRESETS.values(), ids=list(TASK_PRESETS))
+@pytest.mark.parametrize("name", task_cases())
 def test_pmap_step_on_8_shards_equals_jit_on_whole_batch(name):
     preset = without_dropout(get_preset(name))
     task = get_task(preset)
@@ -74,8 +102,8 @@ def test_pmap_step_on_8_shards_equals_jit_on_whole_batch(name):
     assert all(np.array_equal(x[0], x[-1]) for x in replicas), "the devices' copies differ"
     pmap_state = steps.unreplicate(pmap_state)
     assert int(pmap_state.step) == int(jit_state.step) == 1
-    errs = jax.tree_util.tree_map(change_error, state.params, jit_state.params, pmap_state.params)
-    worst = max(jax.tree_util.tree_leaves(errs))
+    errs = change_errors(state.params, jit_state.params, pmap_state.params)
+    worst = max(errs.values())
     print(f"{name}: pmap(8) vs jit, worst relative weight-change error {worst:.2e}")
     assert worst <= 1e-5, errs
     for k in jit_m:
@@ -100,8 +128,8 @@ def test_mesh_step_equals_jit_on_whole_batch(name, fsdp):
             steps.put_state(state, shardings), steps.put_batch(batch, mesh))
     split = [x for x in jax.tree_util.tree_leaves(mesh_state.params) if not x.sharding.is_fully_replicated]
     assert bool(split) == fsdp, "FSDP splits the parameters, the replicated mesh does not"
-    errs = jax.tree_util.tree_map(change_error, state.params, jit_state.params, mesh_state.params)
-    worst = max(jax.tree_util.tree_leaves(errs))
+    errs = change_errors(state.params, jit_state.params, mesh_state.params)
+    worst = max(errs.values())
     print(f"{name}: mesh(8{', fsdp' if fsdp else ''}) vs jit, worst relative weight-change error {worst:.2e}")
     assert worst <= 1e-5, errs
     for k in jit_m:

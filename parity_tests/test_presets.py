@@ -39,6 +39,8 @@ TRAJECTORY_LR = {
                        "(5e-4 after 2000 warm-up steps) reaches by step 20"),
 }
 
+# Trajectories run by `make test-all` only (the test-time budget); a smaller twin's runs by default.
+
 # ReLU feed-forward at full size: float32 rounding puts some pre-activations on opposite sides of
 # the kink in the two frameworks; each flips a unit's derivative, so the float32 gradient and
 # trajectory checks are xfail only when such flips exist. float64 (no ties) holds the tolerances.
@@ -54,6 +56,10 @@ SLOW_CHECKS = {
                                     "the fused kernel's forward stays in the default run",
     ("caption-scenes", "fused-gradients"): "every gradient leaf through the fused kernel; its forward, and "
                                            "every gradient leaf through the default kernel, stay in the default run",
+    ("vqa-scenes", "trajectory"): "ViT, text tower and fusion (50 s a precision at load 12); test_fusion's "
+                                  "CrossModalAttention trajectory runs by default",
+    ("mmt-vqa-scenes", "trajectory"): "4 layers (45 s a precision at load 12); test_multimodal's 2-layer "
+                                      "float64 trajectory runs by default",
 }
 
 

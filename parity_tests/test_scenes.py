@@ -28,11 +28,14 @@ def test_deterministic_from_the_seed():
     assert q1 == scenes.make_questions(b_obj, 32, seed=1, per_scene=10) and len(q1) == 50
 
 
-@pytest.mark.parametrize("image_size, num_objects", [(32, 6), (48, 4), (75, 6)])
-def test_pixels_show_the_object_lists(image_size, num_objects):
+@pytest.mark.parametrize("image_size, num_objects, cell",
+                         [(32, 6, None), (48, 4, None), (75, 6, None), (40, 6, 10)])
+def test_pixels_show_the_object_lists(image_size, num_objects, cell):
     """Each object's box holds only its colour (and ground at a circle's corners); every other
-    pixel is ground; colours are distinct; boxes are a pixel apart; no centre on a midline."""
-    images, objects = scenes.make_scenes(20, seed=1, image_size=image_size, num_objects=num_objects)
+    pixel is ground; colours are distinct; boxes are a pixel apart; no centre on a midline; with
+    `cell`, each box inside its own cell."""
+    images, objects = scenes.make_scenes(20, seed=1, image_size=image_size, num_objects=num_objects,
+                                         object_size=7 if cell else None, cell=cell)
     unit = lambda rgb: np.array(rgb, np.uint8) / np.float32(127.5) - 1   # as the images are made
     ground = unit(scenes.GROUND)
     for img, objs in zip(images, objects):
@@ -51,9 +54,13 @@ def test_pixels_show_the_object_lists(image_size, num_objects):
             if o["shape"] == "circle":
                 assert not is_color[0, 0] and is_color[s // 2].all() and is_color[:, s // 2].all()
             covered[r0:r0 + s, c0:c0 + s] = True
+            if cell:
+                assert r0 // cell == (r0 + s) // cell and c0 // cell == (c0 + s) // cell
         assert np.all(img[~covered] == ground)
         for a, b in itertools.combinations(objs, 2):
             assert max(abs(a["x"] - b["x"]), abs(a["y"] - b["y"])) >= a["size"] + 1
+            if cell:
+                assert (a["x"] // cell, a["y"] // cell) != (b["x"] // cell, b["y"] // cell)
 
 
 def test_a_range_of_object_counts():
@@ -142,7 +149,62 @@ def test_scene_caption_left_to_right():
     (dict(num_objects=(3, 2)), r"or a pair lo <= hi in that range; got \(3, 2\)"),
     (dict(image_size=16, object_size=7), r"cannot place 6 objects of size 7 without overlap in a 16x16 image"),
     (dict(image_size=8, object_size=9), r"object_size must be between 1 and the image size 8; got 9"),
+    (dict(image_size=40, object_size=7, cell=12), r"cell must divide the image size 40, .* got cell 12"),
+    (dict(image_size=40, object_size=10, cell=10), r"exceed object_size 10 .* got cell 10"),
+    (dict(image_size=20, object_size=7, cell=10), r"leave at least 6 cells; got cell 10"),
 ])
 def test_options_that_cannot_be_met(kwargs, message):
     with pytest.raises(ValueError, match=message):
         scenes.make_scenes(2, seed=0, **kwargs)
+
+
+# --- the vqa task's data and report -------------------------------------------------------------
+
+
+def _resolve(tmp_path, data=None, model=None, **recipe):
+    from train.loop import Config, resolve
+    return resolve(Config(preset="vqa-scenes", workdir=str(tmp_path), progress=False, data=data,
+                          model_overrides=model or {},
+                          recipe_overrides={"num_scenes": 3, "num_test_scenes": 2, **recipe}))
+
+
+def test_scenes_data_is_a_fixed_split_of_questions_on_shared_images(tmp_path):
+    r = _resolve(tmp_path)
+    train, test = r.train_data, r.test_data
+    assert len(train.images) == 3 and len(test.images) == 2
+    assert len(train) > 3 * 20 and train.num_classes == len(scenes.ANSWERS)
+    rows = train.rows(np.array([0, len(train) - 1]))
+    assert np.array_equal(rows["image"], train.images[[0, 2]])
+    assert rows["question"].shape == (2, presets.SCENES_CONTEXT_LENGTH)
+    again = _resolve(tmp_path / "again")
+    assert np.array_equal(again.test_data.images, test.images)
+    assert not np.array_equal(train.images[:2], test.images)
+
+
+@pytest.mark.parametrize("recipe, message", [
+    (dict(num_objects=7), "num_objects must be between 1 and 6"),
+    (dict(num_scenes=0), "num_scenes must be a positive number of scenes; got 0"),
+    (dict(model={"context_length": 8}), "the longest question has 14 tokens; preset 'vqa-scenes' has "
+                                        "context_length 8"),
+    (dict(data="digits"), "expected --data scenes, got 'digits'"),
+    (dict(model={"vocab_size": 30}), "the scenes' questions need 37 token ids; preset 'vqa-scenes' has "
+                                     "vocab_size 30"),
+])
+def test_scenes_options_that_cannot_be_met_are_named(tmp_path, recipe, message):
+    """Before anything is trained (the model's sizes are checked in the task's setup)."""
+    with pytest.raises(ValueError, match=message):
+        r = _resolve(tmp_path, **recipe)
+        r.task.setup(r)
+
+
+def test_the_report_splits_relational_from_nonrelational():
+    from train.tasks.vqa import FAMILIES, accuracy_report, question_dataset
+
+    data = question_dataset(scenes.make_vqa(4, seed=0))
+    relational = data.extras["relational"].astype(bool)
+    wrong = (data.labels + 1) % len(scenes.ANSWERS)
+    report = accuracy_report(data, np.zeros(len(data)), np.where(relational, data.labels, wrong))
+    assert report["accuracy_relational"] == 1.0 and report["accuracy_nonrelational"] == 0.0
+    assert report["eval_accuracy"] == relational.mean() and report["eval_examples"] == len(data)
+    for name in FAMILIES:
+        assert report[f"accuracy_{name}"] == float(scenes.FAMILIES[name][0])

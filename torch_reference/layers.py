@@ -133,15 +133,24 @@ def activation(act: str) -> nn.Module:
 
 
 class Mlp(nn.Sequential):
-    """Linear -> GELU -> Dropout -> Linear -> Dropout, keyed `0` and `3` like the sources' nn.Sequential.
+    """Linear -> GELU -> Dropout -> Linear -> Dropout, keyed `0` and `3` like the sources' nn.Sequential;
+    `dropout_layers=False`: Linear -> GELU -> Linear, keyed `0` and `2` (the second source's FFN).
     `act` names the activation (`activation`): exact GELU by default."""
 
-    def __init__(self, in_features, hidden_features, out_features=None, dropout=0.0, act="gelu"):
+    def __init__(self, in_features, hidden_features, out_features=None, dropout=0.0, dropout_layers=True,
+                 act="gelu"):
+        if dropout and not dropout_layers:
+            raise ValueError(f"dropout {dropout} needs dropout_layers=True")
+        out_features = out_features or in_features
+        if not dropout_layers:
+            super().__init__(nn.Linear(in_features, hidden_features), activation(act),
+                             nn.Linear(hidden_features, out_features))
+            return
         super().__init__(
             nn.Linear(in_features, hidden_features),
             activation(act),
             nn.Dropout(dropout),
-            nn.Linear(hidden_features, out_features or in_features),
+            nn.Linear(hidden_features, out_features),
             nn.Dropout(dropout),
         )
 

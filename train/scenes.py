@@ -41,7 +41,7 @@ def default_object_size(image_size: int) -> int:
 
 
 def make_scenes(n: int, seed: int, image_size: int = 32, num_objects: int | tuple[int, int] = 6,
-                object_size: int | None = None) -> tuple[np.ndarray, list[list[dict]]]:
+                object_size: int | None = None, cell: int | None = None) -> tuple[np.ndarray, list[list[dict]]]:
     """(images (n, image_size, image_size, 3) float32 in [-1, 1], objects): `objects[i]` lists
     image i's objects as dicts `color`, `shape`, `x`, `y` (centre in pixels, x to the right, y
     down; a pixel (r, c) has its centre at (c + 0.5, r + 0.5)) and `size` (side / diameter).
@@ -49,7 +49,9 @@ def make_scenes(n: int, seed: int, image_size: int = 32, num_objects: int | tupl
     `num_objects` distinct colours are drawn per scene, or, for a pair (lo, hi), a number drawn
     uniformly from lo..hi per scene (scenes with few objects make the colour words easier to
     learn). Objects keep at least one pixel of ground between them and no centre lies on a
-    midline, so every half is unambiguous."""
+    midline, so every half is unambiguous. With `cell`, the image is a grid of cell x cell squares
+    and each object lies inside its own square (at a random offset, its last row and column
+    ground): with patches of the cell's size every object is one token."""
     size = default_object_size(image_size) if object_size is None else object_size
     lo, hi = (num_objects, num_objects) if np.ndim(num_objects) == 0 else num_objects
     if not 1 <= lo <= hi <= len(COLORS):
@@ -57,13 +59,20 @@ def make_scenes(n: int, seed: int, image_size: int = 32, num_objects: int | tupl
                          f"{', '.join(COLORS)}), or a pair lo <= hi in that range; got {num_objects}")
     if not 1 <= size <= image_size:
         raise ValueError(f"object_size must be between 1 and the image size {image_size}; got {size}")
+    if cell is not None:
+        if image_size % cell or not size < cell or (image_size // cell) ** 2 < hi:
+            raise ValueError(f"cell must divide the image size {image_size}, exceed object_size {size} and "
+                             f"leave at least {hi} cells; got cell {cell}")
     rng = np.random.default_rng(seed)
     images = np.empty((n, image_size, image_size, 3), np.float32)
     objects = []
     colors = list(COLORS)
     for i in range(n):
         k = lo if lo == hi else int(rng.integers(lo, hi + 1))
-        corners = _place(rng, k, size, image_size)
+        if cell is None:
+            corners = _place(rng, k, size, image_size)
+        else:
+            corners = _place_in_cells(rng, k, size, image_size, cell)
         picked = rng.permutation(len(colors))[:k]
         shapes = rng.integers(0, len(SHAPES), k)
         canvas = np.empty((image_size, image_size, 3), np.uint8)
@@ -99,6 +108,16 @@ def _place(rng, k: int, size: int, image_size: int) -> list[tuple[int, int]]:
     raise ValueError(f"cannot place {k} objects of size {size} without overlap in a {image_size}x{image_size} "
                      f"image ({MAX_TRIES} tries per object, {MAX_TRIES} scene draws); expected fewer "
                      "objects, smaller objects or a larger image")
+
+
+def _place_in_cells(rng, k: int, size: int, image_size: int, cell: int) -> list[tuple[int, int]]:
+    """Top-left corners of `k` squares of side `size`, each in its own cell of a grid."""
+    g, half = image_size // cell, image_size / 2
+    while True:
+        corners = [(cell * int(j // g) + int(rng.integers(0, cell - size)),
+                    cell * int(j % g) + int(rng.integers(0, cell - size))) for j in rng.permutation(g * g)[:k]]
+        if all(r + size / 2 != half and c + size / 2 != half for r, c in corners):
+            return corners
 
 
 def _draw(canvas: np.ndarray, r: int, c: int, size: int, shape: str, rgb) -> None:
@@ -183,11 +202,11 @@ class VQAData:
 
 
 def make_vqa(n: int, seed: int, image_size: int = 32, num_objects: int | tuple[int, int] = 6,
-             object_size: int | None = None,
-             questions_per_scene: int | None = None, tokenizer: Tokenizer | None = None) -> VQAData:
+             object_size: int | None = None, cell: int | None = None, questions_per_scene: int | None = None,
+             tokenizer: Tokenizer | None = None) -> VQAData:
     """`n` scenes (`make_scenes`) and their questions (`make_questions`) tokenized by
     `tokenizer` (default `scenes_tokenizer()`)."""
-    images, objects = make_scenes(n, seed, image_size, num_objects, object_size)
+    images, objects = make_scenes(n, seed, image_size, num_objects, object_size, cell)
     qs = make_questions(objects, image_size, seed + 1, questions_per_scene)
     tok = tokenizer or scenes_tokenizer()
     texts = tuple(q["question"] for q in qs)

@@ -70,6 +70,7 @@ class TorchTrainer:
             loss, metrics = self.task.torch_loss(self.model, batch, self.recipe)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        zero_unused_grads(self.model)
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
         norm = torch.sqrt(sum((g.double() ** 2).sum() for g in grads)).float()
         if not (torch.isfinite(loss) and torch.isfinite(norm)):
@@ -112,6 +113,14 @@ class TorchTrainer:
                 "exp_avg_sq": torch.from_numpy(np.array(tree["optimizer"]["exp_avg_sq"][i]))}
         torch.set_rng_state(torch.from_numpy(np.array(tree["torch_rng"], np.uint8)))
         self.task.load_torch_extra_state(self, tree)
+
+
+def zero_unused_grads(model: torch.nn.Module):
+    """A weight the forward did not use gets a zero gradient, as in JAX, so that AdamW decays it
+    (and keeps its moments) in both backends."""
+    for p in model.parameters():
+        if p.requires_grad and p.grad is None:
+            p.grad = torch.zeros_like(p)
 
 
 def decayed_names(params) -> set[str]:

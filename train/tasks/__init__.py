@@ -5,6 +5,6 @@ whose `task` names it. Nothing else in the project branches on a task's name.
 """
 
 from train.tasks.base import TASKS, Task, get_task, init_variables, register
-from train.tasks import captioning, classification, contrastive, diffusion  # noqa: F401  (fill TASKS)
+from train.tasks import captioning, classification, contrastive, diffusion, vqa  # noqa: F401  (fill TASKS)
 
 __all__ = ["TASKS", "Task", "get_task", "init_variables", "register"]

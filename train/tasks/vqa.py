@@ -1,0 +1,208 @@
+"""Visual question answering on generated scenes (`train/scenes.py`, Sort-of-CLEVR): the preset's
+model maps (image, question tokens) to logits over the answer words.
+
+`--data scenes` draws `num_scenes` training and `num_test_scenes` held-out scenes (recipe keys,
+e.g. `--recipe num_scenes=2000`) with every question that has a unique answer, or
+`questions_per_scene` of them. The summary gives the held-out accuracy overall, on relational and
+non-relational questions, and per question family (`accuracy_<family>`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from tokenizer import split_words
+from train import data as data_lib
+from train import scenes
+from train import steps
+from train.tasks.base import Task, image_batches, register
+from train.tasks.classification import classification_loss
+
+TRAIN_SEED, TEST_SEED = 0, 1  # the fixed split: scenes of seed 0 train, of seed 1 are held out
+FAMILIES = tuple(scenes.FAMILIES)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuestionDataset(data_lib.ArrayDataset):
+    """Questions about shared images: example i asks about `images[image_index[i]]`; `labels` are
+    answer ids, `extras` the question tokens ('question'), 'relational' and 'family' (index in
+    `FAMILIES`)."""
+    image_index: np.ndarray = None  # (N,) int32
+
+    def __post_init__(self):
+        lengths = {k: len(v) for k, v in {"image_index": self.image_index, **self.extras}.items()}
+        bad = {k: n for k, n in lengths.items() if n != len(self.labels)}
+        if bad:
+            raise ValueError(f"{len(self.labels)} questions but arrays of lengths {bad}")
+
+    def rows(self, index) -> dict[str, np.ndarray]:
+        return {"image": self.images[self.image_index[index]], "label": self.labels[index],
+                **{k: v[index] for k, v in self.extras.items()}}
+
+
+def question_dataset(vqa: scenes.VQAData) -> QuestionDataset:
+    family = np.array([FAMILIES.index(f) for f in vqa.family], np.int32)
+    return QuestionDataset(vqa.images, vqa.answers, scenes.ANSWERS,
+                           {"question": vqa.tokens, "relational": vqa.relational.astype(np.int32),
+                            "family": family}, image_index=vqa.image_index)
+
+
+def check_preset(preset):
+    """The scenes' tokenizer at the preset's context, once the preset is known to fit the scenes'
+    vocabulary, longest question and answers."""
+    kw = preset.kwargs
+    tokenizer = scenes.scenes_tokenizer(kw["context_length"])
+    if tokenizer.vocab_size > kw["vocab_size"]:
+        raise ValueError(f"the scenes' questions need {tokenizer.vocab_size} token ids; preset "
+                         f"{preset.name!r} has vocab_size {kw['vocab_size']}")
+    if len(scenes.ANSWERS) > kw["num_answers"]:
+        raise ValueError(f"the scenes have {len(scenes.ANSWERS)} answers; preset {preset.name!r} has "
+                         f"num_answers {kw['num_answers']}")
+    longest = 2 + max(len(split_words(t.format(c))) for c in scenes.COLORS for _, t in scenes.FAMILIES.values())
+    if longest > kw["context_length"]:
+        raise ValueError(f"the longest question has {longest} tokens; preset {preset.name!r} has "
+                         f"context_length {kw['context_length']}")
+    return tokenizer
+
+
+def load_scenes(spec: str, preset, recipe: dict) -> tuple[QuestionDataset, QuestionDataset]:
+    """(train, test) for `--data scenes`, checked against the preset's vocabulary, context and
+    answers."""
+    if spec != "scenes":
+        raise ValueError(f"VQA presets train on generated scenes: expected --data scenes, got {spec!r}")
+    for key in ("num_scenes", "num_test_scenes"):
+        if not isinstance(recipe[key], int) or recipe[key] < 1:
+            raise ValueError(f"{key} must be a positive number of scenes; got {recipe[key]!r}")
+    tokenizer = check_preset(preset)
+    objects = recipe["num_objects"]
+    objects = tuple(objects) if isinstance(objects, (list, tuple)) else objects
+    make = lambda n, seed: question_dataset(scenes.make_vqa(  # noqa: E731
+        n, seed, preset.image_size, objects, cell=recipe.get("cell"),
+        questions_per_scene=recipe["questions_per_scene"], tokenizer=tokenizer))
+    return make(recipe["num_scenes"], TRAIN_SEED), make(recipe["num_test_scenes"], TEST_SEED)
+
+
+def vqa_step(state: steps.TrainState, batch: dict, rng: jax.Array, *, label_smoothing: float = 0.0,
+             axis_name: str | None = None) -> tuple[steps.TrainState, dict]:
+    """One update on {'image': (B, H, W, C), 'question': (B, L), 'label': (B,)}. Metrics: loss,
+    accuracy, grad_norm."""
+    def loss_fn(params, rng):
+        logits = state.apply_fn(state.variables(params), batch["image"], batch["question"], train=True,
+                                rngs={"dropout": rng})
+        loss, accuracy = classification_loss(logits, batch["label"], label_smoothing)
+        return loss, {"accuracy": accuracy}
+    return steps.gradient_step(state, loss_fn, rng, axis_name)
+
+
+@jax.jit
+def predict_step(state: steps.TrainState, batch: dict) -> tuple[jax.Array, jax.Array]:
+    """(per-question losses, predicted answer ids) in eval mode."""
+    logits = state.apply_fn(state.variables(), batch["image"], batch["question"], train=False)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]), jnp.argmax(logits, -1)
+
+
+def accuracy_report(data: QuestionDataset, losses: np.ndarray, predictions: np.ndarray) -> dict:
+    """eval_accuracy, accuracy_relational, accuracy_nonrelational, accuracy_<family> and eval_loss
+    over the held-out questions."""
+    correct = predictions == data.labels
+    relational = data.extras["relational"].astype(bool)
+    family = data.extras["family"]
+    out = {"eval_accuracy": float(correct.mean()),
+           "accuracy_relational": float(correct[relational].mean()) if relational.any() else None,
+           "accuracy_nonrelational": float(correct[~relational].mean()) if (~relational).any() else None}
+    for i, name in enumerate(FAMILIES):
+        out[f"accuracy_{name}"] = float(correct[family == i].mean()) if (family == i).any() else None
+    return {**out, "eval_loss": float(losses.mean()), "eval_examples": int(len(correct))}
+
+
+EVAL_BATCH = 512
+
+
+@register
+class VQA(Task):
+    """Scenes and questions to answer words: the preset's model gives (B, num_answers) logits of
+    (image, question)."""
+
+    name = "vqa"
+    report = ("accuracy_nonrelational", "accuracy_relational", "eval_accuracy")
+
+    def load_data(self, spec: str, preset, recipe: dict):
+        return load_scenes(spec, preset, recipe)
+
+    def setup(self, r) -> dict:
+        check_preset(r.preset)
+        return {}
+
+    def batch(self, batch: dict, step: int, r) -> dict:
+        return {"image": batch["image"], "question": batch["question"], "label": batch["label"]}
+
+    def example_batch(self, preset, batch_size: int, seed: int = 0) -> dict:
+        from presets import example_inputs
+        images, questions = example_inputs(preset, batch_size, seed)
+        labels = np.random.RandomState(seed + 1).randint(0, preset.kwargs["num_answers"], batch_size)
+        return {"image": images, "question": questions.astype(np.int32), "label": labels.astype(np.int32)}
+
+    def step_kwargs(self, recipe: dict) -> dict:
+        return {"label_smoothing": recipe["label_smoothing"]}
+
+    @property
+    def jax_step(self):
+        return vqa_step
+
+    def jax_evaluate(self, model, state, r) -> dict:
+        losses, predictions = [], []
+        for batch in data_lib.eval_batches(r.test_data, min(EVAL_BATCH, len(r.test_data))):
+            n = int(batch["mask"].sum())
+            loss, pred = jax.device_get(predict_step(state, self.batch(batch, 0, r)))
+            losses.append(loss[:n])
+            predictions.append(pred[:n])
+        return accuracy_report(r.test_data, np.concatenate(losses), np.concatenate(predictions))
+
+    def torch_loss(self, model, batch: dict, recipe: dict):
+        import torch.nn.functional as F
+
+        logits = model(batch["image"], batch["question"])
+        loss = F.cross_entropy(logits.float(), batch["label"], label_smoothing=recipe["label_smoothing"])
+        return loss, {"accuracy": (logits.argmax(-1) == batch["label"]).float().mean()}
+
+    def torch_evaluate(self, trainer, r) -> dict:
+        import torch
+        import torch.nn.functional as F
+
+        from bridge.verify import framework_inputs
+
+        model = trainer.model
+        model.eval()
+        losses, predictions = [], []
+        with torch.no_grad():
+            for start in range(0, len(r.test_data), EVAL_BATCH):
+                rows = r.test_data.rows(slice(start, start + EVAL_BATCH))
+                (images, questions, labels), _ = framework_inputs((rows["image"], rows["question"], rows["label"]))
+                logits = model(images, questions).float()
+                losses.append(F.cross_entropy(logits, labels, reduction="none").numpy())
+                predictions.append(logits.argmax(-1).numpy())
+        return accuracy_report(r.test_data, np.concatenate(losses), np.concatenate(predictions))
+
+    def parity_losses(self, flax_model):
+        """Cross-entropy on batches of (images, questions, answer ids)."""
+        import torch
+
+        def torch_loss(model, batch):
+            *inputs, y = batch
+            return torch.nn.functional.cross_entropy(model(*inputs), y)
+
+        def flax_loss(params, variables, batch):
+            *inputs, y = batch
+            logits = flax_model.apply({**variables, "params": params}, *inputs)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        return torch_loss, flax_loss
+
+    def parity_batches(self, preset, n: int, batch_size: int, seed: int = 0):
+        answers = preset.kwargs["num_answers"]
+        return image_batches(preset, n, batch_size, seed, lambda rs, arrays: (rs.randint(0, answers, len(arrays[0])),))
