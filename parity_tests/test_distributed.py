@@ -15,10 +15,10 @@ import time
 import numpy as np
 import pytest
 
-pytestmark = pytest.mark.xdist_group("distributed")   # one worker: the module fixture runs once
-
 from bridge import load_safetensors
 from parity_tests import harness
+
+pytestmark = pytest.mark.xdist_group("distributed")   # one worker: the module fixture runs once
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_ARGS = ["--set", "depth=1", "--set", "embed_dim=16", "--set", "num_heads=2"]
