@@ -363,7 +363,7 @@ def _decoder_errors(tmp_path, config, batch_size=2, length=12, image_tokens=5):
     return rel_err(ref, t), rel_err(ref, np.asarray(f))
 
 
-def _generation(tmp_path, encoder, decoder, n_images=3, max_length=6):
+def _generation(tmp_path, encoder, decoder, n_images=3, max_length=6, initializer_range=0.2):
     """(HF's greedy tokens padded to 1 + max_length, ours in torch, ours in JAX), and the teacher-
     forced logits' (torch, Flax) relative errors."""
     from jax_models.captioning import generate
@@ -371,7 +371,8 @@ def _generation(tmp_path, encoder, decoder, n_images=3, max_length=6):
     rs = np.random.RandomState(0)
     images = rs.standard_normal((n_images, 3, encoder["image_size"], encoder["image_size"])).astype(np.float32)
     source_dir, out = tmp_path / "source", tmp_path / "imported"
-    source, ref = _hf_captioner(str(source_dir), encoder, decoder, torch.from_numpy(images), max_length)
+    source, ref = _hf_captioner(str(source_dir), encoder, decoder, torch.from_numpy(images), max_length,
+                                initializer_range)
     assert main(["import", "--from", "hf", "--arch", "VisionEncoderDecoderModel", str(source_dir), "--out", str(out)]) == 0
     torch_model, flax_model, variables = load(out)
     pad = torch_model.text_decoder.config.pad_token_id
@@ -428,8 +429,11 @@ def test_full_size_hf_gpt2_decoder_logits(tmp_path):
 
 @pytest.mark.slow
 def test_full_size_hf_vision_encoder_decoder_generate(tmp_path):
+    """At transformers' own initial spread (0.02): the tiny test's 0.2 makes 24 full-size layers
+    chaotic (float32 rounding alone moves the logits by several per cent)."""
     (ref, ours_torch, ours_jax), errors = _generation(
-        tmp_path, FULL_VIT_ENCODER, {**FULL_GPT2, "vocab_size": 50257}, n_images=2, max_length=5)
+        tmp_path, FULL_VIT_ENCODER, {**FULL_GPT2, "vocab_size": 50257}, n_images=2, max_length=5,
+        initializer_range=0.02)
     print(f"VisionEncoderDecoderModel: logits torch {errors[0]:.1e} Flax {errors[1]:.1e}; tokens {ref.tolist()}")
     np.testing.assert_array_equal(ours_torch, ref)
     np.testing.assert_array_equal(ours_jax, ref)
