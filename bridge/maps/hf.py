@@ -1,6 +1,8 @@
 """Hugging Face transformers checkpoints: `CLIPModel` into `clip.CLIPModel` (of a
 `vit.VisionTransformer` and a `clip.TextTransformer`), `ViTModel` and `ViTForImageClassification`
-into `vit.VisionTransformer`.
+into `vit.VisionTransformer`, `GPT2LMHeadModel` with `add_cross_attention=True` into
+`captioning.TextDecoder` (GPT-2's Conv1D weights transposed; the LM head must be `wte`), and a
+`VisionEncoderDecoderModel` of a ViT and a GPT-2 into `captioning.ImageCaptioningModel`.
 
 Facts come from the model folder's `config.json` (transformers' names: `hidden_size`,
 `num_attention_heads`, `layer_norm_eps`, `hidden_act`, ...); every size the weights show is taken
