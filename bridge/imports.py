@@ -417,7 +417,8 @@ def import_checkpoint(library: str, arch: str, checkpoint: str | os.PathLike,
 def example_inputs(config: Mapping, batch_size: int = 2, seed: int = 0):
     """(torch inputs, Flax inputs) for the model of an import's config: its `inputs` entries
     drawn in order from one seeded stream (images N(0, 1), NCHW for torch and NHWC for Flax; CLIP
-    text tokens with the end-of-text id, the largest, once per row)."""
+    text tokens with the end-of-text id, the largest, once per row; a decoder's encoder hidden
+    states `features` N(0, 1))."""
     import torch
 
     from presets import random_tokens
@@ -430,6 +431,10 @@ def example_inputs(config: Mapping, batch_size: int = 2, seed: int = 0):
             x = rs.standard_normal((batch_size, shape[2], shape[0], shape[1])).astype(np.float32)
             torch_in.append(torch.from_numpy(x))
             flax_in.append(np.ascontiguousarray(x.transpose(0, 2, 3, 1)))
+        elif kind == "features":   # a decoder's encoder_hidden_states (B, tokens, width), N(0, 1)
+            x = rs.standard_normal((batch_size, *shape)).astype(np.float32)
+            torch_in.append(torch.from_numpy(x))
+            flax_in.append(x)
         elif kind == "tokens":
             x = random_tokens(rs, batch_size, entry["vocab_size"], shape[0])
             torch_in.append(torch.from_numpy(x))

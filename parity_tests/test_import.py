@@ -305,3 +305,136 @@ def test_a_sharded_hf_folder_imports_as_one(tmp_path):
     assert list(whole.state_dict) == list(sharded.state_dict)
     for key, value in whole.state_dict.items():
         np.testing.assert_array_equal(value, sharded.state_dict[key], err_msg=key)
+
+
+# -- Hugging Face GPT-2 with cross-attention, and VisionEncoderDecoderModel (ViT + GPT-2) ---------
+
+TINY_GPT2 = dict(vocab_size=50, n_positions=32, n_embd=32, n_layer=2, n_head=2, n_inner=48, bos_token_id=48,
+                 eos_token_id=49)
+TINY_VIT_ENCODER = dict(hidden_size=48, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                        image_size=32, patch_size=16)
+
+
+def _gpt2_config(transformers, **config):
+    return transformers.GPT2Config(add_cross_attention=True, **config)
+
+
+def _hf_gpt2(folder, **config):
+    transformers = need("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(_gpt2_config(transformers, **config)).eval()
+    model.save_pretrained(folder)
+    return model
+
+
+def _hf_captioner(folder, encoder: dict, decoder: dict, images, max_new_tokens, initializer_range=0.2):
+    """A random ViT + GPT-2 VisionEncoderDecoderModel (weights spread wider than the default so
+    that greedy decoding varies), its eos set to the 3rd token it generates for the first image (so
+    that one row ends early and is padded), saved to `folder`; (model, its greedy generate)."""
+    transformers = need("transformers")
+    torch.manual_seed(0)
+    config = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(
+        transformers.ViTConfig(initializer_range=initializer_range, **encoder),
+        _gpt2_config(transformers, initializer_range=initializer_range, **decoder))
+    config.decoder_start_token_id, config.pad_token_id = decoder["bos_token_id"], 0
+    model = transformers.VisionEncoderDecoderModel(config=config).eval()
+    greedy = dict(max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+    with torch.no_grad():
+        eos = int(model.generate(pixel_values=images[:1], **greedy)[0, 3])
+    model.config.eos_token_id = model.generation_config.eos_token_id = eos
+    model.save_pretrained(folder)
+    with torch.no_grad():
+        return model, model.generate(pixel_values=images, **greedy)
+
+
+def _decoder_errors(tmp_path, config, batch_size=2, length=12, image_tokens=5):
+    """(torch, Flax) relative errors of the imported decoder's logits against GPT2LMHeadModel's."""
+    source = _hf_gpt2(str(tmp_path / "source"), **config)
+    out = tmp_path / "imported"
+    assert main(["import", "--from", "hf", "--arch", "GPT2LMHeadModel", str(tmp_path / "source"), "--out", str(out)]) == 0
+    torch_model, flax_model, variables = load(out)
+    rs = np.random.RandomState(0)
+    ids = rs.randint(0, config["vocab_size"], (batch_size, length))
+    image = rs.standard_normal((batch_size, image_tokens, config["n_embd"])).astype(np.float32)
+    with torch.no_grad():
+        ref = source(input_ids=torch.from_numpy(ids), encoder_hidden_states=torch.from_numpy(image)).logits.numpy()
+        t = torch_model(torch.from_numpy(ids), torch.from_numpy(image)).logits.numpy()
+    f = jax.jit(lambda v, i, e: flax_model.apply(v, i, e).logits)(variables, ids.astype(np.int32), image)
+    return rel_err(ref, t), rel_err(ref, np.asarray(f))
+
+
+def _generation(tmp_path, encoder, decoder, n_images=3, max_length=6, initializer_range=0.2):
+    """(HF's greedy tokens padded to 1 + max_length, ours in torch, ours in JAX), and the teacher-
+    forced logits' (torch, Flax) relative errors."""
+    from jax_models.captioning import generate
+
+    rs = np.random.RandomState(0)
+    images = rs.standard_normal((n_images, 3, encoder["image_size"], encoder["image_size"])).astype(np.float32)
+    source_dir, out = tmp_path / "source", tmp_path / "imported"
+    source, ref = _hf_captioner(str(source_dir), encoder, decoder, torch.from_numpy(images), max_length,
+                                initializer_range)
+    assert main(["import", "--from", "hf", "--arch", "VisionEncoderDecoderModel", str(source_dir), "--out", str(out)]) == 0
+    torch_model, flax_model, variables = load(out)
+    pad = torch_model.text_decoder.config.pad_token_id
+    ref = np.pad(ref.numpy(), ((0, 0), (0, 1 + max_length - ref.shape[1])), constant_values=pad)
+    nhwc = np.ascontiguousarray(images.transpose(0, 2, 3, 1))
+    ours_torch = torch_model.generate(torch.from_numpy(images), max_length=max_length).numpy()
+    ours_jax = np.asarray(generate(flax_model, variables, nhwc, max_length=max_length))
+    captions = rs.randint(0, decoder["vocab_size"], (n_images, max_length))
+    with torch.no_grad():
+        logits = source(pixel_values=torch.from_numpy(images), decoder_input_ids=torch.from_numpy(captions)).logits.numpy()
+        t = torch_model(torch.from_numpy(images), torch.from_numpy(captions)).numpy()
+    f = jax.jit(flax_model.apply)(variables, nhwc, captions.astype(np.int32))
+    return (ref, ours_torch, ours_jax), (rel_err(logits, t), rel_err(logits, np.asarray(f)))
+
+
+def test_hf_gpt2_decoder_logits_equal_gpt2lmheadmodel(tmp_path):
+    _assert_within({"logits": _decoder_errors(tmp_path, TINY_GPT2)})
+
+
+def test_hf_vision_encoder_decoder_greedy_generate_equals_ours_token_for_token(tmp_path):
+    (ref, ours_torch, ours_jax), errors = _generation(tmp_path, TINY_VIT_ENCODER, TINY_GPT2)
+    eos = int(json.loads((tmp_path / "imported" / "config.json").read_text())["kwargs"]["text_decoder"]["kwargs"]["eos_token_id"])
+    assert (ref[0, 1:] == eos).any() and len(set(ref[:, 1:].ravel().tolist())) > 2, ref   # not a trivial decode
+    np.testing.assert_array_equal(ours_torch, ref)
+    np.testing.assert_array_equal(ours_jax, ref)
+    _assert_within({"logits": errors})
+
+
+def test_hf_gpt2_untied_head_or_no_cross_attention_is_refused(tmp_path):
+    _hf_gpt2(str(tmp_path / "tied"), **TINY_GPT2)
+    state = bridge.load_safetensors(tmp_path / "tied" / "model.safetensors")
+    state["lm_head.weight"] = state["transformer.wte.weight"] + 1.0
+    bridge.save_safetensors(state, tmp_path / "tied" / "model.safetensors")
+    with pytest.raises(ImportMismatchError, match="lm_head.weight differs from transformer.wte.weight"):
+        import_checkpoint("hf", "GPT2LMHeadModel", tmp_path / "tied")
+    transformers = need("transformers")
+    transformers.GPT2LMHeadModel(transformers.GPT2Config(**TINY_GPT2)).save_pretrained(tmp_path / "plain")
+    with pytest.raises(ImportMismatchError) as e:
+        import_checkpoint("hf", "GPT2LMHeadModel", tmp_path / "plain")
+    assert "add_cross_attention=False" in str(e.value) and "has no cross-attention" in str(e.value)
+
+
+FULL_GPT2 = dict(bos_token_id=50256, eos_token_id=50256)   # GPT-2 small's sizes (transformers' defaults)
+FULL_VIT_ENCODER = dict(image_size=224, patch_size=16)     # ViT-B/16
+
+
+@pytest.mark.slow
+def test_full_size_hf_gpt2_decoder_logits(tmp_path):
+    errors = _decoder_errors(tmp_path, {**FULL_GPT2, "vocab_size": 50257, "n_embd": 768}, batch_size=1, length=8,
+                             image_tokens=197)
+    print(f"GPT2LMHeadModel: logits torch {errors[0]:.1e} Flax {errors[1]:.1e}")
+    _assert_within({"logits": errors})
+
+
+@pytest.mark.slow
+def test_full_size_hf_vision_encoder_decoder_generate(tmp_path):
+    """At transformers' own initial spread (0.02): the tiny test's 0.2 makes 24 full-size layers
+    chaotic (float32 rounding alone moves the logits by several per cent)."""
+    (ref, ours_torch, ours_jax), errors = _generation(
+        tmp_path, FULL_VIT_ENCODER, {**FULL_GPT2, "vocab_size": 50257}, n_images=2, max_length=5,
+        initializer_range=0.02)
+    print(f"VisionEncoderDecoderModel: logits torch {errors[0]:.1e} Flax {errors[1]:.1e}; tokens {ref.tolist()}")
+    np.testing.assert_array_equal(ours_torch, ref)
+    np.testing.assert_array_equal(ours_jax, ref)
+    _assert_within({"logits": errors})

@@ -1,6 +1,8 @@
 """Hugging Face transformers checkpoints: `CLIPModel` into `clip.CLIPModel` (of a
 `vit.VisionTransformer` and a `clip.TextTransformer`), `ViTModel` and `ViTForImageClassification`
-into `vit.VisionTransformer`.
+into `vit.VisionTransformer`, `GPT2LMHeadModel` with `add_cross_attention=True` into
+`captioning.TextDecoder` (GPT-2's Conv1D weights transposed; the LM head must be `wte`), and a
+`VisionEncoderDecoderModel` of a ViT and a GPT-2 into `captioning.ImageCaptioningModel`.
 
 Facts come from the model folder's `config.json` (transformers' names: `hidden_size`,
 `num_attention_heads`, `layer_norm_eps`, `hidden_act`, ...); every size the weights show is taken
@@ -11,6 +13,8 @@ layouts are read: the hub's (`encoder.layer.{i}.attention.attention.query`) and 
 """
 
 from __future__ import annotations
+
+import numpy as np
 
 from . import KeyMap, R, Source, grid_side, image_input, prefixed, spec, tokens_input
 
@@ -86,42 +90,50 @@ def _act(src: Source, name: str) -> str:
     return ACTS.get(value, value)
 
 
-def _vit_config(src: Source) -> dict:
-    prefix = "vit." if src.has("vit.embeddings.cls_token") else ""
+def _vit_kwargs(src: Source, prefix: str = "", f: str = "", pooled: bool = True) -> dict:
+    """Our `vit.VisionTransformer` arguments for transformers' ViT whose keys start with `prefix`
+    (after `vit.`, if any) and whose facts are named `f` + transformers' names. `pooled=False`: the
+    tokens are the output (`num_classes=0`; the pooler, if any, is not loaded)."""
+    prefix = prefix + ("vit." if src.has(prefix + "vit.embeddings.cls_token") else "")
     layout = "encoder.layer.{i}.attention.attention.query" if src.has(
         f"{prefix}encoder.layer.0.attention.attention.query.weight") else "layers.{i}.attention.q_proj"
-    width = src.dim(f"{prefix}embeddings.cls_token", -1, "hidden_size")
+    width = src.dim(f"{prefix}embeddings.cls_token", -1, f + "hidden_size")
     conv = f"{prefix}embeddings.patch_embeddings.projection.weight"
-    patch, channels = src.dim(conv, -1, "patch_size"), src.dim(conv, 1, "num_channels")
-    positions = src.dim(f"{prefix}embeddings.position_embeddings", 1, "image_size")
+    patch, channels = src.dim(conv, -1, f + "patch_size"), src.dim(conv, 1, f + "num_channels")
+    positions = src.dim(f"{prefix}embeddings.position_embeddings", 1, f + "image_size")
     side = grid_side(None if positions is None else positions - 1, "position_embeddings", src)
     fc1 = ("encoder.layer.0.intermediate.dense.weight" if layout.startswith("encoder")
            else "layers.0.mlp.fc1.weight")
-    hidden = src.dim(prefix + fc1, 0, "intermediate_size")
-    if src.has("classifier.weight"):
-        num_classes, head_act = src.dim("classifier.weight", 0), None
-    elif src.has(f"{prefix}pooler.dense.weight"):
+    hidden = src.dim(prefix + fc1, 0, f + "intermediate_size")
+    head = prefix[:-len("vit.")] + "classifier.weight" if prefix.endswith("vit.") else prefix + "classifier.weight"
+    if pooled and src.has(head):
+        num_classes, head_act = src.dim(head, 0), None
+    elif pooled and src.has(f"{prefix}pooler.dense.weight"):
         num_classes = src.dim(f"{prefix}pooler.dense.weight", 0)
-        head_act = src.require("pooler_act", ("tanh",), "tanh", "our head activation is tanh or none")
+        head_act = src.require(f + "pooler_act", ("tanh",), "tanh", "our head activation is tanh or none")
     else:
         num_classes, head_act = 0, None
-    kwargs = dict(
-        image_size=src.fact("image_size", None if side is None or patch is None else side * patch),
-        patch_size=src.fact("patch_size", patch),
-        in_channels=src.fact("num_channels", channels),
+    return dict(
+        image_size=src.fact(f + "image_size", None if side is None or patch is None else side * patch),
+        patch_size=src.fact(f + "patch_size", patch),
+        in_channels=src.fact(f + "num_channels", channels),
         num_classes=num_classes,
-        embed_dim=src.fact("hidden_size", width),
-        depth=src.fact("num_hidden_layers", src.count(prefix + layout + ".weight") or None),
-        num_heads=src.fact("num_attention_heads", how="heads are not in the weights"),
-        mlp_ratio=src.fact("intermediate_size", hidden) / width if hidden and width else None,
+        embed_dim=src.fact(f + "hidden_size", width),
+        depth=src.fact(f + "num_hidden_layers", src.count(prefix + layout + ".weight") or None),
+        num_heads=src.fact(f + "num_attention_heads", how="heads are not in the weights"),
+        mlp_ratio=src.fact(f + "intermediate_size", hidden) / width if hidden and width else None,
         dropout=0.0,
-        qkv_bias=src.fact("qkv_bias", src.has(prefix + layout.replace("{i}", "0") + ".bias")),
-        norm_eps=src.fact("layer_norm_eps", default=1e-12),
-        act=_act(src, "hidden_act"),
+        qkv_bias=src.fact(f + "qkv_bias", src.has(prefix + layout.replace("{i}", "0") + ".bias")),
+        norm_eps=src.fact(f + "layer_norm_eps", default=1e-12),
+        act=_act(src, f + "hidden_act"),
         patch_bias=src.has(conv.replace("weight", "bias")),
         pre_norm=False,
         head_act=head_act,
     )
+
+
+def _vit_config(src: Source) -> dict:
+    kwargs = _vit_kwargs(src)
     return {**spec("vit", "VisionTransformer", **kwargs),
             "inputs": [image_input(kwargs["image_size"], kwargs["in_channels"])]}
 
@@ -181,7 +193,7 @@ def _flatten(config: dict) -> dict:
     return out
 
 
-def facts_of(model_types: tuple[str, ...], classes: tuple[str, ...]):
+def facts_of(model_types: tuple[str, ...], classes: tuple[str, ...], flatten=_flatten):
     def facts(arch: str, config: dict | None) -> tuple[dict, dict, list[str]]:
         """(facts, where each came from, problems): the folder's config.json, which must be of `arch`."""
         problems = []
@@ -197,9 +209,160 @@ def facts_of(model_types: tuple[str, ...], classes: tuple[str, ...]):
         named = [a for a in config.get("architectures") or [] if a not in classes]
         if named:
             problems.append(f"architectures: config.json names {named}, not {arch}")
-        flat = _flatten(config)
+        flat = flatten(config)
         return flat, {k: "config.json" for k in flat}, problems
     return facts
+
+
+# -- GPT-2 with cross-attention (the captioning decoder) ---------------------------------------
+# GPT-2's Conv1D stores its weight (in, out), the transpose of our Linear's (out, in).
+
+
+def _conv1d(name: str) -> tuple:
+    return (R(f"{name}.weight", f"{name}.weight", "T"), R(f"{name}.bias", f"{name}.bias"))
+
+
+_MASK = "GPT-2's causal-mask buffer (older checkpoints); our attention computes its mask"
+GPT2_BLOCK = (
+    R("ln_1.{p}", "ln_1.{p}"),
+    *_conv1d("attn.c_attn"), *_conv1d("attn.c_proj"),
+    R("attn.bias", None, why=_MASK), R("attn.masked_bias", None, why=_MASK),
+    R("ln_cross_attn.{p}", "ln_cross_attn.{p}"),
+    *_conv1d("crossattention.q_attn"), *_conv1d("crossattention.c_attn"), *_conv1d("crossattention.c_proj"),
+    R("crossattention.bias", None, why=_MASK), R("crossattention.masked_bias", None, why=_MASK),
+    R("ln_2.{p}", "ln_2.{p}"),
+    *_conv1d("mlp.c_fc"), *_conv1d("mlp.c_proj"),
+)
+GPT2_BODY = (
+    R("wte.weight", "wte.weight"),
+    R("wpe.weight", "wpe.weight"),
+    *prefixed(GPT2_BLOCK, "h.{i}.", "h.{i}."),
+    R("ln_f.{p}", "ln_f.{p}"),
+)
+GPT2_RULES = (
+    *prefixed(GPT2_BODY, "transformer."),    # GPT2LMHeadModel.save_pretrained's layout
+    *GPT2_BODY,                               # the hub's GPT2Model layout (no prefix)
+    R("lm_head.weight", None, why="the LM head, tied to wte (checked equal to it); ours is wte"),
+)
+GPT2_ACTS = ("gelu_new", "gelu_pytorch_tanh")   # both tanh GELU, our decoder's MLP
+
+
+def _gpt2_kwargs(src: Source, prefix: str = "", f: str = "", image_width: int | None = None) -> dict:
+    """Our `captioning.TextDecoder` arguments for transformers' GPT2LMHeadModel whose keys start
+    with `prefix` and whose config facts are named `f` + transformers' names."""
+    body = prefix + ("transformer." if src.has(prefix + "transformer.wte.weight") else "")
+    vocab, width = (src.dim(body + "wte.weight", a, n) for a, n in ((0, f + "vocab_size"), (1, f + "n_embd")))
+    positions = src.dim(body + "wpe.weight", 0, f + "n_positions")
+    hidden = src.dim(body + "h.0.mlp.c_fc.weight", 1, f + "n_inner")
+    if not src.has(body + "h.0.crossattention.q_attn.weight"):
+        src.fact_problems.append(f"{body}h.0.crossattention.*: the checkpoint has no cross-attention, and our "
+                                 "captioning TextDecoder always cross-attends (GPT2LMHeadModel with "
+                                 "add_cross_attention=True)")
+    src.require(f + "add_cross_attention", (True,), False, "our TextDecoder always cross-attends to image "
+                "tokens (GPT2Config(add_cross_attention=True))")
+    inner = src.facts.get(f + "n_inner")
+    src.used_facts.add(f + "n_inner")
+    if inner is not None and hidden is not None and inner != hidden:
+        src.fact_problems.append(f"{f}n_inner: config.json says {inner!r}, the checkpoint's shapes give {hidden!r}")
+    mlp_ratio = hidden / width if hidden and width else None
+    if mlp_ratio is not None and int(width * mlp_ratio) != hidden:
+        src.fact_problems.append(f"{f}n_inner={hidden}: not expressible as our mlp_ratio of n_embd={width}")
+    src.require(f + "activation_function", GPT2_ACTS, "gelu_new",
+                "our decoder's MLP is tanh GELU (transformers' gelu_new)")
+    src.require(f + "scale_attn_weights", (True,), True, "our attention scales by 1/sqrt(head_dim)")
+    src.require(f + "scale_attn_by_inverse_layer_idx", (False,), False,
+                "our attention does not scale by the layer index")
+    src.require(f + "reorder_and_upcast_attn", (False,), False, "our attention computes in the model's dtype")
+    src.require(f + "tie_word_embeddings", (True,), True, "our decoder's LM head is its token embedding wte")
+    head = prefix + "lm_head.weight"
+    if src.has(head) and src.has(body + "wte.weight"):
+        lm, wte = src.state_dict[head], src.state_dict[body + "wte.weight"]
+        if lm.shape != wte.shape or not np.array_equal(lm, wte):
+            src.fact_problems.append(f"{head} differs from {body}wte.weight: our decoder's LM head is tied to "
+                                     "wte, so an untied head cannot be imported")
+    n_ctx = src.facts.get(f + "n_ctx")
+    src.used_facts.add(f + "n_ctx")
+    if n_ctx is not None and positions is not None and n_ctx != positions:
+        src.fact_problems.append(f"{f}n_ctx={n_ctx!r} differs from the {positions} positions of wpe")
+    eos = src.fact(f + "eos_token_id", default=50256)
+    pad = src.fact(f + "pad_token_id", default=None)
+    for name, value in (("eos_token_id", eos), ("pad_token_id", pad)):
+        if isinstance(value, (list, tuple)):
+            src.fact_problems.append(f"{f}{name}={value!r}: our decoder takes one id")
+    return dict(
+        vocab_size=src.fact(f + "vocab_size", vocab),
+        max_positions=src.fact(f + "n_positions", positions),
+        width=src.fact(f + "n_embd", width),
+        layers=src.fact(f + "n_layer", src.count(body + "h.{i}.ln_1.weight") or None),
+        heads=src.fact(f + "n_head", how="heads are not in the weights"),
+        image_width=image_width,
+        mlp_ratio=mlp_ratio,
+        dropout=0.0,
+        layer_norm_eps=src.fact(f + "layer_norm_epsilon", default=1e-5),
+        bos_token_id=src.fact(f + "bos_token_id", default=50256),
+        eos_token_id=eos,
+        pad_token_id=eos if pad is None else pad,   # transformers' generate pads with eos when pad is None
+    )
+
+
+def features_input(tokens, width) -> dict:
+    return {"name": "encoder_hidden_states", "kind": "features", "shape": [tokens, width]}
+
+
+def _gpt2_config(src: Source) -> dict:
+    kwargs = _gpt2_kwargs(src)
+    length = None if kwargs["max_positions"] is None else min(16, kwargs["max_positions"])
+    return {**spec("captioning", "TextDecoder", **kwargs),
+            "inputs": [tokens_input(kwargs["vocab_size"], length), features_input(4, kwargs["width"])]}
+
+
+VED_RULES = (
+    R("encoder.pooler.dense.{p}", None, why="ViTModel's pooler, which VisionEncoderDecoderModel does not use"),
+    *prefixed(VIT_BODY, "encoder.", "image_encoder."),
+    *prefixed(GPT2_RULES, "decoder.", "text_decoder."),
+    R("enc_to_dec_proj.{p}", "text_decoder.image_proj.{p}"),
+)
+
+
+def _ved_config(src: Source) -> dict:
+    """ViT encoder + GPT-2 decoder. Generation starts at `decoder_start_token_id` (our decoder's
+    bos); eos and pad are the model config's, else the decoder's (pad: else eos, as generate)."""
+    if src.facts.get("encoder.model_type") not in (None, "vit"):
+        src.fact_problems.append(f"encoder.model_type={src.facts['encoder.model_type']!r}: this map reads a ViT encoder")
+    if src.facts.get("decoder.model_type") not in (None, "gpt2"):
+        src.fact_problems.append(f"decoder.model_type={src.facts['decoder.model_type']!r}: this map reads a GPT-2 decoder")
+    if src.facts.get("decoder.cross_attention_hidden_size") is not None:
+        src.fact_problems.append("decoder.cross_attention_hidden_size: GPT-2 cross-attends at n_embd; not supported")
+    image = _vit_kwargs(src, "encoder.", "encoder.", pooled=False)
+    text = _gpt2_kwargs(src, "decoder.", "decoder.", image_width=image["embed_dim"])
+    if text["width"] is not None and image["embed_dim"] == text["width"]:
+        text["image_width"] = None
+    start = src.fact("decoder_start_token_id", how="VisionEncoderDecoderModel's config must name it to generate")
+    for name in ("eos_token_id", "pad_token_id"):
+        value = src.facts.get(name)
+        src.used_facts.add(name)
+        if isinstance(value, (list, tuple)):
+            src.fact_problems.append(f"{name}={value!r}: our decoder takes one id")
+        elif value is not None:
+            text[name] = value
+    if src.facts.get("pad_token_id") is None and src.facts.get("decoder.pad_token_id") is None:
+        text["pad_token_id"] = text["eos_token_id"]
+    text["bos_token_id"] = start
+    length = None if text["max_positions"] is None else min(16, text["max_positions"])
+    return {**spec("captioning", "ImageCaptioningModel", image_encoder=spec("vit", "VisionTransformer", **image),
+                   text_decoder=spec("captioning", "TextDecoder", **text)),
+            "inputs": [image_input(image["image_size"], image["in_channels"]),
+                       tokens_input(text["vocab_size"], length)]}
+
+
+def _flatten_ved(config: dict) -> dict:
+    out = {}
+    for k, v in config.items():
+        if k in ("encoder", "decoder") and isinstance(v, dict):
+            out.update({f"{k}.{a}": b for a, b in v.items()})
+        else:
+            out[k] = v
+    return out
 
 
 MAPS = [
@@ -212,4 +375,11 @@ MAPS = [
     KeyMap("hf", "ViTForImageClassification", "transformers ViTForImageClassification -> vit.VisionTransformer",
            VIT_RULES, _vit_config, facts_of(("vit",), ("ViTForImageClassification",)),
            example="python -m bridge import --from hf --arch ViTForImageClassification vit-base-patch16-224/ --out vit-b16"),
+    KeyMap("hf", "GPT2LMHeadModel", "transformers GPT2LMHeadModel(add_cross_attention=True) -> captioning.TextDecoder",
+           GPT2_RULES, _gpt2_config, facts_of(("gpt2",), ("GPT2LMHeadModel", "GPT2Model")),
+           example="python -m bridge import --from hf --arch GPT2LMHeadModel gpt2-decoder/ --out decoder"),
+    KeyMap("hf", "VisionEncoderDecoderModel",
+           "transformers VisionEncoderDecoderModel (ViT + GPT-2) -> captioning.ImageCaptioningModel",
+           VED_RULES, _ved_config, facts_of(("vision-encoder-decoder",), ("VisionEncoderDecoderModel",), _flatten_ved),
+           example="python -m bridge import --from hf --arch VisionEncoderDecoderModel vit-gpt2/ --out captioner"),
 ]
