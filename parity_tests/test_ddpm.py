@@ -86,6 +86,7 @@ def test_time_embedding():
 
 # --- U-Net ---------------------------------------------------------------------------------------
 
+@pytest.mark.slow   # the test-time budget; the presets' bottleneck attention runs by default (test_presets)
 @pytest.mark.parametrize("kw", [ATTN], ids=["attention-in-stages"])
 def test_unet_with_attention_in_the_stages(kw):
     """The presets have attention only in the bottleneck; here an encoder and a decoder stage

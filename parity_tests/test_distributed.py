@@ -82,6 +82,7 @@ def test_two_processes_end_with_one_process_weights(two_process_run, tmp_path):
     assert json.loads((one / "summary.json").read_text())["final_loss"] == pytest.approx(summary["final_loss"], rel=1e-5)
 
 
+@pytest.mark.slow   # the test-time budget: 2 more processes; the bit-identical resume is held in one process by default
 def test_two_processes_resume_together(two_process_run, tmp_path):
     tmp, _ = two_process_run
     shutil.copytree(tmp / "run", tmp_path / "run")
