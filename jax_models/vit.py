@@ -69,7 +69,9 @@ class VisionTransformer(nn.Module):
     Options of other libraries' ViTs (the defaults keep the first source's): `qkv_bias`, `norm_eps`
     (every LayerNorm), `act` (the MLPs' activation), `patch_bias` (the patch conv's bias),
     `pre_norm` (a LayerNorm `norm_pre` after the position embedding, as CLIP's `ln_pre`) and
-    `head_act` (an activation after the head: "tanh" for Hugging Face ViT's pooler)."""
+    `head_act` (an activation after the head: "tanh" for Hugging Face ViT's pooler); and
+    `pos_embed_std`, the standard deviation of the position table at init (the source's 0.02;
+    init only, no weights change)."""
     image_size: int = 224
     patch_size: int = 16
     in_channels: int = 3
@@ -86,6 +88,7 @@ class VisionTransformer(nn.Module):
     patch_bias: bool = True
     pre_norm: bool = False
     head_act: str | None = None
+    pos_embed_std: float = 0.02
 
     @property
     def output_dim(self) -> int:
@@ -98,7 +101,8 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"head_act must be None or 'tanh'; got {self.head_act!r}")
         x = PatchEmbedding(self.image_size, self.patch_size, self.in_channels, self.embed_dim,
                            bias=self.patch_bias, name="patch_embed")(x)
-        pos_embed = self.param("pos_embed", trunc_normal_02, (1, x.shape[1] + 1, self.embed_dim))
+        pos_embed = self.param("pos_embed", nn.initializers.truncated_normal(self.pos_embed_std),
+                               (1, x.shape[1] + 1, self.embed_dim))
         cls_token = self.param("cls_token", trunc_normal_02, (1, 1, self.embed_dim))
         x = add_class_token(x, cls_token, pos_embed)
         if self.pre_norm:

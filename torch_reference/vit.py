@@ -62,12 +62,16 @@ class VisionTransformer(nn.Module):
     Options of other libraries' ViTs (the defaults keep the first source's): `qkv_bias`, `norm_eps`
     (every LayerNorm), `act` (the MLPs' activation), `patch_bias` (the patch conv's bias),
     `pre_norm` (a LayerNorm `norm_pre` after the position embedding, as CLIP's `ln_pre`) and
-    `head_act` (an activation after the head: "tanh" for Hugging Face ViT's pooler)."""
+    `head_act` (an activation after the head: "tanh" for Hugging Face ViT's pooler); and
+    `pos_embed_std`, the standard deviation of the position table at init (the source's 0.02;
+    init only, no weights change)."""
 
     def __init__(self, image_size=224, patch_size=16, in_channels=3, num_classes=1000,
                  embed_dim=768, depth=12, num_heads=12, mlp_ratio=4, dropout=0.1, qkv_bias=False,
-                 norm_eps=1e-5, act="gelu", patch_bias=True, pre_norm=False, head_act=None):
+                 norm_eps=1e-5, act="gelu", patch_bias=True, pre_norm=False, head_act=None,
+                 pos_embed_std=0.02):
         super().__init__()
+        self.pos_embed_std = pos_embed_std
         self.embed_dim = embed_dim
         self.num_classes = num_classes
         self.patch_embed = PatchEmbedding(image_size, patch_size, in_channels, embed_dim, bias=patch_bias)
@@ -92,7 +96,7 @@ class VisionTransformer(nn.Module):
         return self.embed_dim if self.num_classes == 0 else self.num_classes
 
     def init_weights(self):
-        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        nn.init.trunc_normal_(self.pos_embed, std=self.pos_embed_std)
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(self._init_weights)
 

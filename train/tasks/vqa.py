@@ -3,7 +3,9 @@ model maps (image, question tokens) to logits over the answer words.
 
 `--data scenes` draws `num_scenes` training and `num_test_scenes` held-out scenes (recipe keys,
 e.g. `--recipe num_scenes=2000`) with every question that has a unique answer, or
-`questions_per_scene` of them. The summary gives the held-out accuracy overall, on relational and
+`questions_per_scene` of them. The recipe key `nonrelational_steps` is a curriculum: for that
+many first steps the relational questions of each batch are left out of the loss (weight 0), so
+the model first learns to find the object a colour names. The summary gives the held-out accuracy overall, on relational and
 non-relational questions, and per question family (`accuracy_<family>`).
 """
 
@@ -89,12 +91,12 @@ def load_scenes(spec: str, preset, recipe: dict) -> tuple[QuestionDataset, Quest
 
 def vqa_step(state: steps.TrainState, batch: dict, rng: jax.Array, *, label_smoothing: float = 0.0,
              axis_name: str | None = None) -> tuple[steps.TrainState, dict]:
-    """One update on {'image': (B, H, W, C), 'question': (B, L), 'label': (B,)}. Metrics: loss,
-    accuracy, grad_norm."""
+    """One update on {'image': (B, H, W, C), 'question': (B, L), 'label': (B,)[, 'mask': (B,) 0/1
+    weights of the questions in the loss]}. Metrics: loss, accuracy, grad_norm."""
     def loss_fn(params, rng):
         logits = state.apply_fn(state.variables(params), batch["image"], batch["question"], train=True,
                                 rngs={"dropout": rng})
-        loss, accuracy = classification_loss(logits, batch["label"], label_smoothing)
+        loss, accuracy = classification_loss(logits, batch["label"], label_smoothing, batch.get("mask"))
         return loss, {"accuracy": accuracy}
     return steps.gradient_step(state, loss_fn, rng, axis_name)
 
@@ -139,13 +141,17 @@ class VQA(Task):
         return {}
 
     def batch(self, batch: dict, step: int, r) -> dict:
-        return {"image": batch["image"], "question": batch["question"], "label": batch["label"]}
+        mask = np.ones(len(batch["label"]), np.float32)
+        if step < (r.recipe.get("nonrelational_steps") or 0):
+            mask = 1 - np.asarray(batch["relational"], np.float32)
+        return {"image": batch["image"], "question": batch["question"], "label": batch["label"], "mask": mask}
 
     def example_batch(self, preset, batch_size: int, seed: int = 0) -> dict:
         from presets import example_inputs
         images, questions = example_inputs(preset, batch_size, seed)
         labels = np.random.RandomState(seed + 1).randint(0, preset.kwargs["num_answers"], batch_size)
-        return {"image": images, "question": questions.astype(np.int32), "label": labels.astype(np.int32)}
+        return {"image": images, "question": questions.astype(np.int32), "label": labels.astype(np.int32),
+                "mask": np.ones(batch_size, np.float32)}
 
     def step_kwargs(self, recipe: dict) -> dict:
         return {"label_smoothing": recipe["label_smoothing"]}
@@ -167,8 +173,15 @@ class VQA(Task):
         import torch.nn.functional as F
 
         logits = model(batch["image"], batch["question"])
-        loss = F.cross_entropy(logits.float(), batch["label"], label_smoothing=recipe["label_smoothing"])
-        return loss, {"accuracy": (logits.argmax(-1) == batch["label"]).float().mean()}
+        losses = F.cross_entropy(logits.float(), batch["label"], label_smoothing=recipe["label_smoothing"],
+                                 reduction="none")
+        correct = (logits.argmax(-1) == batch["label"]).float()
+        mask = batch.get("mask")
+        if mask is None:
+            return losses.mean(), {"accuracy": correct.mean()}
+        mask = mask.to(losses.dtype)
+        count = mask.sum().clamp(min=1.0)
+        return (losses * mask).sum() / count, {"accuracy": (correct * mask).sum() / count}
 
     def torch_evaluate(self, trainer, r) -> dict:
         import torch
