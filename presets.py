@@ -236,11 +236,11 @@ def _mmt_vqa(name, image_size, patch_size, in_channels, vocab_size, context_leng
 # Sized for 2 CPU cores: patches of 8x8 on scenes whose objects each fill one 8x8 cell (cell=8), so
 # every object is one image token; the ViT's position table starts at std 0.5 (the scale of a patch's
 # embedding) rather than 0.02, so the tokens' positions are visible from the first step; and a
-# curriculum: the first `nonrelational_steps` leave the relational questions out of the loss.
-VQA_SCENES_RECIPE = dict(lr=1e-3, weight_decay=0.05, warmup_steps=100, batch_size=64, steps=2500,
+# curriculum: the first `nonrelational_steps` batches hold non-relational questions only.
+VQA_SCENES_RECIPE = dict(lr=1e-3, weight_decay=0.05, warmup_steps=100, batch_size=64, steps=2000,
                          grad_clip=1.0, label_smoothing=0.0, data="scenes", num_scenes=3000,
                          num_test_scenes=500, num_objects=6, questions_per_scene=None, cell=8,
-                         nonrelational_steps=700)
+                         nonrelational_steps=600)
 MMT_VQA_SCENES_RECIPE = dict(VQA_SCENES_RECIPE)
 
 PRESETS.update({p.name: p for p in [

@@ -3,9 +3,10 @@ model maps (image, question tokens) to logits over the answer words.
 
 `--data scenes` draws `num_scenes` training and `num_test_scenes` held-out scenes (recipe keys,
 e.g. `--recipe num_scenes=2000`) with every question that has a unique answer, or
-`questions_per_scene` of them. The recipe key `nonrelational_steps` is a curriculum: for that
-many first steps the relational questions of each batch are left out of the loss (weight 0), so
-the model first learns to find the object a colour names. The summary gives the held-out accuracy overall, on relational and
+`questions_per_scene` of them. The recipe key `nonrelational_steps` is a curriculum: each of the
+first `nonrelational_steps` batches is drawn (with replacement, from (seed, step) alone, so a
+resumed run draws the same) from the non-relational training questions only, so the model first
+learns to find the object a colour names and where it is. The summary gives the held-out accuracy overall, on relational and
 non-relational questions, and per question family (`accuracy_<family>`).
 """
 
@@ -141,10 +142,12 @@ class VQA(Task):
         return {}
 
     def batch(self, batch: dict, step: int, r) -> dict:
-        mask = np.ones(len(batch["label"]), np.float32)
         if step < (r.recipe.get("nonrelational_steps") or 0):
-            mask = 1 - np.asarray(batch["relational"], np.float32)
-        return {"image": batch["image"], "question": batch["question"], "label": batch["label"], "mask": mask}
+            pool = np.flatnonzero(r.train_data.extras["relational"] == 0)
+            rs = np.random.default_rng((r.config.seed, jax.process_index(), step))
+            batch = r.train_data.rows(np.sort(rs.choice(pool, len(batch["label"]))))
+        return {"image": batch["image"], "question": batch["question"], "label": batch["label"],
+                "mask": np.ones(len(batch["label"]), np.float32)}
 
     def example_batch(self, preset, batch_size: int, seed: int = 0) -> dict:
         from presets import example_inputs
