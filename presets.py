@@ -240,7 +240,7 @@ def _mmt_vqa(name, image_size, patch_size, in_channels, vocab_size, context_leng
 VQA_SCENES_RECIPE = dict(lr=1e-3, weight_decay=0.05, warmup_steps=100, batch_size=64, steps=2000,
                          grad_clip=1.0, label_smoothing=0.0, data="scenes", num_scenes=3000,
                          num_test_scenes=500, num_objects=6, questions_per_scene=None, cell=8,
-                         nonrelational_steps=600)
+                         nonrelational_steps=800)
 MMT_VQA_SCENES_RECIPE = dict(VQA_SCENES_RECIPE)
 
 PRESETS.update({p.name: p for p in [

@@ -167,7 +167,7 @@ class VQA(Task):
         losses, predictions = [], []
         for batch in data_lib.eval_batches(r.test_data, min(EVAL_BATCH, len(r.test_data))):
             n = int(batch["mask"].sum())
-            loss, pred = jax.device_get(predict_step(state, self.batch(batch, 0, r)))
+            loss, pred = jax.device_get(predict_step(state, {k: batch[k] for k in ("image", "question", "label")}))
             losses.append(loss[:n])
             predictions.append(pred[:n])
         return accuracy_report(r.test_data, np.concatenate(losses), np.concatenate(predictions))
