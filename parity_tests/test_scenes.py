@@ -208,3 +208,19 @@ def test_the_report_splits_relational_from_nonrelational():
     assert report["eval_accuracy"] == relational.mean() and report["eval_examples"] == len(data)
     for name in FAMILIES:
         assert report[f"accuracy_{name}"] == float(scenes.FAMILIES[name][0])
+
+
+def test_the_curriculum_draws_nonrelational_batches_first_and_leaves_the_evaluation_alone(tmp_path):
+    """`nonrelational_steps`: the first batches hold non-relational questions only, drawn from the
+    seed and step alone (a resumed run draws the same); later batches pass through unchanged."""
+    r = _resolve(tmp_path, nonrelational_steps=5)
+    (step, batch), = [(s, b) for s, b in zip(range(1), r.batches_from(0))]
+    first = r.task.batch(batch, 0, r)
+    assert len(first["label"]) == len(batch["label"]) and np.all(first["mask"] == 1)
+    relational = r.train_data.extras["relational"]
+    tokens = {tuple(t): rel for t, rel in zip(r.train_data.extras["question"], relational)}
+    assert not any(tokens[tuple(t)] for t in first["question"])
+    again = r.task.batch(batch, 0, r)
+    assert np.array_equal(again["question"], first["question"]) and np.array_equal(again["image"], first["image"])
+    later = r.task.batch(batch, 5, r)
+    assert np.array_equal(later["question"], batch["question"]) and np.array_equal(later["label"], batch["label"])
