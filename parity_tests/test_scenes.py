@@ -214,7 +214,7 @@ def test_the_curriculum_draws_nonrelational_batches_first_and_leaves_the_evaluat
     """`nonrelational_steps`: the first batches hold non-relational questions only, drawn from the
     seed and step alone (a resumed run draws the same); later batches pass through unchanged."""
     r = _resolve(tmp_path, nonrelational_steps=5)
-    (step, batch), = [(s, b) for s, b in zip(range(1), r.batches_from(0))]
+    _, batch = next(iter(r.batches_from(0)))
     first = r.task.batch(batch, 0, r)
     assert len(first["label"]) == len(batch["label"]) and np.all(first["mask"] == 1)
     relational = r.train_data.extras["relational"]
