@@ -68,18 +68,21 @@ def diffusion_step(state: DiffusionState, batch: dict, rng: jax.Array, *, timest
     return new.replace(ema_params=steps.where_finite(metrics, ema, state.ema_params)), metrics
 
 
-def sampler(preset, num_samples: int, ddim_steps: int | None = None):
+def sampler(preset, num_samples: int, ddim_steps: int | None = None, clip_denoised: bool = False):
     """(variables, key) -> (num_samples, H, W, C) samples clipped to [-1, 1], one compiled program:
-    the ancestral sampler, or DDIM with `ddim_steps`."""
+    the ancestral sampler, or DDIM with `ddim_steps`; `clip_denoised` clips each step's x_0 to the
+    data range (`DDPM.p_sample`, `DDPM.ddim_sample`)."""
     from jax_models.ddpm import DDPM
 
     ddpm, size, ch = build(preset), preset.image_size, preset.in_channels
 
     def run(variables, key):
         if ddim_steps:
-            x = ddpm.apply(variables, key, size, num_samples, ch, ddim_steps, method=DDPM.ddim_sample)
+            x = ddpm.apply(variables, key, size, num_samples, ch, ddim_steps, None, clip_denoised,
+                           method=DDPM.ddim_sample)
         else:
-            x = ddpm.apply(variables, key, size, num_samples, ch, method=DDPM.sample)
+            x = ddpm.apply(variables, key, size, num_samples, ch, None, None, clip_denoised,
+                           method=DDPM.sample)
         return jnp.clip(x, -1.0, 1.0)
     return jax.jit(run)
 
@@ -275,11 +278,13 @@ class Diffusion(Task):
     @staticmethod
     def _sampler_name(r) -> str:
         ddim = r.recipe.get("ddim_steps")
-        return f"ddim-{ddim}" if ddim else f"ancestral-{r.recipe['timesteps']}"
+        name = f"ddim-{ddim}" if ddim else f"ancestral-{r.recipe['timesteps']}"
+        return name + ("-clip" if r.recipe.get("clip_denoised") else "")
 
     def jax_finish(self, model, state, r) -> dict:
         t0 = time.perf_counter()
-        draw = sampler(r.preset, r.recipe.get("num_samples", 256), r.recipe.get("ddim_steps"))
+        draw = sampler(r.preset, r.recipe.get("num_samples", 256), r.recipe.get("ddim_steps"),
+                       bool(r.recipe.get("clip_denoised")))
         samples = np.asarray(draw({"params": state.ema_params, **state.constants},
                                   jax.random.key(r.config.seed + 1)))
         return self._report(samples, time.perf_counter() - t0, r)
@@ -332,9 +337,10 @@ class Diffusion(Task):
         t0 = time.perf_counter()
         torch.manual_seed(r.config.seed + 1)
         n, ddim = r.recipe.get("num_samples", 256), r.recipe.get("ddim_steps")
-        size, ch = r.preset.image_size, r.preset.in_channels
+        size, ch, clip = r.preset.image_size, r.preset.in_channels, bool(r.recipe.get("clip_denoised"))
         with torch.no_grad():
-            x = (self.ema.ddim_sample(size, n, ch, ddim) if ddim else self.ema.sample(size, n, ch))
+            x = (self.ema.ddim_sample(size, n, ch, ddim, clip_denoised=clip) if ddim
+                 else self.ema.sample(size, n, ch, clip_denoised=clip))
         samples = x.clamp(-1, 1).permute(0, 2, 3, 1).numpy()
         return self._report(samples, time.perf_counter() - t0, r)
 
