@@ -155,4 +155,4 @@ def test_report_writes_the_quality_figures(tmp_path):
     for key in ("fd_samples", "fd_floor", "fd_ratio", "noise_samples", "confident", "real_confident",
                 "digit_shares", "real_roughness_max"):
         assert key in q, key
-    assert out["digit_check"]["confident"] == q["confident"] and out["sampler"] == "ddim-100"
+    assert out["digit_check"]["confident"] == q["confident"] and out["sampler"] == "ancestral-1000-clip"
