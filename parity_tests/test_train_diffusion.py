@@ -98,10 +98,10 @@ def test_frechet_distance_of_a_set_against_itself_is_zero():
     rs = np.random.RandomState(0)
     a = rs.standard_normal((300, 16)) @ rs.standard_normal((16, 16))
     assert abs(diffusion.frechet_distance(a, a)) < 1e-6
-    # a shift of the mean by d adds |d|^2; a second draw of the same Gaussian stays small
+    # a shift of the mean by d adds |d|^2; two halves of one draw are far closer than another Gaussian
     np.testing.assert_allclose(diffusion.frechet_distance(a, a + 0.5), 16 * 0.25, rtol=1e-6)
     b = rs.standard_normal((300, 16)) @ rs.standard_normal((16, 16))
-    assert diffusion.frechet_distance(a, b) > 10 * diffusion.frechet_distance(a[:150], a[150:]) / 10
+    assert diffusion.frechet_distance(a, b) > 3 * diffusion.frechet_distance(a[:150], a[150:])
 
 
 def test_frechet_distance_matches_the_matrix_square_root():
