@@ -188,7 +188,9 @@ def digit_quality(samples: np.ndarray, threshold: float = 0.8, seed: int = 0) ->
       classifier recognizes with probability >= `threshold`; `digit_shares` of its predictions.
     - `noise_samples`: how many samples are speckle, not strokes: `roughness` above twice the
       roughest real digit (`real_roughness_max`, over all 1,797); `rougher_than_real`: above it
-      at all. Plus `roughness_median` of the samples and of the real digits.
+      at all. Plus `roughness_median` of the samples and of the real digits. The reference is the
+      real digits at the samples' size: at 8x8 (the digits' own, unsmoothed) clipped noise is not
+      rougher than twice the roughest digit, so the count means something from 16x16 up.
     """
     from train.data import load_digits
 
