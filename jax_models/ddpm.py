@@ -147,6 +147,20 @@ def _b(v):
     return v[:, None, None, None]
 
 
+def predict_x0(x, eps, sqrt_alphas_cumprod_t, sqrt_one_minus_alphas_cumprod_t):
+    """The x_0 that x_t and the predicted noise imply: (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t),
+    from the schedule's square roots (computed in float64: 1 - abar_t in float32 is off by 1.7e-4
+    of itself at t = 0)."""
+    return (x - sqrt_one_minus_alphas_cumprod_t * eps) / sqrt_alphas_cumprod_t
+
+
+def posterior_mean(x0, x, betas_t, alphas_t, alphas_cumprod_prev_t, sqrt_one_minus_alphas_cumprod_t):
+    """The mean of q(x_{t-1} | x_t, x_0): (sqrt(abar_{t-1}) beta_t x_0 + sqrt(alpha_t) (1 -
+    abar_{t-1}) x_t) / (1 - abar_t); at t = 0, x_0."""
+    return (jnp.sqrt(alphas_cumprod_prev_t) * betas_t * x0
+            + jnp.sqrt(alphas_t) * (1 - alphas_cumprod_prev_t) * x) / sqrt_one_minus_alphas_cumprod_t ** 2
+
+
 class DDPM(nn.Module):
     """Denoising Diffusion Probabilistic Model around a noise predictor `model(x_t, t)`.
 
@@ -180,30 +194,43 @@ class DDPM(nn.Module):
             noise = jax.random.normal(self.make_rng("diffusion"), x.shape, x.dtype)
         return self.p_losses(x, t, noise, train)
 
-    def p_sample(self, x, t, t_index, noise):
-        """x_{t-1} ~ p(x_{t-1} | x_t) with the given standard normal `noise` (like x)."""
+    def p_sample(self, x, t, t_index, noise, clip_denoised=False):
+        """x_{t-1} ~ p(x_{t-1} | x_t) with the given standard normal `noise` (like x). With
+        `clip_denoised`, the mean is the posterior q(x_{t-1} | x_t, x_0)'s at the model's x_0
+        clipped to the data range [-1, 1] (Ho et al.'s sampler); without, the source's eps form."""
         s = self.s
-        sqrt_recip_alphas_t = _b(jnp.sqrt(1.0 / s["alphas"][t]))
-        model_mean = sqrt_recip_alphas_t * (
-            x - _b(s["betas"][t]) * self.model(x, t) / _b(s["sqrt_one_minus_alphas_cumprod"][t]))
+        eps = self.model(x, t)
+        if clip_denoised:
+            b = lambda name: _b(s[name][t])
+            x0 = jnp.clip(predict_x0(x, eps, b("sqrt_alphas_cumprod"), b("sqrt_one_minus_alphas_cumprod")),
+                          -1.0, 1.0)
+            model_mean = posterior_mean(x0, x, b("betas"), b("alphas"), b("alphas_cumprod_prev"),
+                                        b("sqrt_one_minus_alphas_cumprod"))
+        else:
+            sqrt_recip_alphas_t = _b(jnp.sqrt(1.0 / s["alphas"][t]))
+            model_mean = sqrt_recip_alphas_t * (
+                x - _b(s["betas"][t]) * eps / _b(s["sqrt_one_minus_alphas_cumprod"][t]))
         return jnp.where(t_index == 0, model_mean,
                          model_mean + jnp.sqrt(_b(s["posterior_variance"][t])) * noise)
 
-    def sample(self, rng, image_size, batch_size=1, channels=3, img=None, noise=None):
+    def sample(self, rng, image_size, batch_size=1, channels=3, img=None, noise=None, clip_denoised=False):
         """The ancestral sampler, one `fori_loop`: (B, size, size, channels). `img` is x_T and
-        `noise[t]` the draw at step t (T, B, size, size, channels); drawn from `rng` if not given."""
+        `noise[t]` the draw at step t (T, B, size, size, channels); drawn from `rng` if not given.
+        `clip_denoised`: see `p_sample`."""
         shape = (batch_size, image_size, image_size, channels)
         img = jax.random.normal(jax.random.fold_in(rng, self.timesteps), shape) if img is None else img
 
         def step(i, x):
             t = self.timesteps - 1 - i
             z = jax.random.normal(jax.random.fold_in(rng, t), x.shape) if noise is None else noise[t]
-            return self.p_sample(x, jnp.full((x.shape[0],), t), t, z)
+            return self.p_sample(x, jnp.full((x.shape[0],), t), t, z, clip_denoised)
 
         return jax.lax.fori_loop(0, self.timesteps, step, img)
 
-    def ddim_sample(self, rng, image_size, batch_size=1, channels=3, steps=50, img=None):
-        """Deterministic DDIM (eta = 0) over `ddim_timesteps(timesteps, steps)`, one `fori_loop`."""
+    def ddim_sample(self, rng, image_size, batch_size=1, channels=3, steps=50, img=None, clip_denoised=False):
+        """Deterministic DDIM (eta = 0) over `ddim_timesteps(timesteps, steps)`, one `fori_loop`.
+        `clip_denoised`: each step's x_0 is clipped to [-1, 1] and the noise it implies recomputed
+        from it, so that the next x_t is built from an image in the data range."""
         shape = (batch_size, image_size, image_size, channels)
         img = jax.random.normal(jax.random.fold_in(rng, self.timesteps), shape) if img is None else img
         ts = np.array(ddim_timesteps(self.timesteps, steps))
@@ -215,6 +242,9 @@ class DDPM(nn.Module):
             a_t, a_prev = a_t_all[i], a_prev_all[i]
             eps = self.model(x, jnp.full((x.shape[0],), jnp.asarray(ts)[i]))
             x0 = (x - jnp.sqrt(1 - a_t) * eps) / jnp.sqrt(a_t)
+            if clip_denoised:
+                x0 = jnp.clip(x0, -1.0, 1.0)
+                eps = (x - jnp.sqrt(a_t) * x0) / jnp.sqrt(1 - a_t)
             return jnp.sqrt(a_prev) * x0 + jnp.sqrt(1 - a_prev) * eps
 
         return jax.lax.fori_loop(0, len(ts), step, img)

@@ -212,3 +212,37 @@ def test_presets_build_both_twins():
     tm, fm = torch_reference.create_model(p), jax_models.create_model(p)
     assert isinstance(tm, T.UNet) and isinstance(fm, J.UNet)
     assert get_preset("ddpm-cifar10").kwargs["features"] == (64, 128, 256, 512)
+
+
+def test_clipped_samplers_match_and_stay_in_range():
+    """`clip_denoised`: p_sample's posterior mean at the clipped x_0 (t = 0 gives x_0 itself), a
+    whole ancestral trajectory on a 20-step schedule, and 50 DDIM steps, torch against Flax; DDIM's
+    last step returns the clipped x_0, so its samples lie in [-1, 1]."""
+    td, fd, variables, (x, t, noise) = twins(batch=6)
+    xf, nf = nhwc(x * 3), nhwc(noise)  # x_t far outside the data range: the clip acts
+    p_sample = jax.jit(lambda v, *a: fd.apply(v, *a, True, method=J.DDPM.p_sample))
+    for t_index, ts in ((5, np.full_like(t, 5)), (0, np.zeros_like(t)), (7, t)):
+        ref = td.p_sample(*tt(x * 3, ts), t_index, torch.from_numpy(noise), clip_denoised=True).numpy()
+        got = p_sample(variables, xf, jnp.asarray(ts), t_index, nf)
+        assert harness.rel_err(ref, nchw(got)) <= harness.FORWARD_TOL, t_index
+    with torch.no_grad():
+        eps = td.model(*tt(x * 3, np.zeros_like(t))).numpy()
+    x0 = np.clip((x * 3 - td.sqrt_one_minus_alphas_cumprod[0].item() * eps) / td.sqrt_alphas_cumprod[0].item(), -1, 1)
+    np.testing.assert_allclose(nchw(p_sample(variables, xf, jnp.zeros_like(t), 0, nf)), x0, atol=1e-5)
+
+    td, fd, variables, (x, _, _) = twins(batch=2, timesteps=20)
+    rs = np.random.RandomState(3)
+    img = rs.standard_normal(x.shape).astype(np.float32)
+    noise = rs.standard_normal((20, *x.shape)).astype(np.float32)
+    ref = td.sample(8, 2, 1, img=torch.from_numpy(img), noise=torch.from_numpy(noise), clip_denoised=True).numpy()
+    got = jax.jit(lambda v, img, noise: fd.apply(v, jax.random.key(0), 8, 2, 1, img, noise, True,
+                                                 method=J.DDPM.sample))(variables, nhwc(img), nhwc(noise))
+    assert harness.rel_err(ref, nchw(got)) <= harness.TRAJECTORY_TOL
+
+    td, fd, variables, (x, _, _) = twins(batch=2)
+    img = np.random.RandomState(4).standard_normal(x.shape).astype(np.float32)
+    ref = td.ddim_sample(8, 2, 1, steps=50, img=torch.from_numpy(img), clip_denoised=True).numpy()
+    got = jax.jit(lambda v, img: fd.apply(v, jax.random.key(0), 8, 2, 1, 50, img, True,
+                                          method=J.DDPM.ddim_sample))(variables, nhwc(img))
+    assert harness.rel_err(ref, nchw(got)) <= harness.TRAJECTORY_TOL
+    assert np.abs(ref).max() <= 1.0 and np.abs(np.asarray(got)).max() <= 1.0

@@ -1,5 +1,5 @@
 """The diffusion step: pmap over 8 devices equals jit on the whole batch; EMA; the torch step;
-sample files; the digits check; short runs of both backends through the shared trainer."""
+sample files; the digits check and the sample-quality metrics; short runs of both backends through the shared trainer."""
 
 from __future__ import annotations
 
@@ -90,3 +90,69 @@ def test_torch_step_equals_jax_step():
     for ours, theirs in [(state.params, td), (state.ema_params, task.ema)]:
         key, err = harness.worst_leaf(harness.torch_params(theirs), harness.flax_params_as_torch(ours))
         assert err <= harness.TRAJECTORY_TOL, f"{key}: {err:.3e}"
+
+
+# --- sample quality: Frechet distance, speckle, summary ------------------------------------------
+
+def test_frechet_distance_of_a_set_against_itself_is_zero():
+    rs = np.random.RandomState(0)
+    a = rs.standard_normal((300, 16)) @ rs.standard_normal((16, 16))
+    assert abs(diffusion.frechet_distance(a, a)) < 1e-6
+    # a shift of the mean by d adds |d|^2; two halves of one draw are far closer than another Gaussian
+    np.testing.assert_allclose(diffusion.frechet_distance(a, a + 0.5), 16 * 0.25, rtol=1e-6)
+    b = rs.standard_normal((300, 16)) @ rs.standard_normal((16, 16))
+    assert diffusion.frechet_distance(a, b) > 3 * diffusion.frechet_distance(a[:150], a[150:])
+
+
+def test_frechet_distance_matches_the_matrix_square_root():
+    """The eigendecomposition form equals FID's sqrtm form on full-rank covariances."""
+    from scipy import linalg
+    rs = np.random.RandomState(1)
+    a, b = rs.standard_normal((200, 8)), rs.standard_normal((150, 8)) * 1.5 + 0.3
+    s_a, s_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    ref = (np.sum((a.mean(0) - b.mean(0)) ** 2) + np.trace(s_a) + np.trace(s_b)
+           - 2 * np.trace(np.real(linalg.sqrtm(s_a @ s_b))))
+    np.testing.assert_allclose(diffusion.frechet_distance(a, b), ref, rtol=1e-9)
+
+
+def test_roughness_flags_noise_and_passes_real_digits():
+    from train.data import load_digits
+    train, test = load_digits(16, 1)
+    real = diffusion.roughness(np.concatenate([train.images, test.images]))
+    noise = np.clip(np.random.RandomState(0).standard_normal((64, 16, 16, 1)), -1, 1)
+    assert real.max() < 0.5 and diffusion.roughness(noise).min() > 4 * real.max()
+    # half the pixels of real digits speckled: still flagged (above twice the roughest real digit)
+    speckled = train.images[:64].copy()
+    mask = np.random.RandomState(1).rand(*speckled.shape) < 0.5
+    speckled[mask] = np.clip(speckled[mask] + np.random.RandomState(2).standard_normal(mask.sum()), -1, 1)
+    assert diffusion.roughness(speckled).min() > 2 * real.max()
+
+
+def test_digit_quality_of_real_digits_and_of_noise():
+    """Real test digits score as the floor (no noise, recognized as often as the test set, Frechet
+    distance near the floor); clipped noise is all flagged and far from the digits."""
+    from train.data import load_digits
+    _, test = load_digits(16, 1)
+    real = diffusion.digit_quality(test.images[:100])
+    assert real["noise_samples"] == 0 and real["rougher_than_real"] == 0
+    assert abs(real["confident"] - real["real_confident"]) < 0.1 and real["fd_ratio"] < 1.5, real
+    noise = np.clip(np.random.RandomState(0).standard_normal((100, 16, 16, 1)), -1, 1).astype(np.float32)
+    bad = diffusion.digit_quality(noise)
+    assert bad["noise_samples"] == 100 and bad["fd_ratio"] > 10 and bad["fd_floor"] == real["fd_floor"], bad
+    assert diffusion.digit_quality(test.images[:100]) == real  # deterministic
+
+
+def test_report_writes_the_quality_figures(tmp_path):
+    """What `summary.json` gets from the diffusion task: the sample files, `digit_check` and
+    `sample_quality` (the trainer's own summary test checks that report entries reach the file)."""
+    import types
+    from train.data import load_digits
+    _, test = load_digits(16, 1)
+    p = get_preset("ddpm-digits")
+    r = types.SimpleNamespace(workdir=str(tmp_path), preset=p, recipe=dict(p.train))
+    out = diffusion.Diffusion()._report(test.images[:32], 1.0, r)
+    q = out["sample_quality"]
+    for key in ("fd_samples", "fd_floor", "fd_ratio", "noise_samples", "confident", "real_confident",
+                "digit_shares", "real_roughness_max"):
+        assert key in q, key
+    assert out["digit_check"]["confident"] == q["confident"] and out["sampler"] == "ancestral-1000-clip"

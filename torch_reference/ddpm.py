@@ -162,6 +162,20 @@ class UNet(nn.Module):
         return self.final_conv(x)
 
 
+def predict_x0(x, eps, sqrt_alphas_cumprod_t, sqrt_one_minus_alphas_cumprod_t):
+    """The x_0 that x_t and the predicted noise imply: (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t),
+    from the schedule's square roots (computed in float64: 1 - abar_t in float32 is off by 1.7e-4
+    of itself at t = 0)."""
+    return (x - sqrt_one_minus_alphas_cumprod_t * eps) / sqrt_alphas_cumprod_t
+
+
+def posterior_mean(x0, x, betas_t, alphas_t, alphas_cumprod_prev_t, sqrt_one_minus_alphas_cumprod_t):
+    """The mean of q(x_{t-1} | x_t, x_0): (sqrt(abar_{t-1}) beta_t x_0 + sqrt(alpha_t) (1 -
+    abar_{t-1}) x_t) / (1 - abar_t); at t = 0, x_0."""
+    return (torch.sqrt(alphas_cumprod_prev_t) * betas_t * x0
+            + torch.sqrt(alphas_t) * (1 - alphas_cumprod_prev_t) * x) / sqrt_one_minus_alphas_cumprod_t ** 2
+
+
 class DDPM(nn.Module):
     """Denoising Diffusion Probabilistic Model around a noise predictor `model(x_t, t)`."""
 
@@ -189,13 +203,20 @@ class DDPM(nn.Module):
         return F.mse_loss(noise, predicted_noise)
 
     @torch.no_grad()
-    def p_sample(self, x, t, t_index, noise=None):
-        """x_{t-1} ~ p(x_{t-1} | x_t); `noise` (like x) replaces the draw."""
-        betas_t = self.betas[t][:, None, None, None]
-        sqrt_one_minus_alphas_cumprod_t = self.sqrt_one_minus_alphas_cumprod[t][:, None, None, None]
-        sqrt_recip_alphas_t = torch.sqrt(1.0 / self.alphas[t])[:, None, None, None]
-        model_mean = sqrt_recip_alphas_t * (
-            x - betas_t * self.model(x, t) / sqrt_one_minus_alphas_cumprod_t)
+    def p_sample(self, x, t, t_index, noise=None, clip_denoised=False):
+        """x_{t-1} ~ p(x_{t-1} | x_t); `noise` (like x) replaces the draw. With `clip_denoised`, the
+        mean is the posterior q(x_{t-1} | x_t, x_0)'s at the model's x_0 clipped to [-1, 1]."""
+        eps = self.model(x, t)
+        if clip_denoised:
+            b = lambda name: getattr(self, name)[t][:, None, None, None]
+            x0 = predict_x0(x, eps, b("sqrt_alphas_cumprod"), b("sqrt_one_minus_alphas_cumprod")).clamp(-1.0, 1.0)
+            model_mean = posterior_mean(x0, x, b("betas"), b("alphas"), b("alphas_cumprod_prev"),
+                                        b("sqrt_one_minus_alphas_cumprod"))
+        else:
+            betas_t = self.betas[t][:, None, None, None]
+            sqrt_one_minus_alphas_cumprod_t = self.sqrt_one_minus_alphas_cumprod[t][:, None, None, None]
+            sqrt_recip_alphas_t = torch.sqrt(1.0 / self.alphas[t])[:, None, None, None]
+            model_mean = sqrt_recip_alphas_t * (x - betas_t * eps / sqrt_one_minus_alphas_cumprod_t)
         if t_index == 0:
             return model_mean
         posterior_variance_t = self.posterior_variance[t][:, None, None, None]
@@ -204,19 +225,20 @@ class DDPM(nn.Module):
         return model_mean + torch.sqrt(posterior_variance_t) * noise
 
     @torch.no_grad()
-    def sample(self, image_size, batch_size=1, channels=3, img=None, noise=None):
+    def sample(self, image_size, batch_size=1, channels=3, img=None, noise=None, clip_denoised=False):
         """The ancestral sampler: (B, channels, size, size). `img` is x_T; `noise[t]` the draw at step t."""
         device = self.betas.device
         if img is None:
             img = torch.randn((batch_size, channels, image_size, image_size), device=device)
         for i in reversed(range(0, self.timesteps)):
             t = torch.full((img.shape[0],), i, device=device, dtype=torch.long)
-            img = self.p_sample(img, t, i, None if noise is None else noise[i])
+            img = self.p_sample(img, t, i, None if noise is None else noise[i], clip_denoised)
         return img
 
     @torch.no_grad()
-    def ddim_sample(self, image_size, batch_size=1, channels=3, steps=50, img=None):
-        """Deterministic DDIM (eta = 0) over `ddim_timesteps(timesteps, steps)`."""
+    def ddim_sample(self, image_size, batch_size=1, channels=3, steps=50, img=None, clip_denoised=False):
+        """Deterministic DDIM (eta = 0) over `ddim_timesteps(timesteps, steps)`; `clip_denoised`
+        clips each step's x_0 to [-1, 1] and recomputes the noise it implies."""
         device = self.betas.device
         if img is None:
             img = torch.randn((batch_size, channels, image_size, image_size), device=device)
@@ -227,6 +249,9 @@ class DDPM(nn.Module):
             a_prev = self.alphas_cumprod[ts[i + 1]] if i + 1 < len(ts) else torch.ones_like(a_t)
             eps = self.model(img, t)
             x0 = (img - torch.sqrt(1 - a_t) * eps) / torch.sqrt(a_t)
+            if clip_denoised:
+                x0 = x0.clamp(-1.0, 1.0)
+                eps = (img - torch.sqrt(a_t) * x0) / torch.sqrt(1 - a_t)
             img = torch.sqrt(a_prev) * x0 + torch.sqrt(1 - a_prev) * eps
         return img
 
