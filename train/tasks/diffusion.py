@@ -53,7 +53,7 @@ def diffusion_step(state: DiffusionState, batch: dict, rng: jax.Array, *, timest
                    ema_decay: float, axis_name: str | None = None) -> tuple[DiffusionState, dict]:
     """One update of the noise-prediction loss on `batch['image']` (B, H, W, C) in [-1, 1] at
     uniform timesteps (or the batch's own 't' and 'noise', to replay a run), then the EMA moves
-    by `steps.ema_step_size` (`optax.incremental_update`). Metrics: loss, grad_norm."""
+    to d ema + (1 - d) params, d = `steps.ema_decay(step)`. Metrics: loss, grad_norm."""
     x = batch["image"]
 
     def loss_fn(params, rng):
@@ -64,7 +64,8 @@ def diffusion_step(state: DiffusionState, batch: dict, rng: jax.Array, *, timest
         return loss, {}
 
     new, metrics = steps.gradient_step(state, loss_fn, rng, axis_name)
-    ema = optax.incremental_update(new.params, state.ema_params, steps.ema_step_size(state.step, ema_decay))
+    d = steps.ema_decay(state.step, ema_decay)
+    ema = jax.tree_util.tree_map(lambda e, p: d * e + (1 - d) * p, state.ema_params, new.params)
     return new.replace(ema_params=steps.where_finite(metrics, ema, state.ema_params)), metrics
 
 
@@ -318,13 +319,12 @@ class Diffusion(Task):
         return model.p_losses(x, t, noise), {}
 
     def torch_after_step(self, trainer):
-        """The EMA moves by the JAX side's `steps.ema_step_size` (computed on the host), as
-        `optax.incremental_update` does: step * params + (1 - step) * ema."""
+        """ema <- d ema + (1 - d) params with the JAX side's d = `steps.ema_decay(step)`."""
         import torch
-        rate = float(steps.ema_step_size(trainer.step, trainer.recipe["ema_decay"]))
+        d = steps.ema_decay(trainer.step, trainer.recipe["ema_decay"])
         with torch.no_grad():
             for e, p in zip(self.ema.parameters(), trainer.model.parameters()):
-                e.mul_(1.0 - rate).add_(p, alpha=rate)
+                e.mul_(d).add_(p, alpha=1 - d)
 
     def torch_extra_state(self, trainer) -> dict:
         return {"ema": [p.detach().numpy().copy() for p in self.ema.parameters()]}
