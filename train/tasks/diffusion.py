@@ -64,9 +64,10 @@ def diffusion_step(state: DiffusionState, batch: dict, rng: jax.Array, *, timest
         return loss, {}
 
     new, metrics = steps.gradient_step(state, loss_fn, rng, axis_name)
-    d = steps.ema_decay(state.step, ema_decay)
+    # a skipped step leaves new.params == state.params, finite, so d = 1 keeps the EMA bit for bit
+    d = jnp.where(metrics["nonfinite"] == 0, steps.ema_decay(state.step, ema_decay), 1.0)
     ema = jax.tree_util.tree_map(lambda e, p: d * e + (1 - d) * p, state.ema_params, new.params)
-    return new.replace(ema_params=steps.where_finite(metrics, ema, state.ema_params)), metrics
+    return new.replace(ema_params=ema), metrics
 
 
 def sampler(preset, num_samples: int, ddim_steps: int | None = None, clip_denoised: bool = False):
