@@ -239,16 +239,16 @@ def _mmt_vqa(name, image_size, patch_size, in_channels, vocab_size, context_leng
 # every object is one image token; the ViT's position table starts at std 0.5 (the scale of a patch's
 # embedding) rather than 0.02, so the tokens' positions are visible from the first step; and a
 # curriculum: the first `nonrelational_steps` batches hold non-relational questions only.
-VQA_SCENES_RECIPE = dict(lr=1e-3, weight_decay=0.05, warmup_steps=100, batch_size=64, steps=2000,
+VQA_SCENES_RECIPE = dict(lr=1e-3, weight_decay=0.05, warmup_steps=100, batch_size=64, steps=6000,
                          grad_clip=1.0, label_smoothing=0.0, data="scenes", num_scenes=3000,
                          num_test_scenes=500, num_objects=6, questions_per_scene=None, cell=8,
                          nonrelational_steps=800)
 MMT_VQA_SCENES_RECIPE = dict(VQA_SCENES_RECIPE)
 
 PRESETS.update({p.name: p for p in [
-    _vqa("vqa-scenes", 32, 8, 3, 64, 2, 4, SCENES_VOCAB_SIZE, SCENES_CONTEXT_LENGTH, 64, 1, 4, 64, 2, 4,
+    _vqa("vqa-scenes", 32, 8, 3, 64, 2, 4, SCENES_VOCAB_SIZE, SCENES_CONTEXT_LENGTH, 64, 1, 4, 64, 3, 4,
          SCENES_NUM_ANSWERS, mlp_ratio=2, vision_pos_embed_std=0.5, train=VQA_SCENES_RECIPE,
-         description="VQA on 32x32 scenes: ViT 8x8 patches 64 wide x 2, text 64 wide x 1, 2 fusion layers"),
+         description="VQA on 32x32 scenes: ViT 8x8 patches 64 wide x 2, text 64 wide x 1, 3 fusion layers"),
     _mmt_vqa("mmt-vqa-scenes", 32, 8, 3, SCENES_VOCAB_SIZE, SCENES_CONTEXT_LENGTH, 64, 4, 4,
              SCENES_NUM_ANSWERS, dropout=0.0, train=MMT_VQA_SCENES_RECIPE,
              description="the first source's multimodal transformer as a single-stream VQA classifier "
