@@ -18,7 +18,7 @@ import time
 
 
 def bench(preset="ddpm-digits", num_samples=256, timesteps=None, sampler="ancestral", ddim_steps=50,
-          runs=3, torch_runs=3, torch_threads=None, seed=0) -> dict:
+          runs=3, torch_runs=3, torch_threads=None, seed=0, matmul_conv_pixels=None) -> dict:
     import jax
     import jax.numpy as jnp
     import torch
@@ -27,6 +27,8 @@ def bench(preset="ddpm-digits", num_samples=256, timesteps=None, sampler="ancest
     import jax_models
     import torch_reference
     from jax_models import ddpm as J
+    from jax_models import layers
+    from train.tasks.diffusion import SAMPLER_MATMUL_CONV_PIXELS
     from presets import get_preset
     from torch_reference import ddpm as T
 
@@ -50,7 +52,9 @@ def bench(preset="ddpm-digits", num_samples=256, timesteps=None, sampler="ancest
         torch_fn = lambda: td.ddim_sample(size, num_samples, ch, steps=ddim_steps)
 
     t0 = time.perf_counter()
-    compiled = jax.jit(fn).lower(variables, jax.random.key(0)).compile()
+    pixels = SAMPLER_MATMUL_CONV_PIXELS if matmul_conv_pixels is None else matmul_conv_pixels
+    with layers.matmul_conv_pixels(pixels):
+        compiled = jax.jit(fn).lower(variables, jax.random.key(0)).compile()
     compile_s = time.perf_counter() - t0
     jax_times = []
     for i in range(runs):
@@ -63,7 +67,7 @@ def bench(preset="ddpm-digits", num_samples=256, timesteps=None, sampler="ancest
         torch_fn()
         torch_times.append(time.perf_counter() - t0)
     return dict(preset=preset, sampler=sampler, steps=T_ if sampler == "ancestral" else ddim_steps,
-                num_samples=num_samples, jax_compile_s=round(compile_s, 2),
+                num_samples=num_samples, matmul_conv_pixels=pixels, jax_compile_s=round(compile_s, 2),
                 jax_run_s=round(statistics.median(jax_times), 2), jax_runs=[round(t, 2) for t in jax_times],
                 torch_eager_s=round(statistics.median(torch_times), 2),
                 torch_runs=[round(t, 2) for t in torch_times],
@@ -82,9 +86,11 @@ def main(argv=None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--torch-runs", type=int, default=3)
     ap.add_argument("--torch-threads", type=int, default=None, help="default: torch's own choice")
+    ap.add_argument("--matmul-conv-pixels", type=int, default=None,
+                    help="JAX convs over at most this many pixels as matmuls (default: the trainer's sampler's)")
     a = ap.parse_args(argv)
     print(json.dumps(bench(a.preset, a.num_samples, a.timesteps, a.sampler, a.ddim_steps, a.runs,
-                           a.torch_runs, a.torch_threads)))
+                           a.torch_runs, a.torch_threads, matmul_conv_pixels=a.matmul_conv_pixels)))
     return 0
 
 

@@ -68,6 +68,23 @@ def test_conv2d_forward_and_gradients(k, s, p, size):
                 {"kernel": (tm.weight, lambda g: g.transpose(2, 3, 1, 0)), "bias": (tm.bias, same)})
 
 
+def test_matmul_conv_pixels_switches_the_form_while_tracing_only():
+    """Inside `matmul_conv_pixels(256)` a 16x16 conv traces as the patch matmul (no convolution in
+    the program) with the same result; the threshold is restored after the block, even on error."""
+    conv = layers.Conv2d(5, 3, 1, 1)
+    x = jnp.asarray(np.random.RandomState(0).standard_normal((2, 16, 16, 6)), jnp.float32)
+    v = conv.init(jax.random.key(0), x)
+    hlo = lambda: jax.jit(conv.apply).lower(v, x).as_text()  # noqa: E731
+    assert "convolution" in hlo()
+    with layers.matmul_conv_pixels(256):
+        assert "convolution" not in hlo()
+        y = conv.apply(v, x)
+    assert harness.rel_err(np.asarray(conv.apply(v, x)), np.asarray(y)) <= harness.FORWARD_TOL
+    with pytest.raises(RuntimeError), layers.matmul_conv_pixels(256):
+        raise RuntimeError
+    assert layers.MATMUL_CONV_PIXELS == 64 and "convolution" in hlo()
+
+
 def test_conv2d_initializes_as_flax_conv():
     import flax.linen as nn
     x = jnp.ones((1, 4, 4, 3))
