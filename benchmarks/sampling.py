@@ -28,7 +28,6 @@ def bench(preset="ddpm-digits", num_samples=256, timesteps=None, sampler="ancest
     import torch_reference
     from jax_models import ddpm as J
     from jax_models import layers
-    from train.tasks.diffusion import SAMPLER_MATMUL_CONV_PIXELS
     from presets import get_preset
     from torch_reference import ddpm as T
 
@@ -52,7 +51,7 @@ def bench(preset="ddpm-digits", num_samples=256, timesteps=None, sampler="ancest
         torch_fn = lambda: td.ddim_sample(size, num_samples, ch, steps=ddim_steps)
 
     t0 = time.perf_counter()
-    pixels = SAMPLER_MATMUL_CONV_PIXELS if matmul_conv_pixels is None else matmul_conv_pixels
+    pixels = layers.MATMUL_CONV_PIXELS if matmul_conv_pixels is None else matmul_conv_pixels
     with layers.matmul_conv_pixels(pixels):
         compiled = jax.jit(fn).lower(variables, jax.random.key(0)).compile()
     compile_s = time.perf_counter() - t0
@@ -87,7 +86,7 @@ def main(argv=None) -> int:
     ap.add_argument("--torch-runs", type=int, default=3)
     ap.add_argument("--torch-threads", type=int, default=None, help="default: torch's own choice")
     ap.add_argument("--matmul-conv-pixels", type=int, default=None,
-                    help="JAX convs over at most this many pixels as matmuls (default: the trainer's sampler's)")
+                    help="JAX convs over at most this many pixels as im2col matmuls (default: the layers' 64)")
     a = ap.parse_args(argv)
     print(json.dumps(bench(a.preset, a.num_samples, a.timesteps, a.sampler, a.ddim_steps, a.runs,
                            a.torch_runs, a.torch_threads, matmul_conv_pixels=a.matmul_conv_pixels)))

@@ -439,9 +439,8 @@ MATMUL_CONV_PIXELS = 64  # at or below this many input pixels, a conv is one mat
 @contextlib.contextmanager
 def matmul_conv_pixels(pixels: int):
     """Within the block, convs over at most `pixels` input pixels trace as im2col matmuls (read
-    when a function is traced, so wrap the first call of a jitted function). The diffusion sampler
-    uses 256: at batch 64 forward-only, the 16x16 convs of `ddpm-digits` are faster as matmuls,
-    while training (with its backward) keeps XLA's convolution there."""
+    when a function is traced, so wrap the first call of a jitted function or its `lower`): to
+    compare the two forms on a whole program (`python -m benchmarks.sampling --matmul-conv-pixels`)."""
     global MATMUL_CONV_PIXELS
     before, MATMUL_CONV_PIXELS = MATMUL_CONV_PIXELS, int(pixels)
     try:

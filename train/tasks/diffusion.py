@@ -70,14 +70,10 @@ def diffusion_step(state: DiffusionState, batch: dict, rng: jax.Array, *, timest
     return new.replace(ema_params=ema), metrics
 
 
-SAMPLER_MATMUL_CONV_PIXELS = 256  # the sampler's convs up to 16x16 as matmuls (`layers.matmul_conv_pixels`)
-
-
 def sampler(preset, num_samples: int, ddim_steps: int | None = None, clip_denoised: bool = False):
     """(variables, key) -> (num_samples, H, W, C) samples clipped to [-1, 1], one compiled program:
     the ancestral sampler, or DDIM with `ddim_steps`; `clip_denoised` clips each step's x_0 to the
     data range (`DDPM.p_sample`, `DDPM.ddim_sample`)."""
-    from jax_models import layers
     from jax_models.ddpm import DDPM
 
     ddpm, size, ch = build(preset), preset.image_size, preset.in_channels
@@ -90,12 +86,7 @@ def sampler(preset, num_samples: int, ddim_steps: int | None = None, clip_denois
             x = ddpm.apply(variables, key, size, num_samples, ch, None, None, clip_denoised,
                            method=DDPM.sample)
         return jnp.clip(x, -1.0, 1.0)
-    compiled = jax.jit(run)
-
-    def draw(variables, key):
-        with layers.matmul_conv_pixels(SAMPLER_MATMUL_CONV_PIXELS):
-            return compiled(variables, key)
-    return draw
+    return jax.jit(run)
 
 
 def save_samples(samples: np.ndarray, workdir: str) -> tuple[str, str]:
