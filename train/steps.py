@@ -57,13 +57,14 @@ def warmup_cosine(peak: float, warmup_steps: int, total_steps: int, end: float =
         t = xp.clip((count - f32(warmup_steps)) / f32(decay_steps), f32(0.0), f32(1.0))
         cosine = f32(end) + f32(0.5 * (peak - end)) * (f32(1.0) + xp.cos(f32(np.pi) * t))
         return xp.where(count < warmup_steps, warm, cosine).astype(xp.float32)
+    schedule.numpy_on_host = True
     return schedule
 
 
 def host_schedule(schedule: Callable) -> Callable[[int], float]:
     """`schedule` as a host function of an int step -> float: `warmup_cosine` in float32 numpy
     (no device round trip per torch step), any other optax schedule through one compiled program."""
-    if getattr(schedule, "__qualname__", "").startswith("warmup_cosine."):
+    if getattr(schedule, "numpy_on_host", False):
         return lambda step: float(schedule(int(step)))
     compiled = jax.jit(schedule)
     return lambda step: float(compiled(np.int32(step)))
