@@ -164,13 +164,6 @@ def gradient_step(state: TrainState, loss_fn: Callable, rng: jax.Array,
     return new, metrics
 
 
-def where_finite(metrics: dict, new, old):
-    """`new` after a finite step, `old` after a skipped one (for what a task updates itself after
-    `gradient_step`: an EMA, a clamp)."""
-    ok = metrics["nonfinite"] == 0
-    return jax.tree_util.tree_map(lambda x, y: jnp.where(ok, x, y), new, old)
-
-
 # ---------------------------------------------------------------------------------------------
 # Wrappers
 
