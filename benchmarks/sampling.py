@@ -86,7 +86,7 @@ def main(argv=None) -> int:
     ap.add_argument("--torch-runs", type=int, default=3)
     ap.add_argument("--torch-threads", type=int, default=None, help="default: torch's own choice")
     ap.add_argument("--matmul-conv-pixels", type=int, default=None,
-                    help="JAX convs over at most this many pixels as im2col matmuls (default: the layers' 64)")
+                    help="JAX convs over at most this many pixels as im2col matmuls (default: the layers' MATMUL_CONV_PIXELS, 4)")
     a = ap.parse_args(argv)
     print(json.dumps(bench(a.preset, a.num_samples, a.timesteps, a.sampler, a.ddim_steps, a.runs,
                            a.torch_runs, a.torch_threads, matmul_conv_pixels=a.matmul_conv_pixels)))

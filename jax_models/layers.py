@@ -433,7 +433,7 @@ class GroupNorm(nn.Module):
         return (y * scale + bias).astype(jnp.result_type(x, scale, bias))
 
 
-MATMUL_CONV_PIXELS = 64  # at or below this many input pixels, a conv is one matmul (see Conv2d)
+MATMUL_CONV_PIXELS = 4  # at or below this many input pixels (2x2), a conv is one matmul (see Conv2d)
 
 
 @contextlib.contextmanager
@@ -453,7 +453,9 @@ class Conv2d(nn.Module):
     """Twin of `nn.Conv2d(in, features, kernel, stride, padding)` on NHWC, with `nn.Conv`'s params
     (`kernel` (k, k, in, out), `bias`) and init. A 1x1 conv is a matmul; so is a conv over at most
     `MATMUL_CONV_PIXELS` pixels, over the k*k shifted views (im2col): XLA:CPU's convolution takes
-    0.2-1.2 s for a 3x3 over the U-Net's 2x2x1024 bottleneck (batch 16), the matmul ~10 ms."""
+    0.8-2.3 s for a 3x3 over the U-Net's 2x2x1024 bottleneck (batch 16), the matmul ~10-20 ms.
+    From 4x4 up XLA's conv wins with few channels (2x at 8x8x32, the views cost more than the matmul
+    saves) and loses at most 1.2x (4x4x512)."""
     features: int
     kernel_size: int
     stride: int = 1
