@@ -69,6 +69,7 @@ def machine_info(torch_device) -> dict:
                      "jaxlib": jax.lib.__version__ if hasattr(jax.lib, "__version__") else jax.__version__,
                      "torch": torch.__version__},
         "torch_threads": torch.get_num_threads(),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "jax_default_matmul_precision": str(jax.config.jax_default_matmul_precision or "default"),
         "torch_allow_tf32": {"matmul": torch.backends.cuda.matmul.allow_tf32,
                              "cudnn": torch.backends.cudnn.allow_tf32},

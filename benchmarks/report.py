@@ -16,6 +16,8 @@ def machine_header(info: dict) -> str:
              f"{info['jax_default_matmul_precision']}); torch {v['torch']} on {info['torch_device']} "
              f"({info['torch_threads']} threads, allow_tf32 {info['torch_allow_tf32']})",
              f"date: {info['date']}" + (f"; load average {info['load_average']}" if "load_average" in info else "")]
+    if info.get("xla_flags"):
+        lines.insert(2, f"XLA_FLAGS: {info['xla_flags']}")
     return "\n".join(lines)
 
 

@@ -72,7 +72,8 @@ def bench(preset="ddpm-digits", num_samples=256, timesteps=None, sampler="ancest
                 torch_runs=[round(t, 2) for t in torch_times],
                 speedup=round(statistics.median(torch_times) / statistics.median(jax_times), 2),
                 machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, jax {jax.__version__} "
-                        f"({jax.default_backend()}), torch {torch.__version__} ({torch.get_num_threads()} threads)")
+                        f"({jax.default_backend()}), torch {torch.__version__} ({torch.get_num_threads()} threads)",
+                xla_flags=os.environ.get("XLA_FLAGS", ""))
 
 
 def main(argv=None) -> int:

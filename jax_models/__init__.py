@@ -10,6 +10,10 @@ import os
 
 from presets import Preset, get_preset, with_overrides
 
+from . import xla_flags
+
+xla_flags.apply_cpu_flags()
+
 
 def create_model(preset: str | Preset, *, attention_impl: str = "xla", **overrides):
     """Build the Flax model of a preset (a name from `presets.PRESETS` or a `Preset`).

@@ -1,4 +1,5 @@
-"""Test-wide set-up: 8 fake CPU devices (before JAX starts), highest matmul precision, no TF32."""
+"""Test-wide set-up: 8 fake CPU devices and the models' XLA:CPU flags (before JAX starts), highest
+matmul precision, no TF32."""
 
 import ctypes
 import gc
@@ -6,6 +7,8 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import jax_models  # noqa: E402,F401  (adds its XLA:CPU flags, jax_models.xla_flags, before JAX starts)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

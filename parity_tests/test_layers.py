@@ -4,6 +4,10 @@ derivative, and stochastic depth."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,9 +16,11 @@ import torch
 
 import bridge
 import jax_models
-import torch_reference
-from jax_models import layers
+import torch_reference.layers
+from jax_models import layers, xla_flags
 from parity_tests import harness
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def nhwc(a):
@@ -148,3 +154,31 @@ def test_fused_attention_padded_for_cudnn_gives_the_unpadded_result(with_mask):
     got = layers._fused_attend(q, k, v, 8 ** -0.5, None, mask, None, pad_to=16)
     assert got.shape == ref.shape
     assert harness.rel_err(ref, got) <= 1e-6
+
+
+def test_xla_flags_take_convolutions_off_ynnpack_unless_the_user_says_otherwise(monkeypatch):
+    """`import jax_models` adds `xla_flags.CPU_FLAGS` before JAX starts: a 3x3 conv then compiles to
+    XLA's own convolution, not a YNNPACK fusion; a user's own setting of the flag is kept."""
+    code = ("import jax_models, jax, jax.numpy as jnp\n"
+            "f = jax.jit(lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), 'SAME', "
+            "dimension_numbers=('NHWC', 'HWIO', 'NHWC')))\n"
+            "print('ynn' in f.lower(jnp.ones((4, 16, 16, 32)), jnp.ones((3, 3, 32, 32))).compile().as_text())")
+    mine = "--xla_cpu_experimental_ynn_fusion_type=individual_dot,individual_convolution"
+    out = {}
+    for flags in ("", mine):
+        env = {**os.environ, "XLA_FLAGS": flags, "PYTHONPATH": ROOT}
+        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-2000:]
+        out[flags] = r.stdout.split()[-1]
+    assert out == {"": "False", mine: "True"}
+
+    monkeypatch.setattr(xla_flags, "_backend_started", lambda: False)
+    monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
+    assert xla_flags.apply_cpu_flags() == list(xla_flags.CPU_FLAGS)
+    assert os.environ["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=2", *xla_flags.CPU_FLAGS]
+    assert xla_flags.apply_cpu_flags() == []
+    monkeypatch.setenv("XLA_FLAGS", mine)
+    assert xla_flags.apply_cpu_flags() == [] and os.environ["XLA_FLAGS"] == mine
+    monkeypatch.setattr(xla_flags, "_backend_started", lambda: True)
+    monkeypatch.setenv("XLA_FLAGS", "")
+    assert xla_flags.apply_cpu_flags() == [] and os.environ["XLA_FLAGS"] == ""

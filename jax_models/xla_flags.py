@@ -1,0 +1,49 @@
+"""The XLA:CPU settings the models are measured with, added to `XLA_FLAGS` before JAX starts its
+backend (`import jax_models` does it; imports neither jax nor jaxlib).
+
+jaxlib 0.10 hands float32 convolutions on CPU to YNNPACK. At the U-Net's shapes (3x3 over 16x16
+and 8x8 maps, 16-64 channels) its kernels are slower than XLA's own: one `ddpm-digits` U-Net call
+at batch 64 took 28.2 ms with them and 22.2 ms without (eager torch 25.0), a training step 123
+and 92 ms (torch 84). `CPU_FLAGS` keeps YNNPACK for matmuls (`individual_dot`, XLA's other
+default) and takes it off convolutions. Set `--xla_cpu_experimental_ynn_fusion_type` yourself
+(e.g. `=individual_dot,individual_convolution`, XLA's default) and it is left as you set it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from importlib import metadata
+
+CPU_FLAGS = ("--xla_cpu_experimental_ynn_fusion_type=individual_dot",)
+JAXLIB_KNOWN = ((0, 10), (0, 13))  # the jaxlib releases (>=, <) whose XLA reads these flags; others abort on them
+
+
+def _jaxlib_version() -> tuple[int, int] | None:
+    try:
+        return tuple(int(p) for p in metadata.version("jaxlib").split(".")[:2])
+    except (metadata.PackageNotFoundError, ValueError):
+        return None
+
+
+def _backend_started() -> bool:
+    if "jax" not in sys.modules:
+        return False
+    try:
+        from jax._src import xla_bridge
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):
+        return True
+
+
+def apply_cpu_flags() -> list[str]:
+    """Append the `CPU_FLAGS` not already named in `XLA_FLAGS`; returns those added (none once JAX's
+    backend has started, where they would no longer take effect, or on a jaxlib not known to read them)."""
+    version = _jaxlib_version()
+    if version is None or not JAXLIB_KNOWN[0] <= version < JAXLIB_KNOWN[1] or _backend_started():
+        return []
+    flags = os.environ.get("XLA_FLAGS", "")
+    added = [f for f in CPU_FLAGS if f.split("=")[0] not in flags]
+    if added:
+        os.environ["XLA_FLAGS"] = " ".join([flags, *added]).strip()
+    return added
