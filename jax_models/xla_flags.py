@@ -36,14 +36,21 @@ def _backend_started() -> bool:
         return True
 
 
-def apply_cpu_flags() -> list[str]:
-    """Append the `CPU_FLAGS` not already named in `XLA_FLAGS`; returns those added (none once JAX's
-    backend has started, where they would no longer take effect, or on a jaxlib not known to read them)."""
-    version = _jaxlib_version()
-    if version is None or not JAXLIB_KNOWN[0] <= version < JAXLIB_KNOWN[1] or _backend_started():
+def add_flags(flags) -> list[str]:
+    """Append to `XLA_FLAGS` each of `flags` whose name it does not already hold; returns those
+    added (none once JAX's backend has started, where they would no longer take effect)."""
+    if _backend_started():
         return []
-    flags = os.environ.get("XLA_FLAGS", "")
-    added = [f for f in CPU_FLAGS if f.split("=")[0] not in flags]
+    current = os.environ.get("XLA_FLAGS", "")
+    added = [f for f in flags if f.split("=")[0] not in current]
     if added:
-        os.environ["XLA_FLAGS"] = " ".join([flags, *added]).strip()
+        os.environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
     return added
+
+
+def apply_cpu_flags() -> list[str]:
+    """`add_flags(CPU_FLAGS)`, on a jaxlib known to read them (others abort on unknown flags)."""
+    version = _jaxlib_version()
+    if version is None or not JAXLIB_KNOWN[0] <= version < JAXLIB_KNOWN[1]:
+        return []
+    return add_flags(CPU_FLAGS)

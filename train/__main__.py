@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import argparse
 import ast
-import os
 import sys
 
 # XLA:CPU aborts the process when a device waits 40 s in an all-reduce; fake CPU devices on a
-# busy machine can lag that much behind each other under pmap. Wait longer (JAX is not yet
-# imported here, so the flags still take effect).
+# busy machine can lag that much behind each other under pmap. Wait longer (JAX has not started
+# its backend here, so the flags still take effect).
 CPU_COLLECTIVE_FLAGS = ("--xla_cpu_collective_call_terminate_timeout_seconds=1800",
                         "--xla_cpu_collective_timeout_seconds=1800")
 
@@ -93,11 +92,8 @@ def _overrides(pairs: list[str], flag: str) -> dict:
 
 
 def _patient_cpu_collectives():
-    if "jax" in sys.modules:
-        return
-    flags = os.environ.get("XLA_FLAGS", "")
-    extra = [f for f in CPU_COLLECTIVE_FLAGS if f.split("=")[0] not in flags]
-    os.environ["XLA_FLAGS"] = " ".join([flags, *extra]).strip()
+    from jax_models import xla_flags
+    xla_flags.add_flags(CPU_COLLECTIVE_FLAGS)
 
 
 def main(argv=None) -> int:
