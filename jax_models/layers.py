@@ -490,7 +490,8 @@ class ConvTranspose2d(nn.Module):
     (in, out, kh, kw), so the bridge carries it as is: the transposed convolution is the input
     dilated by `stride`, padded by k - 1 - padding, convolved with the spatially flipped kernel;
     when kernel == stride (no padding) each input pixel paints its own output patch: one matmul,
-    without the dilated zeros (the U-Net's case)."""
+    without the dilated zeros (the U-Net's case), written as (B*H*W, in) @ (in, k*k*out) so that
+    XLA:CPU does not transpose the input first (5-7% of a ddpm-digits U-Net call)."""
     in_channels: int
     out_channels: int
     kernel_size: int
@@ -508,9 +509,10 @@ class ConvTranspose2d(nn.Module):
         lo, hi = k - 1 - p, k - 1 - p + self.output_padding
         x, weight, bias = nn.dtypes.promote_dtype(x, weight, bias)
         if k == s and p == 0 and self.output_padding == 0:  # patches that don't overlap: one matmul
-            B, H, W, _ = x.shape
-            y = jnp.einsum("bhwi,ioac->bhawco", x, weight).reshape(B, H * s, W * s, self.out_channels)
-            return y + bias
+            B, H, W, C = x.shape
+            patches = x.reshape(-1, C) @ weight.transpose(0, 2, 3, 1).reshape(C, k * k * self.out_channels)
+            y = patches.reshape(B, H, W, k, k, self.out_channels).transpose(0, 1, 3, 2, 4, 5)
+            return y.reshape(B, H * s, W * s, self.out_channels) + bias
         y = jax.lax.conv_general_dilated(
             x, weight[:, :, ::-1, ::-1], window_strides=(1, 1), padding=((lo, hi), (lo, hi)),
             lhs_dilation=(s, s), dimension_numbers=("NHWC", "IOHW", "NHWC"))

@@ -54,7 +54,7 @@ def check_layer(tm, fm, x, grads):
 same = lambda a: a
 
 
-@pytest.mark.parametrize("k, s, p, op", [(2, 2, 0, 0), (3, 2, 1, 1), (4, 2, 1, 0), (3, 1, 1, 0), (3, 3, 2, 2)])
+@pytest.mark.parametrize("k, s, p, op", [(2, 2, 0, 0), (3, 3, 0, 0), (3, 2, 1, 1), (4, 2, 1, 0), (3, 1, 1, 0), (3, 3, 2, 2)])
 def test_conv_transpose_forward_and_gradients(k, s, p, op):
     torch.manual_seed(0)
     tm = torch.nn.ConvTranspose2d(6, 5, k, stride=s, padding=p, output_padding=op)
