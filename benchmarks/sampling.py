@@ -1,9 +1,10 @@
 """Time to draw samples from a diffusion preset: the compiled JAX sampler against the eager torch loop.
 
 `python -m benchmarks.sampling [--preset ddpm-digits] [--num-samples 256] [--timesteps T]
-[--sampler ancestral|ddim] [--ddim-steps 50] [--runs 3]`. Both frameworks get the same weights
+[--sampler ancestral|ddim] [--ddim-steps 50] [--runs 3] [--warmup 1]`. Both frameworks get the same weights
 (torch init carried over by the bridge); JAX's compile time is reported apart from its runs
-(median, `block_until_ready`); torch runs under `no_grad` (`--torch-threads`: on a shared
+(median, `block_until_ready`); the JAX and torch runs alternate, so that a shared machine's
+drift slows both alike; torch runs under `no_grad` (`--torch-threads`: on a shared
 machine two OpenMP threads that wait for each other can make small eager convolutions far slower).
 """
 
@@ -18,7 +19,7 @@ import time
 
 
 def bench(preset="ddpm-digits", num_samples=256, timesteps=None, sampler="ancestral", ddim_steps=50,
-          runs=3, torch_runs=3, torch_threads=None, seed=0, matmul_conv_pixels=None) -> dict:
+          runs=3, torch_runs=3, torch_threads=None, seed=0, matmul_conv_pixels=None, warmup=1) -> dict:
     import jax
     import jax.numpy as jnp
     import torch
@@ -55,18 +56,21 @@ def bench(preset="ddpm-digits", num_samples=256, timesteps=None, sampler="ancest
     with layers.matmul_conv_pixels(pixels):
         compiled = jax.jit(fn).lower(variables, jax.random.key(0)).compile()
     compile_s = time.perf_counter() - t0
-    jax_times = []
-    for i in range(runs):
-        t0 = time.perf_counter()
-        compiled(variables, jax.random.key(i)).block_until_ready()
-        jax_times.append(time.perf_counter() - t0)
-    torch_times = []
-    for _ in range(torch_runs):
-        t0 = time.perf_counter()
+    for _ in range(warmup):  # untimed: a first run of a fresh process is 15-30% slower
+        compiled(variables, jax.random.key(runs)).block_until_ready()
         torch_fn()
-        torch_times.append(time.perf_counter() - t0)
+    jax_times, torch_times = [], []
+    for i in range(max(runs, torch_runs)):  # alternating, so that the machine's drift hits both alike
+        if i < runs:
+            t0 = time.perf_counter()
+            compiled(variables, jax.random.key(i)).block_until_ready()
+            jax_times.append(time.perf_counter() - t0)
+        if i < torch_runs:
+            t0 = time.perf_counter()
+            torch_fn()
+            torch_times.append(time.perf_counter() - t0)
     return dict(preset=preset, sampler=sampler, steps=T_ if sampler == "ancestral" else ddim_steps,
-                num_samples=num_samples, matmul_conv_pixels=pixels, jax_compile_s=round(compile_s, 2),
+                num_samples=num_samples, matmul_conv_pixels=pixels, warmup=warmup, jax_compile_s=round(compile_s, 2),
                 jax_run_s=round(statistics.median(jax_times), 2), jax_runs=[round(t, 2) for t in jax_times],
                 torch_eager_s=round(statistics.median(torch_times), 2),
                 torch_runs=[round(t, 2) for t in torch_times],
@@ -85,12 +89,13 @@ def main(argv=None) -> int:
     ap.add_argument("--ddim-steps", type=int, default=50)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--torch-runs", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed runs of each framework first (default 1)")
     ap.add_argument("--torch-threads", type=int, default=None, help="default: torch's own choice")
     ap.add_argument("--matmul-conv-pixels", type=int, default=None,
                     help="JAX convs over at most this many pixels as im2col matmuls (default: the layers' MATMUL_CONV_PIXELS, 4)")
     a = ap.parse_args(argv)
     print(json.dumps(bench(a.preset, a.num_samples, a.timesteps, a.sampler, a.ddim_steps, a.runs,
-                           a.torch_runs, a.torch_threads, matmul_conv_pixels=a.matmul_conv_pixels)))
+                           a.torch_runs, a.torch_threads, matmul_conv_pixels=a.matmul_conv_pixels, warmup=a.warmup)))
     return 0
 
 

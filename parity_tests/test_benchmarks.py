@@ -121,3 +121,23 @@ def test_torch_compile_rows(tmp_path):
     for r in records:
         assert "error" not in r, r["error"]
         assert r["median_ms"] > 0 and r["compile_s"] > 0
+
+
+def test_sampling_benchmark_alternates_frameworks_and_reports_each_run(monkeypatch):
+    """`python -m benchmarks.sampling`: a warm-up of each, untimed, then every requested run timed
+    and reported, JAX and torch taking turns (so that the machine's drift hits both)."""
+    import time
+
+    from benchmarks import sampling
+    from torch_reference import ddpm as T
+
+    order = []
+    torch_sample = T.DDPM.sample
+    monkeypatch.setattr(T.DDPM, "sample", lambda self, *a, **k: order.append("torch") or torch_sample(self, *a, **k))
+    clock = time.perf_counter
+    monkeypatch.setattr(sampling.time, "perf_counter", lambda: order.append("clock") or clock())
+    r = sampling.bench("ddpm-digits", num_samples=2, timesteps=3, runs=3, torch_runs=2, warmup=1)
+    assert len(r["jax_runs"]) == 3 and len(r["torch_runs"]) == 2
+    assert r["warmup"] == 1 and r["speedup"] > 0
+    turns = "".join("t" if o == "torch" else "." for o in order)
+    assert turns == "..t" + "...t." * 2 + "..", turns  # compile; warm-up; (jax, torch) x2; jax
