@@ -1,11 +1,12 @@
 """Time to draw samples from a diffusion preset: the compiled JAX sampler against the eager torch loop.
 
 `python -m benchmarks.sampling [--preset ddpm-digits] [--num-samples 256] [--timesteps T]
-[--sampler ancestral|ddim] [--ddim-steps 50] [--runs 3] [--warmup 1]`. Both frameworks get the same weights
-(torch init carried over by the bridge); JAX's compile time is reported apart from its runs
-(median, `block_until_ready`); the JAX and torch runs alternate, so that a shared machine's
-drift slows both alike; torch runs under `no_grad` (`--torch-threads`: on a shared
-machine two OpenMP threads that wait for each other can make small eager convolutions far slower).
+[--sampler ancestral|ddim] [--ddim-steps 50] [--runs 3] [--warmup 1]`. Both frameworks get the
+same weights (torch init carried over by the bridge); JAX's compile time is reported apart from
+its runs (median, `block_until_ready`); after an untimed warm-up of each, the JAX and torch runs
+alternate, so that a shared machine's drift slows both alike; torch runs under `no_grad`
+(`--torch-threads`: on a shared machine two OpenMP threads that wait for each other can make
+small eager convolutions far slower).
 """
 
 from __future__ import annotations
