@@ -1,10 +1,11 @@
 """Time to draw samples from a diffusion preset: the compiled JAX sampler against the eager torch loop.
 
 `python -m benchmarks.sampling [--preset ddpm-digits] [--num-samples 256] [--timesteps T]
-[--sampler ancestral|ddim] [--ddim-steps 50] [--runs 3] [--warmup 1]`. Both frameworks get the
-same weights (torch init carried over by the bridge); JAX's compile time is reported apart from
-its runs (median, `block_until_ready`); after an untimed warm-up of each, the JAX and torch runs
-alternate, so that a shared machine's drift slows both alike; torch runs under `no_grad`
+[--sampler ancestral|ddim] [--ddim-steps 50] [--runs 3] [--warmup 1] [--no-inference-options]`.
+Both frameworks get the same weights (torch init carried over by the bridge); JAX's sampler is
+compiled as the trainer's (`xla_flags.inference_compiler_options()`, unless
+`--no-inference-options`) and its compile time is reported apart from its runs (median,
+`block_until_ready`); after an untimed warm-up of each, the JAX and torch runs alternate, so that a shared machine's drift slows both alike; torch runs under `no_grad`
 (`--torch-threads`: on a shared machine two OpenMP threads that wait for each other can make
 small eager convolutions far slower).
 """
@@ -20,7 +21,8 @@ import time
 
 
 def bench(preset="ddpm-digits", num_samples=256, timesteps=None, sampler="ancestral", ddim_steps=50,
-          runs=3, torch_runs=3, torch_threads=None, seed=0, matmul_conv_pixels=None, warmup=1) -> dict:
+          runs=3, torch_runs=3, torch_threads=None, seed=0, matmul_conv_pixels=None, warmup=1,
+          inference_options=True) -> dict:
     import jax
     import jax.numpy as jnp
     import torch
@@ -29,7 +31,7 @@ def bench(preset="ddpm-digits", num_samples=256, timesteps=None, sampler="ancest
     import jax_models
     import torch_reference
     from jax_models import ddpm as J
-    from jax_models import layers
+    from jax_models import layers, xla_flags
     from presets import get_preset
     from torch_reference import ddpm as T
 
@@ -54,8 +56,9 @@ def bench(preset="ddpm-digits", num_samples=256, timesteps=None, sampler="ancest
 
     t0 = time.perf_counter()
     pixels = layers.MATMUL_CONV_PIXELS if matmul_conv_pixels is None else matmul_conv_pixels
+    options = xla_flags.inference_compiler_options() if inference_options else None
     with layers.matmul_conv_pixels(pixels):
-        compiled = jax.jit(fn).lower(variables, jax.random.key(0)).compile()
+        compiled = jax.jit(fn, compiler_options=options).lower(variables, jax.random.key(0)).compile()
     compile_s = time.perf_counter() - t0
     for _ in range(warmup):  # untimed: a first run of a fresh process is 15-30% slower
         compiled(variables, jax.random.key(runs)).block_until_ready()
@@ -78,7 +81,7 @@ def bench(preset="ddpm-digits", num_samples=256, timesteps=None, sampler="ancest
                 speedup=round(statistics.median(torch_times) / statistics.median(jax_times), 2),
                 machine=f"{platform.machine()}, {os.cpu_count()} CPU cores, jax {jax.__version__} "
                         f"({jax.default_backend()}), torch {torch.__version__} ({torch.get_num_threads()} threads)",
-                xla_flags=os.environ.get("XLA_FLAGS", ""))
+                xla_flags=os.environ.get("XLA_FLAGS", ""), compiler_options=options or {})
 
 
 def main(argv=None) -> int:
@@ -94,9 +97,13 @@ def main(argv=None) -> int:
     ap.add_argument("--torch-threads", type=int, default=None, help="default: torch's own choice")
     ap.add_argument("--matmul-conv-pixels", type=int, default=None,
                     help="JAX convs over at most this many pixels as im2col matmuls (default: the layers' MATMUL_CONV_PIXELS, 4)")
+    ap.add_argument("--inference-options", action=argparse.BooleanOptionalAction, default=True,
+                    help="compile with jax_models.xla_flags.inference_compiler_options(), as the "
+                         "trainer's sampler does (default); --no-inference-options: XLA's plain compile")
     a = ap.parse_args(argv)
     print(json.dumps(bench(a.preset, a.num_samples, a.timesteps, a.sampler, a.ddim_steps, a.runs,
-                           a.torch_runs, a.torch_threads, matmul_conv_pixels=a.matmul_conv_pixels, warmup=a.warmup)))
+                           a.torch_runs, a.torch_threads, matmul_conv_pixels=a.matmul_conv_pixels, warmup=a.warmup,
+                           inference_options=a.inference_options)))
     return 0
 
 

@@ -100,13 +100,27 @@ def test_conv2d_initializes_as_flax_conv():
 
 
 def test_group_norm_forward_and_gradients():
-    """Two-pass statistics: an offset of 100 on a unit signal is where E[x^2] - E[x]^2 fails."""
+    """An offset of 100 on a unit signal is where E[x^2] - E[x]^2 without a shift fails."""
     torch.manual_seed(0)
     tm = torch.nn.GroupNorm(8, 32)
     torch.nn.init.normal_(tm.weight)
     torch.nn.init.normal_(tm.bias)
     x = (100 + np.random.RandomState(0).standard_normal((3, 32, 6, 5))).astype(np.float32)
     check_layer(tm, layers.GroupNorm(8), x, {"scale": (tm.weight, same), "bias": (tm.bias, same)})
+
+
+@pytest.mark.parametrize("offset, outlier", [(1e4, 0.0), (0.0, 300.0), (100.0, 300.0)],
+                         ids=["offset-1e4", "outlier-300", "both"])
+def test_group_norm_one_pass_statistics_hold_against_float64(offset, outlier):
+    """The one-pass statistics' shift (a group's mean over 16 spaced pixels) keeps the error at
+    float32 round-off when the mean is 1e4 standard deviations out, and when the first pixel is a
+    300-sigma outlier (a shift by that pixel alone: rel err 3.5e-5, over the tolerance)."""
+    x = (offset + np.random.RandomState(0).standard_normal((3, 32, 16, 16))).astype(np.float32)
+    x[:, :, 0, 0] += outlier
+    ref = torch.nn.functional.group_norm(torch.from_numpy(x).double(), 8, eps=layers.GN_EPS).numpy()
+    fm = layers.GroupNorm(8)
+    y = fm.apply(fm.init(jax.random.key(0), nhwc(x)), nhwc(x))
+    assert harness.rel_err(ref, nchw(y)) <= harness.FORWARD_TOL
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])
@@ -154,6 +168,24 @@ def test_fused_attention_padded_for_cudnn_gives_the_unpadded_result(with_mask):
     got = layers._fused_attend(q, k, v, 8 ** -0.5, None, mask, None, pad_to=16)
     assert got.shape == ref.shape
     assert harness.rel_err(ref, got) <= 1e-6
+
+
+def test_inference_compiler_options_give_reductions_to_ynnpack_unless_the_user_says_otherwise(monkeypatch):
+    """On CPU an inference program compiled with `inference_compiler_options()` runs GroupNorm's
+    sums as a YNNPACK fusion (XLA's own loop without them) with the same result; a user's own
+    YNNPACK flag in `XLA_FLAGS` turns the options off."""
+    fm = layers.GroupNorm(8)
+    x = jnp.asarray(np.random.RandomState(0).standard_normal((4, 16, 16, 32)), jnp.float32)
+    v = fm.init(jax.random.key(0), x)
+    options = xla_flags.inference_compiler_options()
+    assert options == xla_flags.INFERENCE_OPTIONS
+    plain = jax.jit(fm.apply).lower(v, x).compile()
+    ynn = jax.jit(fm.apply, compiler_options=options).lower(v, x).compile()
+    fusions = lambda c: [l for l in c.as_text().splitlines() if "__ynn_fusion" in l]  # noqa: E731
+    assert not fusions(plain) and fusions(ynn)
+    assert harness.rel_err(np.asarray(plain(v, x)), np.asarray(ynn(v, x))) <= harness.FORWARD_TOL
+    monkeypatch.setenv("XLA_FLAGS", f"{os.environ.get('XLA_FLAGS', '')} --{xla_flags.YNN_FLAG}=individual_dot,individual_convolution")
+    assert xla_flags.inference_compiler_options() is None
 
 
 def test_xla_flags_take_convolutions_off_ynnpack_unless_the_user_says_otherwise(monkeypatch):
