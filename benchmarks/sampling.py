@@ -5,9 +5,10 @@
 Both frameworks get the same weights (torch init carried over by the bridge); JAX's sampler is
 compiled as the trainer's (`xla_flags.inference_compiler_options()`, unless
 `--no-inference-options`) and its compile time is reported apart from its runs (median,
-`block_until_ready`); after an untimed warm-up of each, the JAX and torch runs alternate, so that a shared machine's drift slows both alike; torch runs under `no_grad`
-(`--torch-threads`: on a shared machine two OpenMP threads that wait for each other can make
-small eager convolutions far slower).
+`block_until_ready`); after an untimed warm-up of each, the JAX and torch runs alternate, so
+that a shared machine's drift slows both alike; torch runs under `no_grad` (`--torch-threads`: on
+a shared machine two OpenMP threads that wait for each other can make small eager convolutions
+far slower).
 """
 
 from __future__ import annotations

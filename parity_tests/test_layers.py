@@ -184,7 +184,8 @@ def test_inference_compiler_options_give_reductions_to_ynnpack_unless_the_user_s
     fusions = lambda c: [l for l in c.as_text().splitlines() if "__ynn_fusion" in l]  # noqa: E731
     assert not fusions(plain) and fusions(ynn)
     assert harness.rel_err(np.asarray(plain(v, x)), np.asarray(ynn(v, x))) <= harness.FORWARD_TOL
-    monkeypatch.setenv("XLA_FLAGS", f"{os.environ.get('XLA_FLAGS', '')} --{xla_flags.YNN_FLAG}=individual_dot,individual_convolution")
+    mine = f"--{xla_flags.YNN_FLAG}=individual_dot,individual_convolution"
+    monkeypatch.setenv("XLA_FLAGS", f"{os.environ.get('XLA_FLAGS', '')} {mine}")
     assert xla_flags.inference_compiler_options() is None
 
 

@@ -74,7 +74,8 @@ def sampler(preset, num_samples: int, ddim_steps: int | None = None, clip_denois
     """(variables, key) -> (num_samples, H, W, C) samples clipped to [-1, 1], one compiled program:
     the ancestral sampler, or DDIM with `ddim_steps`; `clip_denoised` clips each step's x_0 to the
     data range (`DDPM.p_sample`, `DDPM.ddim_sample`). On CPU it is compiled with
-    `xla_flags.inference_compiler_options()` (YNNPACK's reductions: 4-6% faster sampling)."""
+    `xla_flags.inference_compiler_options()` (YNNPACK's reductions: about 4% faster at 256
+    samples)."""
     from jax_models import xla_flags
     from jax_models.ddpm import DDPM
 
