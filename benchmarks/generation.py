@@ -48,7 +48,7 @@ def bench(preset="caption-scenes", batch_sizes=(1, 64), max_length=None, num_bea
     import jax_models
     import torch_reference
     from jax_models import captioning as J
-    from presets import get_preset
+    from twin_models.presets import get_preset
 
     if torch_threads:
         torch.set_num_threads(torch_threads)
@@ -119,6 +119,8 @@ def main(argv=None) -> int:
     ap.add_argument("--weights", help="a safetensors state dict of the preset (default: random init)")
     ap.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     a = ap.parse_args(argv)
+    from jax_models.xla_flags import apply_cpu_flags
+    apply_cpu_flags()
     rows = bench(a.preset, a.batch_sizes, a.max_length, a.num_beams, a.runs, a.torch_threads, a.uncached_runs,
                  weights=a.weights)
     print("\n".join(json.dumps(r) for r in rows) if a.json else table(rows))

@@ -40,7 +40,7 @@ import traceback
 def default_batch(preset: str) -> int:
     """The preset's `bench_batch`: CPU-sized, to keep `--all` to about half an hour on 2 cores
     (the recipes', up to 32768, are for accelerators)."""
-    from presets import get_preset
+    from twin_models.presets import get_preset
     return get_preset(preset).bench_batch
 
 
@@ -222,7 +222,7 @@ def summarize(row: dict, batch_size: int, flops: int | None, peak: float | None)
 
 
 def parse_args(argv):
-    from presets import PRESETS
+    from twin_models.presets import PRESETS
 
     from .workloads import FRAMEWORKS
 
@@ -327,6 +327,8 @@ def generate_main(a, info) -> int:
 
 def main(argv=None) -> int:
     a = parse_args(argv)
+    from jax_models.xla_flags import apply_cpu_flags
+    apply_cpu_flags()
     import jax  # noqa: F401  (after argparse: --help stays fast)
 
     from jax_models import compile_cache

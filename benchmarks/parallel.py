@@ -23,7 +23,7 @@ def runners(preset_name: str, batch_size: int, seed: int = 0) -> dict:
     import jax
     import jax.numpy as jnp
 
-    from presets import get_preset
+    from twin_models.presets import get_preset
     from train import data as data_lib
     from train import steps
     from train.tasks import get_task, init_variables
@@ -93,6 +93,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json")
     a = ap.parse_args(argv)
+    from jax_models.xla_flags import apply_cpu_flags
+    apply_cpu_flags()
     import os
     result = bench(a.preset, a.batch_size, a.repeats, a.rounds)
     print(f"{a.preset}, global batch {a.batch_size}, {result['devices']} {result['backend']} devices, "

@@ -33,7 +33,7 @@ def bench(preset="ddpm-digits", num_samples=256, timesteps=None, sampler="ancest
     import torch_reference
     from jax_models import ddpm as J
     from jax_models import layers, xla_flags
-    from presets import get_preset
+    from twin_models.presets import get_preset
     from torch_reference import ddpm as T
 
     if torch_threads:
@@ -102,6 +102,8 @@ def main(argv=None) -> int:
                     help="compile with jax_models.xla_flags.inference_compiler_options(), as the "
                          "trainer's sampler does (default); --no-inference-options: XLA's plain compile")
     a = ap.parse_args(argv)
+    from jax_models.xla_flags import apply_cpu_flags
+    apply_cpu_flags()
     print(json.dumps(bench(a.preset, a.num_samples, a.timesteps, a.sampler, a.ddim_steps, a.runs,
                            a.torch_runs, a.torch_threads, matmul_conv_pixels=a.matmul_conv_pixels, warmup=a.warmup,
                            inference_options=a.inference_options)))

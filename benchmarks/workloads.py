@@ -30,7 +30,7 @@ import torch
 
 import jax_models
 from bridge.verify import example_inputs
-from presets import Preset, get_preset
+from twin_models.presets import Preset, get_preset
 from train import steps
 
 FRAMEWORKS = ("jax", "torch", "torch-compile")

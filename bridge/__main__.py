@@ -44,13 +44,15 @@ def main(argv=None) -> int:
                    help="an architecture fact by the library's name (e.g. num_heads=12), over the config's")
     i.add_argument("--check", action="store_true", help="then load both backends and compare them on one input")
     args = parser.parse_args(argv)
+    from jax_models.xla_flags import apply_cpu_flags
+    apply_cpu_flags()
     if args.command == "import":
         return _import(args)
 
     from jax_models import compile_cache
     compile_cache.enable(None if args.no_compile_cache else (args.compile_cache or compile_cache.default_dir()))
 
-    from presets import PRESETS
+    from twin_models.presets import PRESETS
 
     if args.preset not in PRESETS:
         parser.error(f"unknown preset {args.preset!r}; known presets: {', '.join(PRESETS)}")

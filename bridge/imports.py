@@ -421,7 +421,7 @@ def example_inputs(config: Mapping, batch_size: int = 2, seed: int = 0):
     states `features` N(0, 1))."""
     import torch
 
-    from presets import random_tokens
+    from twin_models.presets import random_tokens
 
     rs = np.random.RandomState(seed)
     torch_in, flax_in = [], []

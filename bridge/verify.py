@@ -245,7 +245,7 @@ def framework_inputs(arrays) -> tuple[tuple, tuple]:
 def example_inputs(preset, batch_size: int = 2, seed: int = 0):
     """(torch inputs, flax inputs) of a preset's forward (`presets.example_inputs`): images N(0, 1),
     NCHW for torch and NHWC for Flax; timesteps and token ids int64 for torch."""
-    from presets import example_inputs as arrays
+    from twin_models.presets import example_inputs as arrays
 
     return framework_inputs(arrays(preset, batch_size, seed))
 
@@ -295,7 +295,7 @@ def verify(preset, batch_size: int = 2, seed: int = 0, tol: float = FORWARD_TOL,
     a `Report` (fp32), or with `precision="bf16"` a `DriftReport` of what bfloat16 costs."""
     import torch
 
-    from presets import get_preset
+    from twin_models.presets import get_preset
 
     preset = get_preset(preset) if isinstance(preset, str) else preset
     torch.backends.cuda.matmul.allow_tf32 = False

@@ -8,11 +8,9 @@ import inspect
 import json
 import os
 
-from presets import Preset, get_preset, with_overrides
+from twin_models.presets import Preset, get_preset, with_overrides
 
-from . import xla_flags
-
-xla_flags.apply_cpu_flags()
+from .xla_flags import apply_cpu_flags  # noqa: F401  (the CLIs' XLA:CPU flags, for a user to call)
 
 
 def create_model(preset: str | Preset, *, attention_impl: str = "xla", **overrides):

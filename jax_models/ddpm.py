@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 import numpy as np
 
-from model_math import ddim_timesteps, linear_schedule
+from twin_models.model_math import ddim_timesteps, linear_schedule
 
 from .layers import (ConvTranspose2d, GroupNorm, attend, check_feature_map, check_timesteps,  # noqa: F401
                      compute_dtype, conv, gelu, torch_linear_init)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
-from model_math import check_resolution, effective_window, relative_position_index, shifted_window_mask
+from twin_models.model_math import check_resolution, effective_window, relative_position_index, shifted_window_mask
 
 from .layers import LN_EPS, DropPath, Mlp, PatchEmbedding, attend, trunc_normal_02
 

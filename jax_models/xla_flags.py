@@ -1,5 +1,7 @@
-"""The XLA:CPU settings the models are measured with, added to `XLA_FLAGS` before JAX starts its
-backend (`import jax_models` does it; imports neither jax nor jaxlib).
+"""The XLA:CPU settings the models are measured with. Nothing is applied on import: the command-line
+tools (`python -m train`, `bridge`, `benchmarks`) call `apply_cpu_flags()` before JAX starts its
+backend, and a user who wants the same in their own program calls it first (it imports neither jax
+nor jaxlib, and changes nothing once JAX's backend has started).
 
 jaxlib 0.10 hands float32 convolutions on CPU to YNNPACK. At the U-Net's shapes (3x3 over 16x16
 and 8x8 maps, 16-64 channels) its kernels are slower than XLA's own: one `ddpm-digits` U-Net call
@@ -57,7 +59,8 @@ def add_flags(flags) -> list[str]:
 
 
 def apply_cpu_flags() -> list[str]:
-    """`add_flags(CPU_FLAGS)`, on a jaxlib known to read them (others abort on unknown flags)."""
+    """Add `CPU_FLAGS` to `XLA_FLAGS` (what the CLIs run with), on a jaxlib known to read them
+    (others abort on unknown flags); call before the first JAX computation. Returns those added."""
     return add_flags(CPU_FLAGS) if _known_jaxlib() else []
 
 

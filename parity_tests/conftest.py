@@ -8,7 +8,9 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-import jax_models  # noqa: E402,F401  (adds its XLA:CPU flags, jax_models.xla_flags, before JAX starts)
+from jax_models.xla_flags import apply_cpu_flags  # noqa: E402
+
+apply_cpu_flags()   # the CLIs' XLA:CPU flags, before JAX starts its backend
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

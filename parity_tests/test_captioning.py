@@ -24,7 +24,7 @@ import jax_models
 import torch_reference
 from jax_models import captioning as J
 from parity_tests import harness, source_captioning
-from presets import get_preset, with_overrides
+from twin_models.presets import get_preset, with_overrides
 from torch_reference import captioning as T
 from torch_reference.vit import VisionTransformer
 

@@ -15,8 +15,8 @@ import torch_reference
 from bridge.verify import build_twins
 from jax_models import clip as jclip
 from parity_tests import harness, source_architectures, source_multimodal
-from presets import get_preset, with_overrides
-from tokenizer import EOT, PAD, SOT, UNK, Tokenizer
+from twin_models.presets import get_preset, with_overrides
+from twin_models.tokenizer import EOT, PAD, SOT, UNK, Tokenizer
 from torch_reference import clip as tclip
 from train.tasks import get_task
 

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 import bridge
-from model_math import ddim_timesteps
+from twin_models.model_math import ddim_timesteps
 import jax_models
 import torch_reference
 from jax_models import ddpm as J
 from parity_tests import harness, source_architectures
-from presets import get_preset
+from twin_models.presets import get_preset
 from torch_reference import ddpm as T
 
 TINY = dict(in_channels=1, out_channels=1, features=(16, 32), time_emb_dim=32, num_res_blocks=2,

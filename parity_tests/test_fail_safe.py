@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from parity_tests.test_parallel import TASK_PRESETS, task_cases
-from presets import get_preset, without_dropout
+from twin_models.presets import get_preset, without_dropout
 from train import steps
 from train.tasks import get_task, init_variables
 

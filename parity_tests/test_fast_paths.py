@@ -14,7 +14,7 @@ from bridge.verify import build_twins, example_inputs
 from jax_models import layers
 from parity_tests import harness
 from parity_tests.test_presets import SLOW, cases
-from presets import PRESETS, get_preset, without_dropout
+from twin_models.presets import PRESETS, get_preset, without_dropout
 from train.tasks import get_task
 
 TINY = [name for name in PRESETS if name not in SLOW]

@@ -20,7 +20,7 @@ import jax_models
 import torch_reference
 from jax_models import fusion as jf
 from parity_tests import harness, source_multimodal
-from presets import get_preset, with_overrides
+from twin_models.presets import get_preset, with_overrides
 from torch_reference import fusion as tf
 
 # Tiny towers: the text tower is narrower than the fusion (text_projection), the image tower not.

@@ -18,7 +18,7 @@ import jax_models
 import torch_reference
 from jax_models import multimodal as jm
 from parity_tests import harness, source_architectures
-from presets import get_preset, with_overrides
+from twin_models.presets import get_preset, with_overrides
 from torch_reference import multimodal as tm_
 
 KW = dict(dim=32, num_heads=4, num_layers=2, vocab_size=20, max_seq_len=8, image_size=16, patch_size=4,

@@ -12,7 +12,7 @@ import optax
 import pytest
 
 from parity_tests.test_presets import SLOW
-from presets import PRESETS, get_preset, without_dropout
+from twin_models.presets import PRESETS, get_preset, without_dropout
 from train import data as data_lib
 from train import steps
 from train.tasks import TASKS, get_task, init_variables

@@ -17,7 +17,7 @@ import pytest
 import bridge
 from bridge.verify import build_twins
 from parity_tests import harness
-from presets import PRESETS, get_preset, matching, without_dropout
+from twin_models.presets import PRESETS, get_preset, matching, without_dropout
 from train.tasks import get_task
 
 # Full-size presets: run by `make test-all` (marker `slow`), with batches of 2.

@@ -8,7 +8,7 @@ import itertools
 import numpy as np
 import pytest
 
-import presets
+from twin_models import presets
 from train import scenes
 
 

@@ -14,12 +14,12 @@ import pytest
 import torch
 
 import bridge
-import model_math
+from twin_models import model_math
 import jax_models
 import torch_reference
 from jax_models import swin as jswin
 from parity_tests import harness, source_architectures
-from presets import get_preset, with_overrides
+from twin_models.presets import get_preset, with_overrides
 from torch_reference import swin as tswin
 
 # 16x16 images, 2x2 patches: stage 0 at 8x8 (windows of 4, blocks shifted 0 and 2, then merging),

@@ -74,7 +74,7 @@ def test_scene_captions_name_the_objects_left_to_right():
     """Every caption, read back from its tokens, lists the scene's objects by increasing x (then y), and
     the tokenizer is the model's: bos and eos are the decoder's, nothing is <unk>, and the longest
     caption fits the recipe's max_length."""
-    from presets import get_preset
+    from twin_models.presets import get_preset
 
     p = get_preset("caption-scenes")
     recipe = {**p.train, "num_train": 40, "num_test": 10, "num_objects": (1, 6)}
@@ -180,7 +180,7 @@ def test_coco_bad_input_is_a_clear_error(tmp_path, capsys):
 def test_coco_run_writes_report_tokenizer_and_picture(tmp_path):
     """A short run on a COCO folder (slow: the reader, its splits and its errors are tested in the
     default run; the run itself is the scenes' run of test_trainer.py with other data)."""
-    from tokenizer import Tokenizer
+    from twin_models.tokenizer import Tokenizer
     from train.loop import Config, run
 
     write_coco(tmp_path / "coco", {"train2017": coco_entries(16, 0), "val2017": coco_entries(4, 1)})

@@ -7,8 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from presets import get_preset
-from tokenizer import Tokenizer
+from twin_models.presets import get_preset
+from twin_models.tokenizer import Tokenizer
 from train.tasks import contrastive
 from train import steps
 

@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import torch
 
-from presets import get_preset, with_overrides
+from twin_models.presets import get_preset, with_overrides
 from train import steps
 from train.tasks import diffusion
 

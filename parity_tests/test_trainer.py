@@ -27,7 +27,7 @@ SHORT_FINISH = {"diffusion": dict(num_samples=4, ddim_steps=2), "captioning": di
 
 
 def config(name, workdir, backend, **kw) -> Config:
-    from presets import get_preset
+    from twin_models.presets import get_preset
     preset = get_preset(name)
     return Config(preset=name, backend=backend, steps=2, batch_size=16, log_every=1, checkpoint_every=1,
                   progress=False, workdir=str(workdir), dropout=None,

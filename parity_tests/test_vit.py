@@ -14,7 +14,7 @@ import jax_models.layers
 import torch_reference
 from bridge.verify import build_twins
 from parity_tests import harness, source_architectures, source_multimodal
-from presets import get_preset, with_overrides
+from twin_models.presets import get_preset, with_overrides
 
 TINY = ["vit-digits", "encoder-vit-digits"]
 

@@ -6,7 +6,7 @@ import importlib
 import json
 import os
 
-from presets import Preset, get_preset, with_overrides
+from twin_models.presets import Preset, get_preset, with_overrides
 
 
 def create_model(preset: str | Preset, **overrides):

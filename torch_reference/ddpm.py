@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from model_math import ddim_timesteps, linear_schedule
+from twin_models.model_math import ddim_timesteps, linear_schedule
 
 from .layers import check_feature_map, check_timesteps
 

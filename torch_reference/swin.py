@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from model_math import check_resolution, effective_window, relative_position_index, shifted_window_mask
+from twin_models.model_math import check_resolution, effective_window, relative_position_index, shifted_window_mask
 
 from .layers import DropPath, Mlp, PatchEmbedding, attend
 

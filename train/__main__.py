@@ -91,14 +91,16 @@ def _overrides(pairs: list[str], flag: str) -> dict:
     return out
 
 
-def _patient_cpu_collectives():
+def _apply_xla_flags():
+    """The flags the trainer is measured with, and patient CPU collectives."""
     from jax_models import xla_flags
+    xla_flags.apply_cpu_flags()
     xla_flags.add_flags(CPU_COLLECTIVE_FLAGS)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    _patient_cpu_collectives()
+    _apply_xla_flags()
     from train import distributed
     try:
         peers = (dict(coordinator=args.coordinator, num_processes=args.num_processes,

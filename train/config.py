@@ -181,7 +181,7 @@ def check_writable(workdir: str, export: str | None):
 
 def resolve(config: Config) -> Run:
     """Fills the config's blanks from the preset's recipe and loads the data."""
-    import presets
+    from twin_models import presets
     from train.tasks import get_task
 
     check_config(config)

@@ -14,7 +14,7 @@ import dataclasses
 
 import numpy as np
 
-from tokenizer import Tokenizer, split_words
+from twin_models.tokenizer import Tokenizer, split_words
 
 COLORS = {"red": (255, 0, 0), "green": (0, 255, 0), "blue": (0, 0, 255), "orange": (255, 156, 0),
           "gray": (128, 128, 128), "yellow": (255, 255, 0)}

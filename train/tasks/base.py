@@ -93,7 +93,7 @@ class Task:
 
     def init_args(self, preset) -> tuple:
         """Example inputs for `model.init` (batch of one)."""
-        from presets import example_inputs
+        from twin_models.presets import example_inputs
         return example_inputs(preset, batch_size=1)
 
     def create_state(self, model, variables, tx, rng):
@@ -180,7 +180,7 @@ def image_batches(preset, n: int, batch_size: int, seed: int, extra=None):
     """`n` batches of the preset's example inputs (one seeded stream), each followed by what
     `extra(rs, inputs)` draws for it (labels, say): (torch batches, flax batches)."""
     from bridge.verify import framework_inputs
-    from presets import INPUT_KINDS
+    from twin_models.presets import INPUT_KINDS
 
     rs = np.random.RandomState(seed)
     torch_batches, flax_batches = [], []

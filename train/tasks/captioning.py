@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tokenizer import Tokenizer
+from twin_models.tokenizer import Tokenizer
 from train import captions as caption_data
 from train import steps
 from train.tasks.base import Task, image_batches, register
@@ -177,7 +177,7 @@ class Captioning(Task):
         return {"image": batch["image"], "caption": self.tokenizer(texts).astype(np.int32)}
 
     def example_batch(self, preset, batch_size: int, seed: int = 0) -> dict:
-        from presets import example_inputs
+        from twin_models.presets import example_inputs
         images, tokens = example_inputs(preset, batch_size, seed)
         return {"image": images, "caption": tokens.astype(np.int32)}
 

@@ -72,7 +72,7 @@ class Classification(Task):
     report = ("eval_accuracy", "eval_loss")
 
     def example_batch(self, preset, batch_size: int, seed: int = 0) -> dict:
-        from presets import example_inputs
+        from twin_models.presets import example_inputs
         images, = example_inputs(preset, batch_size, seed)
         labels = np.random.RandomState(seed + 1).randint(0, preset.kwargs["num_classes"], batch_size)
         return {"image": images, "label": labels.astype(np.int32)}

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from tokenizer import Tokenizer
+from twin_models.tokenizer import Tokenizer
 from train import steps
 from train.tasks.base import Task, image_batches, register
 
@@ -105,7 +105,7 @@ class Contrastive(Task):
         return {"image": batch["image"], "tokens": batch["tokens"]}
 
     def example_batch(self, preset, batch_size: int, seed: int = 0) -> dict:
-        from presets import example_inputs
+        from twin_models.presets import example_inputs
         images, tokens = example_inputs(preset, batch_size, seed)
         return {"image": images, "tokens": tokens.astype(np.int32)}
 

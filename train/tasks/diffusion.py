@@ -261,7 +261,7 @@ class Diffusion(Task):
     def example_batch(self, preset, batch_size: int, seed: int = 0) -> dict:
         """Images with their timesteps and noise fixed (the step draws them when absent), so
         that runs on any number of devices compute the same loss."""
-        from presets import example_inputs
+        from twin_models.presets import example_inputs
         images, t = example_inputs(preset, batch_size, seed)
         noise = np.random.RandomState(seed + 1).standard_normal(images.shape).astype(np.float32)
         return {"image": np.clip(images, -1, 1), "t": t.astype(np.int32), "noise": noise}
@@ -368,7 +368,7 @@ class Diffusion(Task):
         return torch_loss, flax_loss
 
     def parity_batches(self, preset, n: int, batch_size: int, seed: int = 0):
-        from model_math import linear_schedule
+        from twin_models.model_math import linear_schedule
 
         schedule = linear_schedule(preset.train["timesteps"], preset.train["beta_start"],
                                    preset.train["beta_end"])

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from tokenizer import split_words
+from twin_models.tokenizer import split_words
 from train import data as data_lib
 from train import scenes
 from train import steps
@@ -150,7 +150,7 @@ class VQA(Task):
                 "mask": np.ones(len(batch["label"]), np.float32)}
 
     def example_batch(self, preset, batch_size: int, seed: int = 0) -> dict:
-        from presets import example_inputs
+        from twin_models.presets import example_inputs
         images, questions = example_inputs(preset, batch_size, seed)
         labels = np.random.RandomState(seed + 1).randint(0, preset.kwargs["num_answers"], batch_size)
         return {"image": images, "question": questions.astype(np.int32), "label": labels.astype(np.int32),
