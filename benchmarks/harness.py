@@ -37,6 +37,8 @@ import sys
 import time
 import traceback
 
+from jax_models import compile_cache
+
 def default_batch(preset: str) -> int:
     """The preset's `bench_batch`: CPU-sized, to keep `--all` to about half an hour on 2 cores
     (the recipes', up to 32768, are for accelerators)."""
@@ -158,8 +160,6 @@ def time_row(workload, framework: str, warmup: int, repeats: int, max_row_second
     if cuda:
         torch.cuda.reset_peak_memory_stats(workload.device)
     rss_before = _proc_status("VmRSS")
-    from jax_models import compile_cache
-
     runner = workload.runner(framework)
     hits = compile_cache.stats()["hits"]
     t0 = time.perf_counter()
@@ -247,10 +247,7 @@ def parse_args(argv):
                          "dense bf16 (default: the best large matmul measured at start)")
     ap.add_argument("--attention-impl", choices=("xla", "fused", "cudnn"), default="xla",
                     help="the JAX models' attention kernel (cudnn: a GPU's, sequences padded to 16)")
-    ap.add_argument("--compile-cache", metavar="DIR", help="JAX's persistent compilation cache "
-                    "(default: ~/.cache/twin-models/jax, or $TWIN_MODELS_COMPILE_CACHE); a warm cache "
-                    "shortens `compile_s`")
-    ap.add_argument("--no-compile-cache", action="store_true", help="compile every row afresh (cold)")
+    compile_cache.add_arguments(ap)
     ap.add_argument("--frameworks", default="jax,torch",
                     help=f"comma-separated, of {','.join(FRAMEWORKS)} (default: jax,torch)")
     ap.add_argument("--repeats", type=int, default=5, help="timed steps per row (default 5)")
@@ -331,8 +328,7 @@ def main(argv=None) -> int:
     apply_cpu_flags()
     import jax  # noqa: F401  (after argparse: --help stays fast)
 
-    from jax_models import compile_cache
-    cache_dir = compile_cache.enable(None if a.no_compile_cache else (a.compile_cache or compile_cache.default_dir()))
+    cache_dir = compile_cache.enable_from_args(a)
     import torch
     from tqdm import tqdm
 

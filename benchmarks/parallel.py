@@ -33,20 +33,21 @@ def runners(preset_name: str, batch_size: int, seed: int = 0) -> dict:
     model, variables, key = init_variables(task, preset, seed)
     schedule = steps.warmup_cosine(preset.train["lr"], 0, 10_000)
     tx = steps.make_optimizer(schedule, preset.train["weight_decay"], preset.train["grad_clip"], variables["params"])
-    state = task.create_state(model, variables, tx, key)
+    role = task.jax_training
+    state = role.create_state(model, variables, tx, key)
     batch = task.example_batch(preset, batch_size, seed)
-    kw = task.step_kwargs(preset.train)
+    kw = role.step_kwargs(preset.train)
     n = jax.local_device_count()
     out = {}
     for mode in MODES:
         if mode == "jit":
-            fn, s, b = steps.jit_train_step(task.jax_step, **kw), jax.tree_util.tree_map(jnp.copy, state), batch
+            fn, s, b = steps.jit_train_step(role.step, **kw), jax.tree_util.tree_map(jnp.copy, state), batch
         elif mode == "pmap":
-            fn, s, b = steps.pmap_train_step(task.jax_step, **kw), steps.replicate(state), data_lib.shard(batch, n)
+            fn, s, b = steps.pmap_train_step(role.step, **kw), steps.replicate(state), data_lib.shard(batch, n)
         else:
             mesh = steps.make_mesh()
             shardings = steps.state_shardings(state, mesh, fsdp=mode == "mesh-fsdp")
-            fn = steps.mesh_train_step(task.jax_step, mesh, shardings, **kw)
+            fn = steps.mesh_train_step(role.step, mesh, shardings, **kw)
             s, b = steps.put_state(state, shardings), steps.put_batch(batch, mesh)
         box = {"state": s}
 

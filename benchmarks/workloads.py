@@ -30,8 +30,10 @@ import torch
 
 import jax_models
 from bridge.verify import example_inputs
-from twin_models.presets import Preset, get_preset
 from train import steps
+from train.tasks import get_task, init_variables
+from train.torch_backend import torch_batch, trainer_from_variables
+from twin_models.presets import Preset, get_preset
 
 FRAMEWORKS = ("jax", "torch", "torch-compile")
 MODES = ("train", "infer")
@@ -136,26 +138,21 @@ class _Pieces:
     infer_module: Callable           # torch model -> the module run in eval mode (and compared)
 
 
-def _pieces(preset, batch_size, seed, precision, key, device, attention_impl="xla") -> _Pieces:
+def _pieces(preset, batch_size, seed, precision, device, attention_impl="xla") -> _Pieces:
     """The trainer's own pieces for `preset`'s task (`train.tasks`): the JAX state and pure step,
     the torch `TorchTrainer` and its loss, from the same Flax init; the eval forward is the
     preset's own model (for DDPM the U-Net inside the trained DDPM)."""
-    from train.tasks import get_task
-    from train.torch_backend import torch_batch, trainer_from_variables
-
     task = get_task(preset)
+    role, torch_role = task.jax_training, task.torch_training
     recipe = dict(preset.train)
-    model = task.flax_model(preset, attention_impl)
-    init_key, rng = jax.random.split(key)
-    args = task.init_args(preset)
-    variables = jax.jit(lambda k: model.init(k, *args))(init_key)
+    model, variables, rng = init_variables(task, preset, seed, attention_impl)
     schedule = steps.warmup_cosine(recipe["lr"], recipe["warmup_steps"], SCHEDULE_STEPS)
     tx = steps.make_optimizer(schedule, recipe["weight_decay"], recipe["grad_clip"],
                               variables["params"])
-    state = task.create_state(model, variables, tx, rng)
+    state = role.create_state(model, variables, tx, rng)
     cast = steps.mixed_precision if precision == "bf16" else (lambda f: f)
     state = state.replace(apply_fn=cast(model.apply))
-    jax_step = steps.jit_train_step(task.jax_step, **task.step_kwargs(recipe))
+    jax_step = steps.jit_train_step(role.step, **role.step_kwargs(recipe))
     host = task.example_batch(preset, batch_size, seed)
     forward = jax_models.create_model(preset, attention_impl=attention_impl).apply
     jax_forward = lambda v, *x: cast(forward)(v, *x, train=False)  # noqa: E731
@@ -165,9 +162,9 @@ def _pieces(preset, batch_size, seed, precision, key, device, attention_impl="xl
                                       precision_, device)
 
     return _Pieces(state, jax_step, {k: jnp.asarray(v) for k, v in host.items()}, jax_forward,
-                   task.preset_variables(variables), torch_trainer,
-                   {k: v.to(device) for k, v in torch_batch(host).items()}, task.torch_compile,
-                   task.preset_module)
+                   role.preset_variables(variables), torch_trainer,
+                   {k: v.to(device) for k, v in torch_batch(host).items()}, torch_role.compile,
+                   torch_role.preset_module)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,7 +185,7 @@ def build_workload(preset: str | Preset, mode: str, batch_size: int, precision: 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     t_in, f_in = example_inputs(preset, batch_size, seed)
     t_in = tuple(x.to(device) for x in t_in)
-    pieces = _pieces(preset, batch_size, seed, precision, jax.random.key(seed), device, attention_impl)
+    pieces = _pieces(preset, batch_size, seed, precision, device, attention_impl)
     amp = (lambda m: Autocast(m, device.type)) if precision == "bf16" else (lambda m: m)
     jax_forward = jax.jit(pieces.jax_forward)
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from jax_models import compile_cache
+
 
 EXIT_BAD_WEIGHTS = 3   # distinct from a parity FAIL (1) and a usage error (2)
 
@@ -24,9 +26,7 @@ def main(argv=None) -> int:
     v.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: what bfloat16 costs per layer, each backend against its own fp32 and "
                         "against the other (torch under autocast, Flax with bf16 params, as the trainer)")
-    v.add_argument("--compile-cache", metavar="DIR", help="JAX's persistent compilation cache "
-                   "(default: ~/.cache/twin-models/jax, or $TWIN_MODELS_COMPILE_CACHE)")
-    v.add_argument("--no-compile-cache", action="store_true")
+    compile_cache.add_arguments(v)
     i = sub.add_parser("import", help="a timm, open_clip or Hugging Face checkpoint as this project's model",
                        description="Writes OUT/model.safetensors (this project's torch key names) and "
                                    "OUT/config.json (family, class, constructor arguments); "
@@ -49,8 +49,7 @@ def main(argv=None) -> int:
     if args.command == "import":
         return _import(args)
 
-    from jax_models import compile_cache
-    compile_cache.enable(None if args.no_compile_cache else (args.compile_cache or compile_cache.default_dir()))
+    compile_cache.enable_from_args(args)
 
     from twin_models.presets import PRESETS
 

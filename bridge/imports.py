@@ -23,6 +23,8 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from twin_models.presets import parse_assignments
+
 from .convert import WeightMismatchError
 from .io import TruncatedFileError, WeightsFileError, _check_file, _truncation, file_format, save_safetensors
 from .maps import KeyMap, Rule, Source, registry
@@ -203,21 +205,13 @@ def read_library_config(library: str, checkpoint: str, config: str | os.PathLike
 
 
 def parse_overrides(items: Sequence[str] | Mapping[str, Any] | None) -> dict[str, Any]:
-    """`--set name=value` items (values as JSON where they parse: 12, 1e-6, true, [2, 2], "x")."""
+    """`--set name=value` items (`twin_models.presets.parse_assignments`: JSON, a Python literal or
+    a bare word), or a mapping as it is."""
     if items is None:
         return {}
     if isinstance(items, Mapping):
         return dict(items)
-    out = {}
-    for item in items:
-        name, sep, value = item.partition("=")
-        if not sep or not name:
-            raise ValueError(f"--set takes name=value; got {item!r}")
-        try:
-            out[name] = json.loads(value)
-        except ValueError:
-            out[name] = value
-    return out
+    return parse_assignments(items, "--set")
 
 
 def find_map(library: str, arch: str) -> KeyMap:

@@ -14,6 +14,8 @@ import jax
 import numpy as np
 from flax.traverse_util import flatten_dict
 
+from twin_models.layout import torch_layout
+
 from .convert import flax_module_path_to_torch, module_paths, to_numpy, torch_to_flax
 
 # The project's tolerances (float32, CPU), relative to the largest magnitude of the reference
@@ -225,21 +227,11 @@ def _as_torch_layout(ref: np.ndarray, got: np.ndarray) -> np.ndarray:
 
 def framework_inputs(arrays) -> tuple[tuple, tuple]:
     """numpy arrays -> (torch tensors, jax arrays): float images NHWC -> NCHW for torch; integers
-    int64 for torch and JAX's default integer for Flax; other arrays as they are."""
+    int64 for torch and JAX's default integer for Flax (`twin_models.layout.torch_layout`)."""
     import torch
 
-    torch_in, flax_in = [], []
-    for a in arrays:
-        a = np.asarray(a)
-        if a.ndim == 4 and np.issubdtype(a.dtype, np.floating):
-            t = np.ascontiguousarray(a.transpose(0, 3, 1, 2))
-        elif np.issubdtype(a.dtype, np.integer):
-            t = a.astype(np.int64)
-        else:
-            t = a
-        torch_in.append(torch.from_numpy(t))
-        flax_in.append(jax.numpy.asarray(a))
-    return tuple(torch_in), tuple(flax_in)
+    return (tuple(torch.from_numpy(torch_layout(a)) for a in arrays),
+            tuple(jax.numpy.asarray(np.asarray(a)) for a in arrays))
 
 
 def example_inputs(preset, batch_size: int = 2, seed: int = 0):

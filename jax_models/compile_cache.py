@@ -59,3 +59,16 @@ def enable(path: str | None, min_compile_seconds: float = 0.5) -> str | None:
 def stats() -> dict:
     """Cache hits and misses seen so far in this process."""
     return dict(_events)
+
+
+def add_arguments(parser):
+    """`--compile-cache DIR` and `--no-compile-cache`, the same in every command-line tool."""
+    parser.add_argument("--compile-cache", metavar="DIR",
+                        help="JAX's persistent compilation cache (default: ~/.cache/twin-models/jax, or "
+                             "$TWIN_MODELS_COMPILE_CACHE)")
+    parser.add_argument("--no-compile-cache", action="store_true", help="compile everything afresh")
+
+
+def enable_from_args(args) -> str | None:
+    """`enable` as the options of `add_arguments` ask; returns the directory in use (None: off)."""
+    return enable(None if args.no_compile_cache else (args.compile_cache or default_dir()))

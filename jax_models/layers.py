@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import flax.linen as nn
 
+from twin_models.presets import ATTENTION_IMPLS  # noqa: F401  (re-exported: layers.ATTENTION_IMPLS)
+
 # torch's default initializers, so that a model trained from scratch starts as its twin would.
 torch_linear_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
 trunc_normal_02 = nn.initializers.truncated_normal(stddev=0.02)
@@ -163,9 +165,6 @@ class PatchEmbedding(nn.Module):
         x = nn.Conv(self.embed_dim, (p, p), strides=(p, p), padding="VALID", use_bias=self.bias,
                     kernel_init=torch_linear_init, name="projection")(x)
         return x.reshape(x.shape[0], -1, x.shape[-1])
-
-
-ATTENTION_IMPLS = ("xla", "fused", "cudnn")
 
 
 def compute_dtype(dtype):

@@ -22,7 +22,7 @@ from train.tasks import get_task
 
 def clip_batches(preset, n, batch_size, seed=0):
     """`n` batches of N(0, 1) images and random token rows: (torch batches NCHW, flax batches NHWC)."""
-    return get_task(preset).parity_batches(preset, n, batch_size, seed)
+    return get_task(preset).parity.batches(preset, n, batch_size, seed)
 
 
 def twins(name, batch_size=4, seed=0, **overrides):

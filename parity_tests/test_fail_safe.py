@@ -35,9 +35,9 @@ def test_a_nonfinite_step_changes_nothing_in_jax(name):
     task = get_task(preset)
     model, variables, key = init_variables(task, preset, 0)
     tx = steps.make_optimizer(steps.warmup_cosine(1e-3, 2, 10), 0.05, 1.0, variables["params"])
-    state = task.create_state(model, variables, tx, key)
+    state = task.jax_training.create_state(model, variables, tx, key)
     batch = task.example_batch(preset, 4, seed=0)
-    step = steps.jit_train_step(task.jax_step, **task.step_kwargs(preset.train))
+    step = steps.jit_train_step(task.jax_training.step, **task.jax_training.step_kwargs(preset.train))
     state, m = step(state, batch)                          # one good step: Adam's moments are non-zero
     assert int(m["nonfinite"]) == 0
     before = jax.device_get(jax.tree_util.tree_map(jnp.copy, state))

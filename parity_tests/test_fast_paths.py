@@ -50,8 +50,8 @@ def test_fused_attention_forward_matches_torch(name):
 @pytest.mark.parametrize("name", fast_cases("fused-gradients"))
 def test_fused_attention_gradients_match_torch(name):
     preset, tm, fm, variables, task = twins(name, "fused")
-    (tb,), (fb,) = task.parity_batches(preset, 1, 4)
-    harness.check_gradients(tm, fm, variables, task.parity_losses(fm), tb, fb, f"{name} fused")
+    (tb,), (fb,) = task.parity.batches(preset, 1, 4)
+    harness.check_gradients(tm, fm, variables, task.parity.losses(fm), tb, fb, f"{name} fused")
 
 
 def test_swin_digits_has_shifted_windows():
@@ -103,8 +103,8 @@ def test_bfloat16_params_and_inputs(name):
         assert max(errs) > 0, f"{name} {impl}: the bfloat16 run gave the float32 outputs"
 
     task = get_task(preset)
-    _, flax_loss = task.parity_losses(models["xla"])
-    _, (fb,) = task.parity_batches(preset, 1, 4)
+    _, flax_loss = task.parity.losses(models["xla"])
+    _, (fb,) = task.parity.batches(preset, 1, 4)
     grad = jax.jit(jax.grad(flax_loss))
     g32 = grad(variables["params"], variables, fb)
     g16 = grad(to_bf16(variables["params"]), to_bf16(variables), to_bf16(fb))

@@ -91,12 +91,12 @@ def test_pmap_step_on_8_shards_equals_jit_on_whole_batch(name):
     preset = without_dropout(get_preset(name))
     task = get_task(preset)
     model, variables, key = init_variables(task, preset, 0)
-    state = task.create_state(model, variables, optax.sgd(sgd_lr(preset.task)), key)
+    state = task.jax_training.create_state(model, variables, optax.sgd(sgd_lr(preset.task)), key)
     batch = task.example_batch(preset, 16, seed=0)
-    kw = task.step_kwargs(preset.train)
+    kw = task.jax_training.step_kwargs(preset.train)
     with jax.default_matmul_precision("highest"):
-        jit_state, jit_m = steps.jit_train_step(task.jax_step, **kw)(jax.tree_util.tree_map(jnp.copy, state), batch)
-        pmap_state, pmap_m = steps.pmap_train_step(task.jax_step, **kw)(steps.replicate(state),
+        jit_state, jit_m = steps.jit_train_step(task.jax_training.step, **kw)(jax.tree_util.tree_map(jnp.copy, state), batch)
+        pmap_state, pmap_m = steps.pmap_train_step(task.jax_training.step, **kw)(steps.replicate(state),
                                                                           data_lib.shard(batch, 8))
     replicas = jax.tree_util.tree_leaves((pmap_state.params, pmap_state.opt_state))
     assert all(np.array_equal(x[0], x[-1]) for x in replicas), "the devices' copies differ"
@@ -117,14 +117,14 @@ def test_mesh_step_equals_jit_on_whole_batch(name, fsdp):
     preset = without_dropout(get_preset(name))
     task = get_task(preset)
     model, variables, key = init_variables(task, preset, 0)
-    state = task.create_state(model, variables, optax.sgd(sgd_lr(preset.task)), key)
+    state = task.jax_training.create_state(model, variables, optax.sgd(sgd_lr(preset.task)), key)
     batch = task.example_batch(preset, 16, seed=0)
-    kw = task.step_kwargs(preset.train)
+    kw = task.jax_training.step_kwargs(preset.train)
     mesh = steps.make_mesh()
     shardings = steps.state_shardings(state, mesh, fsdp)
     with jax.default_matmul_precision("highest"):
-        jit_state, jit_m = steps.jit_train_step(task.jax_step, **kw)(jax.tree_util.tree_map(jnp.copy, state), batch)
-        mesh_state, mesh_m = steps.mesh_train_step(task.jax_step, mesh, shardings, **kw)(
+        jit_state, jit_m = steps.jit_train_step(task.jax_training.step, **kw)(jax.tree_util.tree_map(jnp.copy, state), batch)
+        mesh_state, mesh_m = steps.mesh_train_step(task.jax_training.step, mesh, shardings, **kw)(
             steps.put_state(state, shardings), steps.put_batch(batch, mesh))
     split = [x for x in jax.tree_util.tree_leaves(mesh_state.params) if not x.sharding.is_fully_replicated]
     assert bool(split) == fsdp, "FSDP splits the parameters, the replicated mesh does not"

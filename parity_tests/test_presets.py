@@ -114,13 +114,13 @@ def test_forward(name):
 @pytest.mark.parametrize("name", cases())
 def test_gradients(name, float64):
     preset, tm, fm, variables, task = twins(name)
-    (tb,), (fb,) = task.parity_batches(preset, 1, batch_size(name), seed=0)
+    (tb,), (fb,) = task.parity.batches(preset, 1, batch_size(name), seed=0)
     if not float64:
         flips = relu_flips(name, tm, fm, variables, tb, fb)
         if flips:
             pytest.xfail(f"{flips} ReLU pre-activations within float32 rounding of 0 fall on opposite "
                          f"sides of the kink ({RELU_TIES[name]}); float64 holds the tolerance")
-    harness.check_gradients(tm, fm, variables, task.parity_losses(fm), tb, fb,
+    harness.check_gradients(tm, fm, variables, task.parity.losses(fm), tb, fb,
                             f"{name} ({'float64' if float64 else 'float32'})", float64=float64)
 
 
@@ -131,12 +131,12 @@ def test_adamw_trajectory(name, float64):
     tolerance in float32, the final weights too in float64 (see `harness.adamw_trajectories` for
     why the float32 weights are not held to it)."""
     preset, tm, fm, variables, task = twins(name)
-    tb, fb = task.parity_batches(preset, 20, 8 if name not in SLOW else 2, seed=1)
+    tb, fb = task.parity.batches(preset, 20, 8 if name not in SLOW else 2, seed=1)
     lr = TRAJECTORY_LR.get(name, (preset.train["lr"], ""))[0]
     flips = 0 if float64 else relu_flips(name, tm, fm, variables, tb[0], fb[0])
     xfail_if = (lambda err: f"{flips} ReLU pre-activations at step 0 tie at the kink ({RELU_TIES[name]}) "
                             f"and send the float32 trajectories apart (loss rel err {err:.2e})") if flips else None
-    harness.check_trajectory(tm, fm, variables, task.parity_losses(fm), tb, fb,
+    harness.check_trajectory(tm, fm, variables, task.parity.losses(fm), tb, fb,
                              f"{name} ({'float64' if float64 else 'float32'})", lr=lr,
                              weight_decay=preset.train["weight_decay"], float64=float64, xfail_if=xfail_if)
 

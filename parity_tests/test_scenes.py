@@ -193,8 +193,7 @@ def test_scenes_data_is_a_fixed_split_of_questions_on_shared_images(tmp_path):
 def test_scenes_options_that_cannot_be_met_are_named(tmp_path, recipe, message):
     """Before anything is trained (the model's sizes are checked in the task's setup)."""
     with pytest.raises(ValueError, match=message):
-        r = _resolve(tmp_path, **recipe)
-        r.task.setup(r)
+        _resolve(tmp_path, **recipe).set_up()
 
 
 def test_the_report_splits_relational_from_nonrelational():

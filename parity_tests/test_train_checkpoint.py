@@ -115,8 +115,7 @@ def test_killed_anywhere_then_resumed_ends_bit_identical(tmp_path, backend):
 def test_the_data_stream_restored_at_any_step_gives_the_rest(name):
     """`batches_from(k)` (what --resume uses) is the tail of the stream from 0, across epochs,
     for every step k, as the task makes its batches (CLIP's captions drawn per step)."""
-    r = resolve(Config(preset=name, steps=9, batch_size=512, progress=False))
-    r.task.setup(r)
+    r, _ = resolve(Config(preset=name, steps=9, batch_size=512, progress=False)).set_up()
     assert r.steps_per_epoch < r.total_steps
     full = [(s, r.task.batch(b, s, r)) for s, b in r.batches_from(0)]
     assert [s for s, _ in full] == list(range(r.total_steps))

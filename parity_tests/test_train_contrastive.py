@@ -40,7 +40,9 @@ def test_setup_writes_the_tokenizer_and_refuses_data_without_captions(tmp_path):
     from train.loop import resolve
 
     r = resolve(_config(tmp_path))
-    assert r.task.setup(r)["tokenizer"] == str(tmp_path / "tokenizer.json")
+    r, entries = r.set_up()
+    assert entries["tokenizer"] == str(tmp_path / "tokenizer.json")
+    assert r.context["tokenizer"] == contrastive.digits_tokenizer(16)
     assert Tokenizer.load(tmp_path) == contrastive.digits_tokenizer(16)
     from PIL import Image
     for cls in ("a", "b"):
@@ -49,7 +51,7 @@ def test_setup_writes_the_tokenizer_and_refuses_data_without_captions(tmp_path):
             Image.new("L", (8, 8), color=i).save(tmp_path / "c" / cls / f"{i}.png")
     r = resolve(_config(tmp_path / "w", data=f"imagefolder:{tmp_path / 'c'}"))
     with pytest.raises(ValueError, match="has no captions"):
-        r.task.setup(r)
+        r.set_up()
 
 
 def test_torch_and_jax_follow_the_same_steps(tmp_path):
@@ -58,11 +60,10 @@ def test_torch_and_jax_follow_the_same_steps(tmp_path):
     from train.jax_backend import make_state
     from train.loop import resolve
 
-    r = resolve(_config(tmp_path, steps=6))
-    r.task.setup(r)
+    r, _ = resolve(_config(tmp_path, steps=6)).set_up()
     state = make_state(r)
     trainer = torch_backend.build(r)
-    step_fn = steps.jit_train_step(r.task.jax_step)
+    step_fn = steps.jit_train_step(r.task.jax_training.step)
     jax_losses, torch_losses = [], []
     with jax.default_matmul_precision("highest"):
         for i, batch in r.batches_from(0):

@@ -25,7 +25,7 @@ def tiny_preset():
 def _state(p, tx=None, seed=0):
     import optax
     ddpm = diffusion.build(p)
-    variables = ddpm.init(jax.random.key(seed), *diffusion.Diffusion().init_args(p))
+    variables = ddpm.init(jax.random.key(seed), *diffusion.Diffusion().jax_training.init_args(p))
     return diffusion.create_state(ddpm, variables, tx or optax.adam(1e-3), jax.random.key(seed + 1))
 
 
@@ -71,7 +71,7 @@ def test_torch_step_equals_jax_step():
     p = tiny_preset()
     task = diffusion.Diffusion()
     torch.manual_seed(0)
-    td = task.torch_model(p)
+    td = task.torch_training.model(p)
     trainer = TorchTrainer(td, task, dict(p.train, weight_decay=0.0, grad_clip=0.0),
                            lambda step: 0.1, set(), optimizer=torch.optim.SGD(td.parameters(), lr=0.1))
     rs = np.random.RandomState(0)
@@ -87,7 +87,7 @@ def test_torch_step_equals_jax_step():
         state, {"image": x, "t": t, "noise": noise})
     assert abs(m_t["loss"] - float(m_f["loss"])) <= 1e-5 * m_t["loss"]
     assert abs(m_t["grad_norm"] - float(m_f["grad_norm"])) <= 1e-4 * m_t["grad_norm"]
-    for ours, theirs in [(state.params, td), (state.ema_params, task.ema)]:
+    for ours, theirs in [(state.params, td), (state.ema_params, trainer.extra["ema"])]:
         key, err = harness.worst_leaf(harness.torch_params(theirs), harness.flax_params_as_torch(ours))
         assert err <= harness.TRAJECTORY_TOL, f"{key}: {err:.3e}"
 

@@ -28,7 +28,9 @@ import math
 import os
 
 import numpy as np
+from PIL import Image
 
+from train import scenes
 from train.data import ArrayDataset, _normalize
 
 TEST_FRACTION = 0.2
@@ -60,8 +62,6 @@ def load(spec: str, image_size: int, in_channels: int, recipe: dict) -> tuple[Ar
 
 
 def load_scenes(image_size: int, in_channels: int, recipe: dict) -> tuple[ArrayDataset, ArrayDataset]:
-    from train import scenes
-
     if in_channels != 3:
         raise ValueError(f"scenes are RGB: the model must take 3 channels, not {in_channels}")
     seed = recipe.get("scene_seed", 0)
@@ -132,8 +132,6 @@ def _image_folder(root: str, split: str, files: list[str], path: str) -> str:
 
 
 def _read_images(folder: str, files: list[str], image_size: int, in_channels: int) -> np.ndarray:
-    from PIL import Image
-
     mode = {1: "L", 3: "RGB"}.get(in_channels)
     if mode is None:
         raise ValueError(f"images can be read with 1 or 3 channels, not {in_channels}")

@@ -14,8 +14,11 @@ import os
 import pickle
 from typing import Iterator
 
+import jax
 import numpy as np
 from PIL import Image
+from sklearn.datasets import load_digits as sk_load_digits
+from sklearn.model_selection import train_test_split
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                     ".pgm")
@@ -69,8 +72,6 @@ def load(spec: str, image_size: int, in_channels: int) -> tuple[ArrayDataset, Ar
 
 def load_digits(image_size: int = 32, in_channels: int = 1) -> tuple[ArrayDataset, ArrayDataset]:
     """scikit-learn's 1,797 handwritten 8x8 digits, split 80/20 stratified with a fixed seed."""
-    from sklearn.datasets import load_digits as sk_load_digits
-    from sklearn.model_selection import train_test_split
 
     digits = sk_load_digits()
     images = (digits.images.astype(np.float32) / 16.0 * 255.0)[..., None]  # (N, 8, 8, 1)
@@ -234,7 +235,6 @@ def _read_image(path: str, mode: str, image_size: int) -> np.ndarray:
 
 
 def _stratified_split(data: ArrayDataset) -> tuple[ArrayDataset, ArrayDataset]:
-    from sklearn.model_selection import train_test_split
 
     idx = np.arange(len(data))
     counts = np.bincount(data.labels, minlength=data.num_classes)
@@ -295,7 +295,6 @@ def batches(data: ArrayDataset, global_batch_size: int, seed: int, epoch: int,
     batch and the order does not depend on the number of hosts.
     """
     if process_index is None or process_count is None:
-        import jax
         process_index, process_count = jax.process_index(), jax.process_count()
     if global_batch_size % process_count:
         raise ValueError(f"global batch size {global_batch_size} does not split evenly over "

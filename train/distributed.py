@@ -13,6 +13,9 @@ import os
 import sys
 import threading
 
+import jax
+from jax._src import distributed as jax_distributed
+
 ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
 EXIT_NO_PEERS = 3
 
@@ -47,8 +50,6 @@ def check(coordinator: str | None, num_processes: int | None, process_id: int | 
 def start(coordinator: str, num_processes: int, process_id: int, timeout: float = 120.0):
     """`jax.distributed.initialize`, bounded: when the peers have not all arrived after `timeout`
     seconds, print which and exit with status 3 (JAX itself would abort without a word)."""
-    import jax
-
     done = threading.Event()
 
     def watchdog():
@@ -69,14 +70,11 @@ def barrier(name: str, timeout: float = 1800.0):
     """Wait until every process reaches `name` (the coordination service's barrier, no device
     collective). Before a run's first collective: XLA:CPU's gloo gives its peers 30 s to meet, and
     a process still compiling or restoring on a loaded machine can be later than that."""
-    import jax
-    from jax._src import distributed as jax_distributed
-
     if jax.process_count() > 1 and jax_distributed.global_state.client is not None:
         jax_distributed.global_state.client.wait_at_barrier(name, int(timeout * 1000))
 
 
 def is_primary() -> bool:
-    """True on the process that writes logs, the summary and the export (process 0)."""
-    import jax
+    """True on the process that writes logs, the summary and the export (process 0; the only
+    process of a torch run or a single-process JAX run)."""
     return jax.process_index() == 0

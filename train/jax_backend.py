@@ -5,14 +5,18 @@ device, pmap over the local devices, or jit over a mesh of every device (the bat
 from __future__ import annotations
 
 import dataclasses
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
+from jax_models import compile_cache
 from train import data as data_lib
+from train import distributed
 from train import steps
-from train.config import Run
+from train.config import Run, check_devices
 from train.tasks import init_variables
 
 
@@ -22,7 +26,7 @@ def make_state(r: Run):
     model, variables, train_key = init_variables(r.task, r.preset, r.config.seed, r.config.attention_impl)
     tx = steps.make_optimizer(r.schedule, r.recipe["weight_decay"], r.recipe["grad_clip"],
                               variables["params"])
-    state = r.task.create_state(model, variables, tx, train_key)
+    state = r.task.jax_training.create_state(model, variables, tx, train_key)
     if r.config.precision == "bf16":
         state = state.replace(apply_fn=steps.mixed_precision(model.apply, jnp.bfloat16))
     return state
@@ -44,7 +48,6 @@ def checkpoint_tree(state: steps.TrainState) -> dict:
 def _host(x) -> np.ndarray:
     """A whole array on this host: FSDP shards held by other processes are gathered first."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
-        from jax.experimental import multihost_utils
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(jax.device_get(x))
 
@@ -60,46 +63,31 @@ class JaxBackend:
     (jit over every device of every process; XLA partitions the global batch's step)."""
 
     def __init__(self, r: Run):
-        self.r, self.task = r, r.task
-        self.model = self.task.flax_model(r.preset, r.config.attention_impl)
+        self.r, self.role = r, r.task.jax_training
+        self.model = self.role.model(r.preset, r.config.attention_impl)
+        check_devices(r.config, r.recipe["batch_size"])
         state = make_state(r)
         self.parallel = r.config.parallel
-        batch_size, processes = r.recipe["batch_size"], jax.process_count()
-        if batch_size % processes:
-            raise ValueError(f"global batch size {batch_size} does not split evenly over "
-                             f"{processes} processes")
-        local_batch = batch_size // processes
-        kwargs = self.task.step_kwargs(r.recipe)
+        processes = jax.process_count()
+        kwargs = self.role.step_kwargs(r.recipe)
         if self.parallel == "pmap":
             n = jax.local_device_count()
-            if local_batch % n:
-                raise ValueError(f"batch size {local_batch} per process does not split evenly over "
-                                 f"{n} local devices ({local_batch} % {n} = {local_batch % n}); "
-                                 f"use a multiple of {n}")
-            self.step_fn = steps.pmap_train_step(self.task.jax_step, **kwargs)
+            self.step_fn = steps.pmap_train_step(self.role.step, **kwargs)
             self.state = steps.replicate(state)
             self.put = lambda b: data_lib.shard(b, n)  # noqa: E731
             self.single = steps.unreplicate
         elif self.parallel == "mesh":
             mesh = steps.make_mesh()
             n = mesh.devices.size // processes
-            if batch_size % mesh.devices.size:
-                raise ValueError(f"global batch size {batch_size} does not split evenly over the "
-                                 f"{mesh.devices.size} devices of the mesh ({batch_size} % "
-                                 f"{mesh.devices.size} = {batch_size % mesh.devices.size}); use a "
-                                 f"multiple of {mesh.devices.size}")
             self.shardings = steps.state_shardings(state, mesh, r.config.fsdp)
-            self.step_fn = steps.mesh_train_step(self.task.jax_step, mesh, self.shardings, **kwargs)
+            self.step_fn = steps.mesh_train_step(self.role.step, mesh, self.shardings, **kwargs)
             self.state = steps.put_state(state, self.shardings)
             self.put = lambda b: steps.put_batch(b, mesh)  # noqa: E731
             self.single = lambda s: s  # noqa: E731
             self.parallel = "mesh-fsdp" if r.config.fsdp else "mesh"
         else:
-            if processes > 1:
-                raise ValueError("--parallel jit trains on one device of one process; use "
-                                 "--parallel pmap with several processes")
             n = 1
-            self.step_fn = steps.jit_train_step(self.task.jax_step, **kwargs)
+            self.step_fn = steps.jit_train_step(self.role.step, **kwargs)
             self.state = state
             self.put = lambda b: b  # noqa: E731
             self.single = lambda s: s  # noqa: E731
@@ -113,16 +101,11 @@ class JaxBackend:
         """The step compiled ahead of time for this state and batch: its compile time and whether
         the persistent cache held it go into the summary. Several processes then meet at a barrier
         (their first collective must find every peer within 30 s)."""
-        import time
-
-        from jax_models import compile_cache
-
         hits, t0 = compile_cache.stats()["hits"], time.perf_counter()
         compiled = self.step_fn.lower(self.state, batch).compile()
         self.compiled = {"seconds": time.perf_counter() - t0,
                          "cache": "warm" if compile_cache.stats()["hits"] > hits else "cold"}
         if jax.process_count() > 1:
-            from train import distributed
             distributed.barrier("train_first_step")
         return compiled
 
@@ -161,12 +144,12 @@ class JaxBackend:
         return {k: float(v) for k, v in m.items()}
 
     def evaluate(self) -> dict:
-        return self.task.jax_evaluate(self.model, self.single(self.state), self.r)
+        return self.role.evaluate(self.model, self.single(self.state), self.r)
 
     def finish(self) -> dict:
-        return self.task.jax_finish(self.model, self.single(self.state), self.r)
+        return self.role.finish(self.model, self.single(self.state), self.r)
 
     def export(self) -> dict:
         """Every process gathers the whole state (FSDP shards included); process 0 writes it."""
         keep = lambda x: x if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else _host(x)  # noqa: E731
-        return self.task.jax_export(jax.tree_util.tree_map(keep, self.single(self.state)))
+        return self.role.export(jax.tree_util.tree_map(keep, self.single(self.state)))

@@ -19,23 +19,26 @@ resume, metrics, progress, the final evaluation, export and summary; a backend i
 from __future__ import annotations
 
 import contextlib
-import importlib
 import json
 import os
 import time
 
+import jax
 import numpy as np
+from tqdm import tqdm
 
-from train.checkpoint import CheckpointError, Checkpoints
+from bridge import save_safetensors
 from train import distributed
-from train.config import Config, Run, resolve
+from train.checkpoint import CheckpointError, Checkpoints
+from train.config import BACKENDS, Config, Run, resolve
+from train.jax_backend import JaxBackend
+from train.torch_backend import TorchBackend
 
-BACKEND_CLASSES = {"jax": "train.jax_backend:JaxBackend", "torch": "train.torch_backend:TorchBackend"}
+BACKEND_CLASSES = dict(zip(BACKENDS, (JaxBackend, TorchBackend)))
 
 
 def backend_class(name: str):
-    module, _, cls = BACKEND_CLASSES[name].partition(":")
-    return getattr(importlib.import_module(module), cls)
+    return BACKEND_CLASSES[name]
 
 
 def run(config: Config) -> dict:
@@ -68,7 +71,7 @@ def write_atomically(path: str, write) -> str:
 def write_summary(r: Run, summary: dict) -> dict:
     """WORKDIR/summary.json, strict JSON (NaN -> null), written atomically by process 0."""
     summary = strict_json(summary)
-    if _primary(r.config.backend):
+    if distributed.is_primary():
         def dump(tmp):
             with open(tmp, "w") as f:
                 json.dump(summary, f, indent=2, allow_nan=False)
@@ -87,19 +90,12 @@ def strict_json(x):
     return x
 
 
-def _primary(backend: str) -> bool:
-    """Whether this process writes the logs, the summary and the export (process 0 of a
-    multi-process run; the only one otherwise)."""
-    if backend != "jax":
-        return True
-    import jax
-    return jax.process_index() == 0
-
-
 def train(r: Run, backend_cls) -> dict:
+    """Runs `r` on a backend: fresh or resumed, the steps with their logs, evaluations and
+    checkpoints, the final evaluation, the task's finish, the summary and the export."""
     cfg, task = r.config, r.task
     t_start = time.perf_counter()
-    extra = task.setup(r)
+    r, extra = r.set_up()
     backend = backend_cls(r)
     distributed.barrier("checkpoints")   # orbax's first step is a device collective (see barrier)
     ckpt = Checkpoints(os.path.join(r.workdir, "checkpoints"), r.checkpoint_every, cfg.keep)
@@ -112,12 +108,7 @@ def train(r: Run, backend_cls) -> dict:
             finished = _finished_summary(r, start_step)
             if finished is not None:   # nothing to train: keep its summary, export if asked
                 ckpt.close()
-                if cfg.export:
-                    state_dict = backend.export()
-                    if _primary(cfg.backend):
-                        finished["export"] = export_weights(cfg.export, state_dict)
-                        finished = write_summary(r, finished)
-                return finished
+                return export(r, backend, finished, ckpt.directory, start_step)
         else:
             check_fresh(ckpt)
 
@@ -126,7 +117,7 @@ def train(r: Run, backend_cls) -> dict:
             ckpt.save(step, backend.state_tree(), {**r.record(), "position": r.position(step)},
                       force=True)
 
-    primary = _primary(cfg.backend)
+    primary = distributed.is_primary()
     log = MetricsLog(r.workdir, r.total_steps, start_step, cfg.progress and primary, ("loss", *task.report),
                      write=primary, resume=cfg.resume)
     speed = Throughput()
@@ -166,17 +157,24 @@ def train(r: Run, backend_cls) -> dict:
         throughput=speed.rate(), devices=backend.devices, parallel=backend.parallel,
         wall=time.perf_counter() - t_start, checkpoint_dir=ckpt.directory, export=None,
         start_step=start_step))
-    if cfg.export:
-        state_dict = backend.export()
-        if primary:
-            try:
-                result["export"] = export_weights(cfg.export, state_dict)
-            except OSError as e:
-                raise ExportError(f"could not write the export {cfg.export} ({e.strerror or e}); the trained "
-                                  f"weights are in the last checkpoint, {ckpt.directory}/{step}, and "
-                                  f"`--resume --export PATH` writes them without training") from e
-            result = write_summary(r, result)
-    return result
+    return export(r, backend, result, ckpt.directory, step)
+
+
+def export(r: Run, backend, result: dict, checkpoint_dir: str, step: int) -> dict:
+    """With --export: every process gathers the weights, process 0 writes them and records the
+    path in the summary. A failed write names the checkpoint that holds the same weights."""
+    if not r.config.export:
+        return result
+    state_dict = backend.export()
+    if not distributed.is_primary():
+        return result
+    try:
+        result["export"] = export_weights(r.config.export, state_dict)
+    except OSError as e:
+        raise ExportError(f"could not write the export {r.config.export} ({e.strerror or e}); the trained "
+                          f"weights are in the last checkpoint, {checkpoint_dir}/{step}, and "
+                          f"`--resume --export PATH` writes them without training") from e
+    return write_summary(r, result)
 
 
 def _finished_summary(r: Run, start_step: int) -> dict | None:
@@ -272,7 +270,6 @@ class MetricsLog:
             self.file.flush()
         self.bar = None
         if progress:
-            from tqdm import tqdm
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
         self.last = initial
 
@@ -351,7 +348,7 @@ def summary(r: Run, *, final_metrics, eval_metrics, extra, step, throughput, dev
     return {
         "preset": r.preset.name, "task": r.preset.task, "backend": r.config.backend,
         "parallel": parallel, "precision": r.config.precision, "devices": devices,
-        "processes": _process_count(r.config.backend),
+        "processes": jax.process_count() if r.config.backend == "jax" else 1,
         "data": r.recipe["data"], "steps": step, "start_step": start_step,
         "epochs": step / r.steps_per_epoch, "batch_size": r.recipe["batch_size"],
         "final_loss": None, **final, **eval_metrics, **extra,
@@ -363,15 +360,6 @@ def summary(r: Run, *, final_metrics, eval_metrics, extra, step, throughput, dev
     }
 
 
-def _process_count(backend: str) -> int:
-    if backend != "jax":
-        return 1
-    import jax
-    return jax.process_count()
-
-
 def export_weights(path: str, state_dict) -> str:
     """Write a torch-keyed state dict as safetensors at `path`, atomically; the absolute path."""
-    from bridge import save_safetensors
-
     return write_atomically(path, lambda tmp: save_safetensors(state_dict, tmp))

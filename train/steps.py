@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from flax import struct
+from flax import jax_utils, struct
 from flax.training import train_state
 
 PMAP_AXIS = "batch"
@@ -264,7 +264,6 @@ def put_state(state, shardings):
 def replicate(tree, devices=None):
     """`tree` stacked on a new leading axis over the local devices (fresh buffers, safe to
     donate)."""
-    from flax import jax_utils
     return jax_utils.replicate(tree, devices)
 
 

@@ -7,31 +7,32 @@ from __future__ import annotations
 
 import contextlib
 
+import jax
 import numpy as np
 import torch
 
+from bridge import flax_to_torch
 from train import steps
 from train.config import Run
-from train.tasks import init_variables
+from train.tasks import init_variables, torch_inputs
 
 
 def torch_batch(batch: dict) -> dict:
-    """A host batch as tensors (`bridge.verify.framework_inputs`): image-shaped float arrays
-    (images, noise) NHWC -> NCHW, integers (labels, tokens, timesteps) int64."""
-    from bridge.verify import framework_inputs
-
-    tensors, _ = framework_inputs(list(batch.values()))
-    return dict(zip(batch, tensors))
+    """A host batch as tensors (`train.tasks.torch_inputs`): image-shaped float arrays (images,
+    noise) NHWC -> NCHW, integers (labels, tokens, timesteps) int64."""
+    return dict(zip(batch, torch_inputs(list(batch.values()))))
 
 
 class TorchTrainer:
     """AdamW with the optax recipe of `train.steps`: rate from `schedule(step)`, decay only on
     the parameters in `decay`, the global gradient norm clipped as optax does; the loss and what
-    follows each update come from `task`. `optimizer` replaces AdamW (tests use SGD)."""
+    follows each update come from the task's `torch_training` role, and the modules it keeps
+    beside the model (an EMA, say) are the trainer's `extra` state, checkpointed with the rest.
+    `optimizer` replaces AdamW (tests use SGD)."""
 
     def __init__(self, model: torch.nn.Module, task, recipe: dict, schedule, decay: set[str],
                  precision: str = "fp32", optimizer: torch.optim.Optimizer | None = None):
-        self.model, self.task, self.recipe, self.schedule = model, task, recipe, schedule
+        self.model, self.role, self.recipe, self.schedule = model, task.torch_training, recipe, schedule
         self.grad_clip = recipe.get("grad_clip")
         self.precision = precision
         named = list(model.named_parameters())
@@ -47,7 +48,7 @@ class TorchTrainer:
             eps=1e-8)
         self.set_lr = optimizer is None
         self.step = 0
-        task.torch_init(self)
+        self.extra = self.role.extra_state(model)
 
     def autocast(self):
         if self.precision == "bf16":
@@ -67,7 +68,7 @@ class TorchTrainer:
                 group["lr"] = lr
         self.model.train()
         with self.autocast():
-            loss, metrics = self.task.torch_loss(self.model, batch, self.recipe)
+            loss, metrics = self.role.loss(self.model, batch, self.recipe)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         zero_unused_grads(self.model)
@@ -82,7 +83,7 @@ class TorchTrainer:
             for g in grads:
                 g.div_(norm).mul_(self.grad_clip)
         self.optimizer.step()
-        metrics = {**metrics, **(self.task.torch_after_step(self) or {})}
+        metrics = {**metrics, **(self.role.after_step(self) or {})}
         self.step += 1
         return {"loss": loss.item(), **{k: float(v) for k, v in metrics.items()},
                 "grad_norm": norm.item(), "nonfinite": 0, "lr": lr}
@@ -98,7 +99,8 @@ class TorchTrainer:
                 "model": [v.detach().numpy().copy() for v in self.model.state_dict().values()],
                 "optimizer": moments,
                 "torch_rng": torch.get_rng_state().numpy().copy(),
-                **self.task.torch_extra_state(self)}
+                **{name: [p.detach().numpy().copy() for p in module.parameters()]
+                   for name, module in self.extra.items()}}
 
     def load_state_tree(self, tree: dict):
         keys = list(self.model.state_dict())
@@ -112,7 +114,10 @@ class TorchTrainer:
                 "exp_avg": torch.from_numpy(np.array(tree["optimizer"]["exp_avg"][i])),
                 "exp_avg_sq": torch.from_numpy(np.array(tree["optimizer"]["exp_avg_sq"][i]))}
         torch.set_rng_state(torch.from_numpy(np.array(tree["torch_rng"], np.uint8)))
-        self.task.load_torch_extra_state(self, tree)
+        with torch.no_grad():
+            for name, module in self.extra.items():
+                for p, v in zip(module.parameters(), tree[name]):
+                    p.copy_(torch.from_numpy(np.asarray(v)))
 
 
 def zero_unused_grads(model: torch.nn.Module):
@@ -125,10 +130,6 @@ def zero_unused_grads(model: torch.nn.Module):
 
 def decayed_names(params) -> set[str]:
     """The torch names of the parameters `steps.decay_mask` decays (weight matrices)."""
-    import jax
-
-    from bridge import flax_to_torch
-
     mask_values = jax.tree_util.tree_map(lambda p, m: np.full(np.shape(p), float(m), np.float32),
                                          params, steps.decay_mask(params))
     return {k for k, v in flax_to_torch({"params": mask_values}).items() if v.all()}
@@ -138,11 +139,7 @@ def trainer_from_variables(task, preset, variables, recipe: dict, schedule, prec
                            device="cpu") -> TorchTrainer:
     """The torch twin of `task`'s model holding the Flax `variables`, on `device`, and its
     trainer."""
-    import jax
-
-    from bridge import flax_to_torch
-
-    model = task.torch_model(preset)
+    model = task.torch_training.model(preset)
     model.load_state_dict({k: torch.from_numpy(np.array(v))
                            for k, v in flax_to_torch(jax.device_get(variables)).items()},
                           strict=True)
@@ -165,7 +162,7 @@ class TorchBackend:
     devices = 1
 
     def __init__(self, r: Run):
-        self.r, self.task = r, r.task
+        self.r, self.role = r, r.task.torch_training
         self.trainer = build(r)
 
     def info(self) -> dict:
@@ -185,10 +182,10 @@ class TorchBackend:
         return {k: v for k, v in metrics.items() if k != "lr"}
 
     def evaluate(self) -> dict:
-        return self.task.torch_evaluate(self.trainer, self.r)
+        return self.role.evaluate(self.trainer, self.r)
 
     def finish(self) -> dict:
-        return self.task.torch_finish(self.trainer, self.r)
+        return self.role.finish(self.trainer, self.r)
 
     def export(self) -> dict:
-        return self.task.torch_export(self.trainer)
+        return self.role.export(self.trainer)

@@ -9,9 +9,11 @@ constructor arguments shared by both twins, the inputs its forward takes (`input
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import fnmatch
-from typing import Any, Callable
+import json
+from typing import Any, Callable, Iterable
 
 import numpy as np
 
@@ -38,6 +40,9 @@ class Preset:
     def input_shape_nchw(self) -> tuple[int, int, int]:
         return (self.in_channels, self.image_size, self.image_size)
 
+
+# The attention kernels of the Flax models (`jax_models.layers.attend`); torch has one.
+ATTENTION_IMPLS = ("xla", "fused", "cudnn")
 
 # What every recipe holds (the trainer reads nothing else from elsewhere); a task adds its own keys.
 RECIPE_KEYS = ("lr", "weight_decay", "warmup_steps", "batch_size", "label_smoothing", "grad_clip",
@@ -346,3 +351,28 @@ def example_inputs(preset: Preset, batch_size: int = 2, seed: int = 0) -> tuple[
 
 
 _check_recipes()
+
+
+def parse_value(text: str):
+    """A command-line value: JSON where it parses (12, 1e-6, true, [2, 2], "x"), else a Python
+    literal (True, None, (2, 2)), else the text itself (a bare word)."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def parse_assignments(items: Iterable[str], flag: str = "--set") -> dict[str, Any]:
+    """`KEY=VALUE` items (`python -m train --set/--recipe`, `python -m bridge import --set`) as a
+    dict, each value read by `parse_value`; a ValueError names an item without a key or `=`."""
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"{flag} wants KEY=VALUE, got {item!r}")
+        out[key] = parse_value(value)
+    return out

@@ -21,11 +21,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw, ImageFont
 
-from twin_models.tokenizer import Tokenizer
+from jax_models import captioning as J
+from torch_reference import captioning as T
 from train import captions as caption_data
+from train import scenes
 from train import steps
-from train.tasks.base import Task, image_batches, register
+from train.tasks.base import JaxTraining, ParityCase, Task, TorchTraining, image_batches, register
+from twin_models.presets import example_inputs
+from twin_models.tokenizer import Tokenizer
 
 PAD = 0               # the tokenizer's padding id, masked out of the loss
 EVAL_BATCH = 256      # images per generate call in evaluation (one compiled shape)
@@ -46,8 +53,7 @@ def caption_tokenizer(spec: str, references, vocab_size: int, context_length: in
     produced by a text)."""
     room = vocab_size - 4
     if spec == "scenes":
-        from train.scenes import scenes_tokenizer
-        words = scenes_tokenizer(context_length).vocab[2:-2]
+        words = scenes.scenes_tokenizer(context_length).vocab[2:-2]
         if len(words) > room:
             raise ValueError(f"the scenes' captions need a vocabulary of {len(words) + 4} ids; the model has "
                              f"vocab_size {vocab_size}")
@@ -110,8 +116,6 @@ def caption_report(hypotheses: list[str], references: list[tuple[str, ...]], obj
 def save_caption_grid(images: np.ndarray, hypotheses, references, path: str, scale: int = 3) -> str:
     """A PNG of `images` (N, H, W, C) in [-1, 1], each beside its generated caption (green when it
     equals a reference, red otherwise, with the first reference under it in gray)."""
-    from PIL import Image, ImageDraw, ImageFont
-
     n, h, w, c = images.shape
     font = ImageFont.load_default(size=14)
     text_w, pad = 620, 6
@@ -133,157 +137,108 @@ def save_caption_grid(images: np.ndarray, hypotheses, references, path: str, sca
     return os.path.abspath(path)
 
 
-@register
-class Captioning(Task):
-    """Images to captions: the preset's `ImageCaptioningModel` trained by teacher forcing, held
-    out by greedy (or beam, `num_beams` in the recipe) decoding of up to `max_length` tokens."""
+def decode_settings(r) -> dict:
+    return dict(max_length=r.recipe["max_length"], num_beams=r.recipe.get("num_beams", 1),
+                length_penalty=r.recipe.get("length_penalty", 1.0))
 
-    name = "captioning"
-    report = ("exact_match", "bleu4")
-    eval_by_default = False     # generation on the held-out set: at the end, or every --eval-every
 
-    def load_data(self, spec: str, preset, recipe: dict):
-        return caption_data.load(spec, preset.image_size, preset.in_channels, recipe)
+def decode_name(r) -> str:
+    d = decode_settings(r)
+    return (f"beam-{d['num_beams']}" if d["num_beams"] > 1 else "greedy") + f", max_length {d['max_length']}"
 
-    def setup(self, r) -> dict:
-        from jax_models.captioning import decoder_config
 
-        kw = r.preset.kwargs
-        max_length = r.recipe["max_length"]
-        if not 1 <= max_length < kw["max_positions"]:
-            raise ValueError(f"recipe max_length {max_length} must be in [1, max_positions - 1 = "
-                             f"{kw['max_positions'] - 1}]: bos and max_length tokens fill the positions")
-        self.tokenizer = caption_tokenizer(r.recipe["data"], r.train_data.extras["references"],
-                                           kw["vocab_size"], max_length + 1)
-        config = decoder_config(kw["vocab_size"], kw["max_positions"], kw.get("bos_token_id"),
-                                kw.get("eos_token_id"), kw.get("pad_token_id", 0))
-        if (config.bos_token_id, config.eos_token_id, config.pad_token_id) != (
-                self.tokenizer.sot_id, self.tokenizer.eot_id, self.tokenizer.pad_id):
-            raise ValueError(f"the decoder's bos, eos, pad ids {config.bos_token_id}, {config.eos_token_id}, "
-                             f"{config.pad_token_id} are not the tokenizer's {self.tokenizer.sot_id}, "
-                             f"{self.tokenizer.eot_id}, {self.tokenizer.pad_id}")
-        self.references = [tuple(self.tokenizer.decode(self.tokenizer(c)[0]) for c in refs)
-                           for refs in r.test_data.extras["references"]]
-        self.test_tokens = self.tokenizer([refs[0] for refs in r.test_data.extras["references"]]).astype(np.int32)
-        os.makedirs(r.workdir, exist_ok=True)
-        return {"tokenizer": self.tokenizer.save(r.workdir), "train_examples": len(r.train_data),
-                "decode": self._decode_name(r)}
+def eval_chunks(r):
+    """(start, count, images padded to the chunk size) over the held-out set."""
+    data = r.test_data
+    size = min(EVAL_BATCH, len(data))
+    for start in range(0, len(data), size):
+        x = data.images[start:start + size]
+        n = len(x)
+        if n < size:
+            x = np.concatenate([x, np.zeros((size - n, *x.shape[1:]), x.dtype)])
+        yield start, n, x
 
-    def batch(self, batch: dict, step: int, r) -> dict:
-        """Images and one of each image's captions (drawn from (seed, step) when it has several),
-        tokenized: bos, words, eos, padding."""
-        rng = np.random.default_rng([r.config.seed, step, 3])
-        texts = [refs[rng.integers(len(refs))] if len(refs) > 1 else refs[0] for refs in batch["references"]]
-        return {"image": batch["image"], "caption": self.tokenizer(texts).astype(np.int32)}
 
-    def example_batch(self, preset, batch_size: int, seed: int = 0) -> dict:
-        from twin_models.presets import example_inputs
-        images, tokens = example_inputs(preset, batch_size, seed)
-        return {"image": images, "caption": tokens.astype(np.int32)}
+def evaluation(ids: np.ndarray, sums, r) -> dict:
+    """The report of generated `ids` (N, T) and the teacher-forced (ce, correct, count) sums."""
+    hyps = [r.context["tokenizer"].decode(row) for row in ids]
+    out = caption_report(hyps, r.context["references"], r.test_data.extras.get("objects"))
+    ce, correct, count = sums
+    out["eval_loss"] = ce / max(count, 1.0)
+    out["eval_token_accuracy"] = correct / max(count, 1.0)
+    return out
 
-    @property
-    def jax_step(self):
-        return caption_step
 
-    # -- evaluation -----------------------------------------------------------------------------
+def shown_captions(ids: np.ndarray, r) -> dict:
+    """The summary's picture (WORKDIR/captions.png) and examples of the first held-out images'
+    generated captions `ids` (the first evaluation chunk's, decoded again at the end)."""
+    hyps = [r.context["tokenizer"].decode(row) for row in ids]
+    references = r.context["references"]
+    k = min(SHOWN, len(hyps))
+    path = save_caption_grid(r.test_data.images[:k], hyps[:k], references[:k],
+                             os.path.join(r.workdir, "captions.png"))
+    return {"grid": path, "examples": [{"generated": h, "reference": refs[0]}
+                                       for h, refs in zip(hyps[:4], references[:4])]}
 
-    @staticmethod
-    def _decode_settings(r) -> dict:
-        return dict(max_length=r.recipe["max_length"], num_beams=r.recipe.get("num_beams", 1),
-                    length_penalty=r.recipe.get("length_penalty", 1.0))
 
-    def _decode_name(self, r) -> str:
-        d = self._decode_settings(r)
-        return (f"beam-{d['num_beams']}" if d["num_beams"] > 1 else "greedy") + f", max_length {d['max_length']}"
+class CaptioningJax(JaxTraining):
+    step = staticmethod(caption_step)
 
-    def _chunks(self, r):
-        """(start, count, images padded to the chunk size) over the held-out set."""
-        data = r.test_data
-        size = min(EVAL_BATCH, len(data))
-        for start in range(0, len(data), size):
-            x = data.images[start:start + size]
-            n = len(x)
-            if n < size:
-                x = np.concatenate([x, np.zeros((size - n, *x.shape[1:]), x.dtype)])
-            yield start, n, x
-
-    def _report(self, ids: np.ndarray, sums, r) -> dict:
-        hyps = [self.tokenizer.decode(row) for row in ids]
-        self.last = hyps
-        out = caption_report(hyps, self.references, r.test_data.extras.get("objects"))
-        ce, correct, count = sums
-        out["eval_loss"] = ce / max(count, 1.0)
-        out["eval_token_accuracy"] = correct / max(count, 1.0)
-        return out
-
-    def jax_evaluate(self, model, state, r) -> dict:
-        from jax_models.captioning import generate
-
-        variables = state.variables()
-        settings = self._decode_settings(r)
+    def evaluate(self, model, state, r) -> dict:
+        variables, test_tokens = state.variables(), r.context["test_tokens"]
         ids, sums = [], np.zeros(3)
-        for start, n, x in self._chunks(r):
+        for start, n, x in eval_chunks(r):
             x = jnp.asarray(x)
-            ids.append(np.asarray(generate(model, variables, x, **settings))[:n])
-            c = np.zeros((len(x), self.test_tokens.shape[1]), np.int32)
-            c[:n] = self.test_tokens[start:start + n]
+            ids.append(np.asarray(J.generate(model, variables, x, **decode_settings(r)))[:n])
+            c = np.zeros((len(x), test_tokens.shape[1]), np.int32)
+            c[:n] = test_tokens[start:start + n]
             sums += np.asarray(jax.device_get(_eval_sums(model, variables, x, jnp.asarray(c))), np.float64)
-        return self._report(np.concatenate(ids), sums, r)
+        return evaluation(np.concatenate(ids), sums, r)
 
-    def torch_loss(self, model, batch: dict, recipe: dict):
-        import torch
+    def finish(self, model, state, r) -> dict:
+        _, n, x = next(eval_chunks(r))
+        return shown_captions(np.asarray(J.generate(model, state.variables(), jnp.asarray(x),
+                                                    **decode_settings(r)))[:n], r)
 
-        from torch_reference.captioning import caption_loss
 
+class CaptioningTorch(TorchTraining):
+    def loss(self, model, batch: dict, recipe: dict):
         captions = batch["caption"]
         logits = model(batch["image"], captions).float()
         targets = captions[:, 1:]
         mask = targets != PAD
         correct = ((logits[:, :-1].argmax(-1) == targets) & mask).sum()
-        return caption_loss(logits, captions, PAD), {"token_accuracy": correct / mask.sum().clamp(min=1).to(torch.float32)}
+        return T.caption_loss(logits, captions, PAD), {"token_accuracy": correct / mask.sum().clamp(min=1).to(torch.float32)}
 
-    def torch_evaluate(self, trainer, r) -> dict:
-        import torch
-        import torch.nn.functional as F
-
-        model = trainer.model
+    def evaluate(self, trainer, r) -> dict:
+        model, test_tokens = trainer.model, r.context["test_tokens"]
         model.eval()
-        settings = self._decode_settings(r)
         ids, sums = [], np.zeros(3)
         with torch.no_grad():
-            for start, n, x in self._chunks(r):
+            for start, n, x in eval_chunks(r):
                 x = torch.from_numpy(np.ascontiguousarray(x[:n].transpose(0, 3, 1, 2)))
-                ids.append(model.generate(x, **settings).numpy())
-                c = torch.from_numpy(self.test_tokens[start:start + n].astype(np.int64))
+                ids.append(model.generate(x, **decode_settings(r)).numpy())
+                c = torch.from_numpy(test_tokens[start:start + n].astype(np.int64))
                 logits = model(x, c).float()
                 targets = c[:, 1:]
                 mask = targets != PAD
                 ce = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), targets.reshape(-1),
                                      ignore_index=PAD, reduction="sum")
                 sums += [ce.item(), ((logits[:, :-1].argmax(-1) == targets) & mask).sum().item(), mask.sum().item()]
-        return self._report(np.concatenate(ids), sums, r)
+        return evaluation(np.concatenate(ids), sums, r)
 
-    def _finish(self, r) -> dict:
-        hyps = self.last
-        k = min(SHOWN, len(hyps))
-        path = save_caption_grid(r.test_data.images[:k], hyps[:k], self.references[:k],
-                                 os.path.join(r.workdir, "captions.png"))
-        return {"grid": path, "examples": [{"generated": h, "reference": refs[0]}
-                                           for h, refs in zip(hyps[:4], self.references[:4])]}
+    def finish(self, trainer, r) -> dict:
+        _, n, x = next(eval_chunks(r))
+        trainer.model.eval()
+        with torch.no_grad():
+            ids = trainer.model.generate(torch.from_numpy(np.ascontiguousarray(x[:n].transpose(0, 3, 1, 2))),
+                                         **decode_settings(r)).numpy()
+        return shown_captions(ids, r)
 
-    def jax_finish(self, model, state, r) -> dict:
-        return self._finish(r)
 
-    def torch_finish(self, trainer, r) -> dict:
-        return self._finish(r)
-
-    # -- parity ---------------------------------------------------------------------------------
-
-    def parity_losses(self, flax_model):
+class CaptioningParity(ParityCase):
+    def losses(self, flax_model):
         """The teacher-forced `caption_loss` (padding masked) on batches of (images, captions)."""
-        from jax_models import captioning as J
-        from torch_reference import captioning as T
-
         pad = flax_model.text_decoder.config.pad_token_id
 
         def torch_loss(model, batch):
@@ -296,5 +251,57 @@ class Captioning(Task):
 
         return torch_loss, flax_loss
 
-    def parity_batches(self, preset, n: int, batch_size: int, seed: int = 0):
+    def batches(self, preset, n: int, batch_size: int, seed: int = 0):
         return image_batches(preset, n, batch_size, seed)
+
+
+@register
+class Captioning(Task):
+    """Images to captions: the preset's `ImageCaptioningModel` trained by teacher forcing, held
+    out by greedy (or beam, `num_beams` in the recipe) decoding of up to `max_length` tokens."""
+
+    name = "captioning"
+    report = ("exact_match", "bleu4")
+    eval_by_default = False     # generation on the held-out set: at the end, or every --eval-every
+    jax_training = CaptioningJax()
+    torch_training = CaptioningTorch()
+    parity = CaptioningParity()
+
+    def load_data(self, spec: str, preset, recipe: dict):
+        return caption_data.load(spec, preset.image_size, preset.in_channels, recipe)
+
+    def setup(self, r) -> tuple[dict, dict]:
+        """The context: the tokenizer, the held-out references as it decodes them, and the first
+        reference of each held-out image tokenized (the evaluation's teacher-forced loss)."""
+        kw = r.preset.kwargs
+        max_length = r.recipe["max_length"]
+        if not 1 <= max_length < kw["max_positions"]:
+            raise ValueError(f"recipe max_length {max_length} must be in [1, max_positions - 1 = "
+                             f"{kw['max_positions'] - 1}]: bos and max_length tokens fill the positions")
+        tokenizer = caption_tokenizer(r.recipe["data"], r.train_data.extras["references"],
+                                      kw["vocab_size"], max_length + 1)
+        config = J.decoder_config(kw["vocab_size"], kw["max_positions"], kw.get("bos_token_id"),
+                                  kw.get("eos_token_id"), kw.get("pad_token_id", 0))
+        if (config.bos_token_id, config.eos_token_id, config.pad_token_id) != (
+                tokenizer.sot_id, tokenizer.eot_id, tokenizer.pad_id):
+            raise ValueError(f"the decoder's bos, eos, pad ids {config.bos_token_id}, {config.eos_token_id}, "
+                             f"{config.pad_token_id} are not the tokenizer's {tokenizer.sot_id}, "
+                             f"{tokenizer.eot_id}, {tokenizer.pad_id}")
+        test_refs = r.test_data.extras["references"]
+        context = {"tokenizer": tokenizer,
+                   "references": [tuple(tokenizer.decode(tokenizer(c)[0]) for c in refs) for refs in test_refs],
+                   "test_tokens": tokenizer([refs[0] for refs in test_refs]).astype(np.int32)}
+        os.makedirs(r.workdir, exist_ok=True)
+        return context, {"tokenizer": tokenizer.save(r.workdir), "train_examples": len(r.train_data),
+                         "decode": decode_name(r)}
+
+    def batch(self, batch: dict, step: int, r) -> dict:
+        """Images and one of each image's captions (drawn from (seed, step) when it has several),
+        tokenized: bos, words, eos, padding."""
+        rng = np.random.default_rng([r.config.seed, step, 3])
+        texts = [refs[rng.integers(len(refs))] if len(refs) > 1 else refs[0] for refs in batch["references"]]
+        return {"image": batch["image"], "caption": r.context["tokenizer"](texts).astype(np.int32)}
+
+    def example_batch(self, preset, batch_size: int, seed: int = 0) -> dict:
+        images, tokens = example_inputs(preset, batch_size, seed)
+        return {"image": images, "caption": tokens.astype(np.int32)}

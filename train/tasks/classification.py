@@ -11,9 +11,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import torch
+import torch.nn.functional as F
 
+from train import data as data_lib
 from train import steps
-from train.tasks.base import Task, image_batches, register
+from train.tasks.base import (JaxTraining, ParityCase, Task, TorchTraining, image_batches, register,
+                              torch_inputs)
+from twin_models.presets import example_inputs
 
 
 def classification_loss(logits, labels, label_smoothing: float = 0.0, mask=None):
@@ -64,70 +69,48 @@ def _labels(preset):
     return lambda rs, arrays: (rs.randint(0, classes, size=len(arrays[0])),)
 
 
-@register
-class Classification(Task):
-    """Images to labels: the preset's model gives (B, num_classes) logits."""
-
-    name = "classification"
-    report = ("eval_accuracy", "eval_loss")
-
-    def example_batch(self, preset, batch_size: int, seed: int = 0) -> dict:
-        from twin_models.presets import example_inputs
-        images, = example_inputs(preset, batch_size, seed)
-        labels = np.random.RandomState(seed + 1).randint(0, preset.kwargs["num_classes"], batch_size)
-        return {"image": images, "label": labels.astype(np.int32)}
+class ClassificationJax(JaxTraining):
+    step = staticmethod(train_step)
 
     def step_kwargs(self, recipe: dict) -> dict:
         return {"label_smoothing": recipe["label_smoothing"]}
 
-    @property
-    def jax_step(self):
-        return train_step
-
-    def jax_evaluate(self, model, state, r) -> dict:
+    def evaluate(self, model, state, r) -> dict:
         """Held-out loss and accuracy (eval mode, every test image once)."""
-        from train import data as data_lib
-
         totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
         for batch in data_lib.eval_batches(r.test_data, min(512, len(r.test_data))):
             sums = jax.device_get(eval_step(state, batch))
             totals = {k: totals[k] + float(sums[k]) for k in totals}
         return accuracy_report(totals)
 
-    def torch_loss(self, model, batch: dict, recipe: dict):
-        import torch.nn.functional as F
 
+class ClassificationTorch(TorchTraining):
+    def loss(self, model, batch: dict, recipe: dict):
         logits = model(batch["image"])
-        loss = F.cross_entropy(logits.float(), batch["label"],
-                               label_smoothing=recipe["label_smoothing"])
+        loss = F.cross_entropy(logits.float(), batch["label"], label_smoothing=recipe["label_smoothing"])
         return loss, {"accuracy": (logits.argmax(-1) == batch["label"]).float().mean()}
 
-    def torch_evaluate(self, trainer, r) -> dict:
-        import torch
-        import torch.nn.functional as F
-
-        from bridge.verify import framework_inputs
-
+    def evaluate(self, trainer, r) -> dict:
         model = trainer.model
         model.eval()
         totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
         with torch.no_grad():
             for start in range(0, len(r.test_data), 512):
-                (images, labels), _ = framework_inputs((r.test_data.images[start:start + 512],
-                                                        r.test_data.labels[start:start + 512]))
+                images, labels = torch_inputs((r.test_data.images[start:start + 512],
+                                               r.test_data.labels[start:start + 512]))
                 logits = model(images)
                 totals["loss_sum"] += F.cross_entropy(logits, labels, reduction="sum").item()
                 totals["correct"] += (logits.argmax(-1) == labels).sum().item()
                 totals["count"] += len(labels)
         return accuracy_report(totals)
 
-    def parity_losses(self, flax_model):
-        """Cross-entropy on batches of (images, integer labels)."""
-        import torch
 
+class ClassificationParity(ParityCase):
+    def losses(self, flax_model):
+        """Cross-entropy on batches of (images, integer labels)."""
         def torch_loss(model, batch):
             *inputs, y = batch
-            return torch.nn.functional.cross_entropy(model(*inputs), y)
+            return F.cross_entropy(model(*inputs), y)
 
         def flax_loss(params, variables, batch):
             *inputs, y = batch
@@ -136,5 +119,21 @@ class Classification(Task):
 
         return torch_loss, flax_loss
 
-    def parity_batches(self, preset, n: int, batch_size: int, seed: int = 0):
+    def batches(self, preset, n: int, batch_size: int, seed: int = 0):
         return image_batches(preset, n, batch_size, seed, _labels(preset))
+
+
+@register
+class Classification(Task):
+    """Images to labels: the preset's model gives (B, num_classes) logits."""
+
+    name = "classification"
+    report = ("eval_accuracy", "eval_loss")
+    jax_training = ClassificationJax()
+    torch_training = ClassificationTorch()
+    parity = ClassificationParity()
+
+    def example_batch(self, preset, batch_size: int, seed: int = 0) -> dict:
+        images, = example_inputs(preset, batch_size, seed)
+        labels = np.random.RandomState(seed + 1).randint(0, preset.kwargs["num_classes"], batch_size)
+        return {"image": images, "label": labels.astype(np.int32)}

@@ -16,10 +16,14 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+import torch
 
-from twin_models.tokenizer import Tokenizer
+from jax_models.clip import clip_loss, contrastive_loss, encode, zero_shot_classify
+from torch_reference import clip as T
 from train import steps
-from train.tasks.base import Task, image_batches, register
+from train.tasks.base import JaxTraining, ParityCase, Task, TorchTraining, image_batches, register, torch_inputs
+from twin_models.presets import example_inputs
+from twin_models.tokenizer import Tokenizer
 
 NUMBER_WORDS = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 TEMPLATES = ("a photo of the number {}", "a handwritten {}", "a photo of a {}", "the digit {}",
@@ -52,8 +56,6 @@ def contrastive_step(state: steps.TrainState, batch: dict, rng: jax.Array, *,
     """One update on {'image': (B, H, W, C), 'tokens': (B, L)}; the logit scale is then clipped to
     [0, log 100] as in CLIP. Under pmap the features are gathered over the axis (every image meets
     every caption of the global batch). Metrics: loss, logit_scale, grad_norm."""
-    from jax_models.clip import contrastive_loss
-
     def loss_fn(params, rng):
         features = state.apply_fn(state.variables(params), batch["image"], batch["tokens"], train=True,
                                   rngs={"dropout": rng}, method="features")
@@ -82,86 +84,48 @@ def eval_captions(labels: np.ndarray, tokenizer: Tokenizer, seed: int) -> np.nda
     return tokenizer(caption_texts(labels, np.random.default_rng([seed, 2]))).astype(np.int32)
 
 
-@register
-class Contrastive(Task):
-    """CLIP on images and template captions of their labels (the digits)."""
+class ContrastiveJax(JaxTraining):
+    step = staticmethod(contrastive_step)
 
-    name = "contrastive"
-    report = ("zero_shot_accuracy", "image_to_text_recall@1", "text_to_image_recall@1")
-
-    def setup(self, r) -> dict:
-        if r.recipe["data"] != "digits":
-            raise ValueError(f"contrastive presets train on the digits' captions; --data "
-                             f"{r.recipe['data']!r} has no captions")
-        self.tokenizer = digits_tokenizer(r.preset.kwargs["context_length"])
-        if self.tokenizer.vocab_size > r.preset.kwargs["vocab_size"]:
-            raise ValueError(f"the captions need {self.tokenizer.vocab_size} tokens; the model "
-                             f"has {r.preset.kwargs['vocab_size']}")
-        os.makedirs(r.workdir, exist_ok=True)
-        return {"tokenizer": self.tokenizer.save(r.workdir)}
-
-    def batch(self, batch: dict, step: int, r) -> dict:
-        batch = with_captions(batch, self.tokenizer, r.config.seed, step)
-        return {"image": batch["image"], "tokens": batch["tokens"]}
-
-    def example_batch(self, preset, batch_size: int, seed: int = 0) -> dict:
-        from twin_models.presets import example_inputs
-        images, tokens = example_inputs(preset, batch_size, seed)
-        return {"image": images, "tokens": tokens.astype(np.int32)}
-
-    @property
-    def jax_step(self):
-        return contrastive_step
-
-    def jax_evaluate(self, model, state, r) -> dict:
-        from jax_models.clip import encode, zero_shot_classify
-
-        variables = state.variables()
-        data = r.test_data
+    def evaluate(self, model, state, r) -> dict:
+        tokenizer, variables, data = r.context["tokenizer"], state.variables(), r.test_data
         probs = zero_shot_classify(model, variables, jnp.asarray(data.images), NUMBER_WORDS,
-                                   TEMPLATES, tokenizer=self.tokenizer, batch_size=512)
+                                   TEMPLATES, tokenizer=tokenizer, batch_size=512)
         images = encode(model, "encode_image", variables, jnp.asarray(data.images))
         texts = encode(model, "encode_text", variables,
-                       jnp.asarray(eval_captions(data.labels, self.tokenizer, r.config.seed)))
+                       jnp.asarray(eval_captions(data.labels, tokenizer, r.config.seed)))
         return retrieval_report(np.asarray(data.labels), np.asarray(probs), np.asarray(images),
                                 np.asarray(texts))
 
-    def torch_loss(self, model, batch: dict, recipe: dict):
-        from torch_reference.clip import contrastive_loss
 
-        return contrastive_loss(*model.features(batch["image"], batch["tokens"])), {}
+class ContrastiveTorch(TorchTraining):
+    def loss(self, model, batch: dict, recipe: dict):
+        return T.contrastive_loss(*model.features(batch["image"], batch["tokens"])), {}
 
-    def torch_compile(self, model):
+    def compile(self, model):
         model.image_encoder.compile()
         model.text_encoder.compile()
 
-    def torch_after_step(self, trainer) -> dict:
-        import torch
+    def after_step(self, trainer) -> dict:
         with torch.no_grad():
             scale = trainer.model.logit_scale.clamp_(0.0, MAX_LOGIT_SCALE)
         return {"logit_scale": float(scale.detach().exp())}
 
-    def torch_evaluate(self, trainer, r) -> dict:
-        import torch
-
-        from bridge.verify import framework_inputs
-        from torch_reference.clip import zero_shot_classify
-
-        model, data = trainer.model, r.test_data
+    def evaluate(self, trainer, r) -> dict:
+        model, data, tokenizer = trainer.model, r.test_data, r.context["tokenizer"]
         model.eval()
-        (images, tokens), _ = framework_inputs(
-            (data.images, eval_captions(data.labels, self.tokenizer, r.config.seed)))
+        images, tokens = torch_inputs((data.images, eval_captions(data.labels, tokenizer, r.config.seed)))
         with torch.no_grad():
-            probs = zero_shot_classify(model, images, NUMBER_WORDS, TEMPLATES,
-                                       tokenizer=self.tokenizer, batch_size=512)
+            probs = T.zero_shot_classify(model, images, NUMBER_WORDS, TEMPLATES, tokenizer=tokenizer,
+                                         batch_size=512)
             image_features, text_features = model.encode_image(images), model.encode_text(tokens)
         return retrieval_report(np.asarray(data.labels), probs.numpy(), image_features.numpy(),
                                 text_features.numpy())
 
-    def parity_losses(self, flax_model):
-        """CLIP's symmetric cross-entropy over the (image, tokens) pairs of a batch."""
-        from jax_models.clip import clip_loss
 
+class ContrastiveParity(ParityCase):
+    def losses(self, flax_model):
+        """CLIP's symmetric cross-entropy over the (image, tokens) pairs of a batch."""
         def torch_loss(model, batch):
             return model.contrastive_loss(*batch)
 
@@ -170,5 +134,35 @@ class Contrastive(Task):
 
         return torch_loss, flax_loss
 
-    def parity_batches(self, preset, n: int, batch_size: int, seed: int = 0):
+    def batches(self, preset, n: int, batch_size: int, seed: int = 0):
         return image_batches(preset, n, batch_size, seed)
+
+
+@register
+class Contrastive(Task):
+    """CLIP on images and template captions of their labels (the digits)."""
+
+    name = "contrastive"
+    report = ("zero_shot_accuracy", "image_to_text_recall@1", "text_to_image_recall@1")
+    jax_training = ContrastiveJax()
+    torch_training = ContrastiveTorch()
+    parity = ContrastiveParity()
+
+    def setup(self, r) -> tuple[dict, dict]:
+        if r.recipe["data"] != "digits":
+            raise ValueError(f"contrastive presets train on the digits' captions; --data "
+                             f"{r.recipe['data']!r} has no captions")
+        tokenizer = digits_tokenizer(r.preset.kwargs["context_length"])
+        if tokenizer.vocab_size > r.preset.kwargs["vocab_size"]:
+            raise ValueError(f"the captions need {tokenizer.vocab_size} tokens; the model "
+                             f"has {r.preset.kwargs['vocab_size']}")
+        os.makedirs(r.workdir, exist_ok=True)
+        return {"tokenizer": tokenizer}, {"tokenizer": tokenizer.save(r.workdir)}
+
+    def batch(self, batch: dict, step: int, r) -> dict:
+        batch = with_captions(batch, r.context["tokenizer"], r.config.seed, step)
+        return {"image": batch["image"], "tokens": batch["tokens"]}
+
+    def example_batch(self, preset, batch_size: int, seed: int = 0) -> dict:
+        images, tokens = example_inputs(preset, batch_size, seed)
+        return {"image": images, "tokens": tokens.astype(np.int32)}

@@ -4,11 +4,13 @@ compiled sampler on the EMA weights, the sample files, and the digits check.
 `diffusion_step(state, batch, rng) -> (state, metrics)` draws t and the noise from `rng`, so it runs
 as is under `steps.jit_train_step` and `steps.pmap_train_step` (gradients and metrics averaged
 over the pmap axis). `Diffusion` (the task) hands it, and its eager torch twin, to the shared trainer:
-`python -m train ddpm-digits [--backend torch]`.
+`python -m train ddpm-digits [--backend torch]`. The EMA lives in each backend's train state: the
+JAX `DiffusionState.ema_params`, the torch trainer's `extra["ema"]`.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from typing import Any
@@ -17,9 +19,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import torch
+from PIL import Image
+from sklearn.neural_network import MLPClassifier
+from threadpoolctl import threadpool_limits
 
+import jax_models
+import torch_reference
+from bridge import flax_to_torch
+from jax_models import ddpm as J
+from jax_models import xla_flags
+from torch_reference import ddpm as T
 from train import steps
-from train.tasks.base import Task, image_batches, register
+from train.data import load_digits
+from train.tasks.base import JaxTraining, ParityCase, Task, TorchTraining, image_batches, register
+from twin_models.model_math import linear_schedule
+from twin_models.presets import example_inputs
 
 
 class DiffusionState(steps.TrainState):
@@ -29,11 +44,8 @@ class DiffusionState(steps.TrainState):
 
 def build(preset, attention_impl: str = "xla"):
     """The Flax `DDPM` of a diffusion preset: the preset's U-Net inside the recipe's schedule."""
-    import jax_models
-    from jax_models.ddpm import DDPM
-
     r = preset.train
-    return DDPM(jax_models.create_model(preset, attention_impl=attention_impl), r["timesteps"],
+    return J.DDPM(jax_models.create_model(preset, attention_impl=attention_impl), r["timesteps"],
                 r["beta_start"], r["beta_end"])
 
 
@@ -76,26 +88,21 @@ def sampler(preset, num_samples: int, ddim_steps: int | None = None, clip_denois
     data range (`DDPM.p_sample`, `DDPM.ddim_sample`). On CPU it is compiled with
     `xla_flags.inference_compiler_options()` (YNNPACK's reductions: about 4% faster at 256
     samples)."""
-    from jax_models import xla_flags
-    from jax_models.ddpm import DDPM
-
     ddpm, size, ch = build(preset), preset.image_size, preset.in_channels
 
     def run(variables, key):
         if ddim_steps:
             x = ddpm.apply(variables, key, size, num_samples, ch, ddim_steps, None, clip_denoised,
-                           method=DDPM.ddim_sample)
+                           method=J.DDPM.ddim_sample)
         else:
             x = ddpm.apply(variables, key, size, num_samples, ch, None, None, clip_denoised,
-                           method=DDPM.sample)
+                           method=J.DDPM.sample)
         return jnp.clip(x, -1.0, 1.0)
     return jax.jit(run, compiler_options=xla_flags.inference_compiler_options())
 
 
 def save_samples(samples: np.ndarray, workdir: str) -> tuple[str, str]:
     """WORKDIR/samples.npy (NHWC float32 in [-1, 1]) and WORKDIR/samples.png (a grid, 2x upscaled)."""
-    from PIL import Image
-
     os.makedirs(workdir, exist_ok=True)
     samples = np.asarray(samples, np.float32)
     npy = os.path.join(workdir, "samples.npy")
@@ -122,11 +129,6 @@ def digit_classifier(image_size: int, seed: int = 0):
     on a loaded 2-core machine 5-9x faster than OpenBLAS's two threads waiting for each other."""
     key = (image_size, seed)
     if key not in _CLASSIFIERS:
-        from sklearn.neural_network import MLPClassifier
-        from threadpoolctl import threadpool_limits
-
-        from train.data import load_digits
-
         train, test = load_digits(image_size, 1)
         clf = MLPClassifier(hidden_layer_sizes=(256,), alpha=1e-3, max_iter=400, random_state=seed)
         with threadpool_limits(1):
@@ -197,8 +199,6 @@ def digit_quality(samples: np.ndarray, threshold: float = 0.8, seed: int = 0) ->
       real digits at the samples' size: at 8x8 (the digits' own, unsmoothed) clipped noise is not
       rougher than twice the roughest digit, so the count means something from 16x16 up.
     """
-    from train.data import load_digits
-
     samples = np.asarray(samples, np.float32)
     train, test = load_digits(samples.shape[1], 1)
     clf, test_accuracy = digit_classifier(samples.shape[1], seed)
@@ -225,24 +225,34 @@ def digit_quality(samples: np.ndarray, threshold: float = 0.8, seed: int = 0) ->
 
 def torch_ddpm(preset):
     """The torch `DDPM` of a diffusion preset: the preset's U-Net inside the recipe's schedule."""
-    import torch_reference
-    from torch_reference.ddpm import DDPM
-
     r = preset.train
-    return DDPM(torch_reference.create_model(preset), r["timesteps"], r["beta_start"], r["beta_end"])
+    return T.DDPM(torch_reference.create_model(preset), r["timesteps"], r["beta_start"], r["beta_end"])
 
 
-@register
-class Diffusion(Task):
-    """DDPM: noise prediction at uniform timesteps, an EMA of the weights, and at the end samples
-    from the EMA weights (WORKDIR/samples.npy, samples.png) and, on the digits, `digit_check`.
-    The preset's model is the U-Net inside the DDPM; `--export` writes the EMA U-Net."""
+def sampler_name(r) -> str:
+    ddim = r.recipe.get("ddim_steps")
+    name = f"ddim-{ddim}" if ddim else f"ancestral-{r.recipe['timesteps']}"
+    return name + ("-clip" if r.recipe.get("clip_denoised") else "")
 
-    name = "diffusion"
-    report = ("digit_check", "sample_quality")
-    eval_by_default = False
 
-    def flax_model(self, preset, attention_impl: str = "xla"):
+def sample_report(samples: np.ndarray, seconds: float, r) -> dict:
+    """The sample files and, on the digits, their quality: the summary's entries."""
+    npy, png = save_samples(samples, r.workdir)
+    out = {"samples": os.path.abspath(npy), "grid": os.path.abspath(png),
+           "sample_seconds": round(seconds, 1), "sampler": sampler_name(r)}
+    if r.preset.in_channels == 1 and r.recipe["data"] == "digits":
+        out["sample_quality"] = quality = digit_quality(samples)
+        out["digit_check"] = {k: quality[k] for k in ("confident", "digit_shares", "min_digit_share",
+                                                      "classifier_test_accuracy", "passed")}
+    return out
+
+
+class DiffusionJax(JaxTraining):
+    """The DDPM (U-Net inside its schedule) with an EMA of the weights in its state."""
+
+    step = staticmethod(diffusion_step)
+
+    def model(self, preset, attention_impl: str = "xla"):
         return build(preset, attention_impl)
 
     def init_args(self, preset) -> tuple:
@@ -255,106 +265,68 @@ class Diffusion(Task):
     def step_kwargs(self, recipe: dict) -> dict:
         return {"timesteps": recipe["timesteps"], "ema_decay": recipe["ema_decay"]}
 
-    def batch(self, batch: dict, step: int, r) -> dict:
-        return {"image": batch["image"]}
-
-    def example_batch(self, preset, batch_size: int, seed: int = 0) -> dict:
-        """Images with their timesteps and noise fixed (the step draws them when absent), so
-        that runs on any number of devices compute the same loss."""
-        from twin_models.presets import example_inputs
-        images, t = example_inputs(preset, batch_size, seed)
-        noise = np.random.RandomState(seed + 1).standard_normal(images.shape).astype(np.float32)
-        return {"image": np.clip(images, -1, 1), "t": t.astype(np.int32), "noise": noise}
-
-    @property
-    def jax_step(self):
-        return diffusion_step
-
     def preset_variables(self, variables: dict) -> dict:
         return {"params": variables["params"]["model"]}
 
-    def _report(self, samples: np.ndarray, seconds: float, r) -> dict:
-        npy, png = save_samples(samples, r.workdir)
-        out = {"samples": os.path.abspath(npy), "grid": os.path.abspath(png),
-               "sample_seconds": round(seconds, 1), "sampler": self._sampler_name(r)}
-        if r.preset.in_channels == 1 and r.recipe["data"] == "digits":
-            out["sample_quality"] = quality = digit_quality(samples)
-            out["digit_check"] = {k: quality[k] for k in ("confident", "digit_shares", "min_digit_share",
-                                                          "classifier_test_accuracy", "passed")}
-        return out
-
-    @staticmethod
-    def _sampler_name(r) -> str:
-        ddim = r.recipe.get("ddim_steps")
-        name = f"ddim-{ddim}" if ddim else f"ancestral-{r.recipe['timesteps']}"
-        return name + ("-clip" if r.recipe.get("clip_denoised") else "")
-
-    def jax_finish(self, model, state, r) -> dict:
+    def finish(self, model, state, r) -> dict:
         t0 = time.perf_counter()
         draw = sampler(r.preset, r.recipe.get("num_samples", 256), r.recipe.get("ddim_steps"),
                        bool(r.recipe.get("clip_denoised")))
         samples = np.asarray(draw({"params": state.ema_params, **state.constants},
                                   jax.random.key(r.config.seed + 1)))
-        return self._report(samples, time.perf_counter() - t0, r)
+        return sample_report(samples, time.perf_counter() - t0, r)
 
-    def jax_export(self, state) -> dict:
-        from bridge import flax_to_torch
+    def export(self, state) -> dict:
         return flax_to_torch(self.preset_variables({"params": jax.device_get(state.ema_params)}))
 
-    def torch_model(self, preset):
+
+class DiffusionTorch(TorchTraining):
+    """The torch DDPM; the trainer keeps its EMA copy (`extra_state`) beside it."""
+
+    def model(self, preset):
         return torch_ddpm(preset)
 
     def preset_module(self, model):
         return model.model
 
-    def torch_compile(self, model):
+    def compile(self, model):
         model.model.compile()
 
-    def torch_init(self, trainer):
-        import copy
-        self.ema = copy.deepcopy(trainer.model).eval().requires_grad_(False)
+    def extra_state(self, model) -> dict:
+        return {"ema": copy.deepcopy(model).eval().requires_grad_(False)}
 
-    def torch_loss(self, model, batch: dict, recipe: dict):
-        import torch
+    def loss(self, model, batch: dict, recipe: dict):
         x = batch["image"]
         t = batch["t"] if "t" in batch else torch.randint(0, model.timesteps, (x.shape[0],),
                                                           device=x.device)
         noise = batch["noise"] if "noise" in batch else torch.randn(x.shape, device=x.device)
         return model.p_losses(x, t, noise), {}
 
-    def torch_after_step(self, trainer):
+    def after_step(self, trainer):
         """ema <- d ema + (1 - d) params with the JAX side's d = `steps.ema_decay(step)`."""
-        import torch
         d = steps.ema_decay(trainer.step, trainer.recipe["ema_decay"])
         with torch.no_grad():
-            for e, p in zip(self.ema.parameters(), trainer.model.parameters()):
+            for e, p in zip(trainer.extra["ema"].parameters(), trainer.model.parameters()):
                 e.mul_(d).add_(p, alpha=1 - d)
 
-    def torch_extra_state(self, trainer) -> dict:
-        return {"ema": [p.detach().numpy().copy() for p in self.ema.parameters()]}
-
-    def load_torch_extra_state(self, trainer, tree: dict):
-        import torch
-        with torch.no_grad():
-            for p, v in zip(self.ema.parameters(), tree["ema"]):
-                p.copy_(torch.from_numpy(np.asarray(v)))
-
-    def torch_finish(self, trainer, r) -> dict:
-        import torch
+    def finish(self, trainer, r) -> dict:
         t0 = time.perf_counter()
         torch.manual_seed(r.config.seed + 1)
         n, ddim = r.recipe.get("num_samples", 256), r.recipe.get("ddim_steps")
         size, ch, clip = r.preset.image_size, r.preset.in_channels, bool(r.recipe.get("clip_denoised"))
+        ema = trainer.extra["ema"]
         with torch.no_grad():
-            x = (self.ema.ddim_sample(size, n, ch, ddim, clip_denoised=clip) if ddim
-                 else self.ema.sample(size, n, ch, clip_denoised=clip))
+            x = (ema.ddim_sample(size, n, ch, ddim, clip_denoised=clip) if ddim
+                 else ema.sample(size, n, ch, clip_denoised=clip))
         samples = x.clamp(-1, 1).permute(0, 2, 3, 1).numpy()
-        return self._report(samples, time.perf_counter() - t0, r)
+        return sample_report(samples, time.perf_counter() - t0, r)
 
-    def torch_export(self, trainer) -> dict:
-        return {k: v.detach().numpy() for k, v in self.preset_module(self.ema).state_dict().items()}
+    def export(self, trainer) -> dict:
+        return {k: v.detach().numpy() for k, v in self.preset_module(trainer.extra["ema"]).state_dict().items()}
 
-    def parity_losses(self, flax_model):
+
+class DiffusionParity(ParityCase):
+    def losses(self, flax_model):
         """The noise-prediction loss of the U-Net alone: mean (unet(x_t, t) - noise)^2 on batches
         of (x_t, t, noise), with x_t drawn on the host by the preset's schedule."""
         def torch_loss(model, batch):
@@ -367,9 +339,7 @@ class Diffusion(Task):
 
         return torch_loss, flax_loss
 
-    def parity_batches(self, preset, n: int, batch_size: int, seed: int = 0):
-        from twin_models.model_math import linear_schedule
-
+    def batches(self, preset, n: int, batch_size: int, seed: int = 0):
         schedule = linear_schedule(preset.train["timesteps"], preset.train["beta_start"],
                                    preset.train["beta_end"])
         a, s = schedule["sqrt_alphas_cumprod"], schedule["sqrt_one_minus_alphas_cumprod"]
@@ -381,3 +351,27 @@ class Diffusion(Task):
             arrays[0] = x_t.astype(np.float32)
             return (noise,)
         return image_batches(preset, n, batch_size, seed, noised)
+
+
+@register
+class Diffusion(Task):
+    """DDPM: noise prediction at uniform timesteps, an EMA of the weights, and at the end samples
+    from the EMA weights (WORKDIR/samples.npy, samples.png) and, on the digits, `digit_check`.
+    The preset's model is the U-Net inside the DDPM; `--export` writes the EMA U-Net."""
+
+    name = "diffusion"
+    report = ("digit_check", "sample_quality")
+    eval_by_default = False
+    jax_training = DiffusionJax()
+    torch_training = DiffusionTorch()
+    parity = DiffusionParity()
+
+    def batch(self, batch: dict, step: int, r) -> dict:
+        return {"image": batch["image"]}
+
+    def example_batch(self, preset, batch_size: int, seed: int = 0) -> dict:
+        """Images with their timesteps and noise fixed (the step draws them when absent), so
+        that runs on any number of devices compute the same loss."""
+        images, t = example_inputs(preset, batch_size, seed)
+        noise = np.random.RandomState(seed + 1).standard_normal(images.shape).astype(np.float32)
+        return {"image": np.clip(images, -1, 1), "t": t.astype(np.int32), "noise": noise}

@@ -18,13 +18,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import torch
+import torch.nn.functional as F
 
-from twin_models.tokenizer import split_words
 from train import data as data_lib
 from train import scenes
 from train import steps
-from train.tasks.base import Task, image_batches, register
-from train.tasks.classification import classification_loss
+from train.tasks.base import JaxTraining, Task, TorchTraining, image_batches, register, torch_inputs
+from train.tasks.classification import ClassificationParity, classification_loss
+from twin_models.presets import example_inputs
+from twin_models.tokenizer import split_words
 
 TRAIN_SEED, TEST_SEED = 0, 1  # the fixed split: scenes of seed 0 train, of seed 1 are held out
 FAMILIES = tuple(scenes.FAMILIES)
@@ -126,44 +129,13 @@ def accuracy_report(data: QuestionDataset, losses: np.ndarray, predictions: np.n
 EVAL_BATCH = 512
 
 
-@register
-class VQA(Task):
-    """Scenes and questions to answer words: the preset's model gives (B, num_answers) logits of
-    (image, question)."""
-
-    name = "vqa"
-    report = ("accuracy_nonrelational", "accuracy_relational", "eval_accuracy")
-
-    def load_data(self, spec: str, preset, recipe: dict):
-        return load_scenes(spec, preset, recipe)
-
-    def setup(self, r) -> dict:
-        check_preset(r.preset)
-        return {}
-
-    def batch(self, batch: dict, step: int, r) -> dict:
-        if step < (r.recipe.get("nonrelational_steps") or 0):
-            pool = np.flatnonzero(r.train_data.extras["relational"] == 0)
-            rs = np.random.default_rng((r.config.seed, jax.process_index(), step))
-            batch = r.train_data.rows(np.sort(rs.choice(pool, len(batch["label"]))))
-        return {"image": batch["image"], "question": batch["question"], "label": batch["label"],
-                "mask": np.ones(len(batch["label"]), np.float32)}
-
-    def example_batch(self, preset, batch_size: int, seed: int = 0) -> dict:
-        from twin_models.presets import example_inputs
-        images, questions = example_inputs(preset, batch_size, seed)
-        labels = np.random.RandomState(seed + 1).randint(0, preset.kwargs["num_answers"], batch_size)
-        return {"image": images, "question": questions.astype(np.int32), "label": labels.astype(np.int32),
-                "mask": np.ones(batch_size, np.float32)}
+class VQAJax(JaxTraining):
+    step = staticmethod(vqa_step)
 
     def step_kwargs(self, recipe: dict) -> dict:
         return {"label_smoothing": recipe["label_smoothing"]}
 
-    @property
-    def jax_step(self):
-        return vqa_step
-
-    def jax_evaluate(self, model, state, r) -> dict:
+    def evaluate(self, model, state, r) -> dict:
         losses, predictions = [], []
         for batch in data_lib.eval_batches(r.test_data, min(EVAL_BATCH, len(r.test_data))):
             n = int(batch["mask"].sum())
@@ -172,9 +144,9 @@ class VQA(Task):
             predictions.append(pred[:n])
         return accuracy_report(r.test_data, np.concatenate(losses), np.concatenate(predictions))
 
-    def torch_loss(self, model, batch: dict, recipe: dict):
-        import torch.nn.functional as F
 
+class VQATorch(TorchTraining):
+    def loss(self, model, batch: dict, recipe: dict):
         logits = model(batch["image"], batch["question"])
         losses = F.cross_entropy(logits.float(), batch["label"], label_smoothing=recipe["label_smoothing"],
                                  reduction="none")
@@ -186,39 +158,56 @@ class VQA(Task):
         count = mask.sum().clamp(min=1.0)
         return (losses * mask).sum() / count, {"accuracy": (correct * mask).sum() / count}
 
-    def torch_evaluate(self, trainer, r) -> dict:
-        import torch
-        import torch.nn.functional as F
-
-        from bridge.verify import framework_inputs
-
+    def evaluate(self, trainer, r) -> dict:
         model = trainer.model
         model.eval()
         losses, predictions = [], []
         with torch.no_grad():
             for start in range(0, len(r.test_data), EVAL_BATCH):
                 rows = r.test_data.rows(slice(start, start + EVAL_BATCH))
-                (images, questions, labels), _ = framework_inputs((rows["image"], rows["question"], rows["label"]))
+                images, questions, labels = torch_inputs((rows["image"], rows["question"], rows["label"]))
                 logits = model(images, questions).float()
                 losses.append(F.cross_entropy(logits, labels, reduction="none").numpy())
                 predictions.append(logits.argmax(-1).numpy())
         return accuracy_report(r.test_data, np.concatenate(losses), np.concatenate(predictions))
 
-    def parity_losses(self, flax_model):
-        """Cross-entropy on batches of (images, questions, answer ids)."""
-        import torch
 
-        def torch_loss(model, batch):
-            *inputs, y = batch
-            return torch.nn.functional.cross_entropy(model(*inputs), y)
+class VQAParity(ClassificationParity):
+    """Cross-entropy on batches of (images, questions, answer ids)."""
 
-        def flax_loss(params, variables, batch):
-            *inputs, y = batch
-            logits = flax_model.apply({**variables, "params": params}, *inputs)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-        return torch_loss, flax_loss
-
-    def parity_batches(self, preset, n: int, batch_size: int, seed: int = 0):
+    def batches(self, preset, n: int, batch_size: int, seed: int = 0):
         answers = preset.kwargs["num_answers"]
         return image_batches(preset, n, batch_size, seed, lambda rs, arrays: (rs.randint(0, answers, len(arrays[0])),))
+
+
+@register
+class VQA(Task):
+    """Scenes and questions to answer words: the preset's model gives (B, num_answers) logits of
+    (image, question)."""
+
+    name = "vqa"
+    report = ("accuracy_nonrelational", "accuracy_relational", "eval_accuracy")
+    jax_training = VQAJax()
+    torch_training = VQATorch()
+    parity = VQAParity()
+
+    def load_data(self, spec: str, preset, recipe: dict):
+        return load_scenes(spec, preset, recipe)
+
+    def setup(self, r) -> tuple[dict, dict]:
+        check_preset(r.preset)
+        return {}, {}
+
+    def batch(self, batch: dict, step: int, r) -> dict:
+        if step < (r.recipe.get("nonrelational_steps") or 0):
+            pool = np.flatnonzero(r.train_data.extras["relational"] == 0)
+            rs = np.random.default_rng((r.config.seed, jax.process_index(), step))
+            batch = r.train_data.rows(np.sort(rs.choice(pool, len(batch["label"]))))
+        return {"image": batch["image"], "question": batch["question"], "label": batch["label"],
+                "mask": np.ones(len(batch["label"]), np.float32)}
+
+    def example_batch(self, preset, batch_size: int, seed: int = 0) -> dict:
+        images, questions = example_inputs(preset, batch_size, seed)
+        labels = np.random.RandomState(seed + 1).randint(0, preset.kwargs["num_answers"], batch_size)
+        return {"image": images, "question": questions.astype(np.int32), "label": labels.astype(np.int32),
+                "mask": np.ones(batch_size, np.float32)}

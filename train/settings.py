@@ -1,0 +1,153 @@
+"""The settings of a training run (`Config`), each defined once, with its default, choices and
+help; the command line made from them (`add_arguments`, `config_from_args`) and their validation
+(`check_config`), all before anything heavy is imported or built. Imports no framework."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+
+from twin_models.presets import ATTENTION_IMPLS, RECIPE_KEYS, parse_assignments
+
+BACKENDS = ("jax", "torch")
+PARALLEL = ("jit", "pmap", "mesh")
+PRECISIONS = ("fp32", "bf16")
+
+
+def setting(default=None, help: str = "", *, choices=None, flag: str | None = None, metavar=None,
+            cli: bool = True, group: str | None = None):
+    """A `Config` field with everything the CLI needs to offer it (`add_arguments`): its one default,
+    its choices, its help. `flag`: the option's name when it is not the field's (`--no-progress`)."""
+    meta = dict(help=help, choices=choices, flag=flag, metavar=metavar, cli=cli, group=group)
+    if isinstance(default, dict):
+        return dataclasses.field(default_factory=dict, metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass
+class Config:
+    """One training run's settings: each defined here once, with its default, choices and help;
+    `python -m train`'s options are made from these fields (`add_arguments`), and `check_config`
+    validates them before anything is built. A recipe flag left None takes the preset's value."""
+    preset: str = setting(None, "preset name, e.g. vit-digits")
+    data: str | None = setting(None, "digits (default) | imagefolder:DIR | cifar10:DIR; captioning "
+                               "presets: scenes (default) | coco:DIR; vqa presets: scenes")
+    backend: str = setting("jax", "the framework that trains", choices=BACKENDS)
+    parallel: str = setting("jit", "jax only: jit on one device, pmap over the local devices, or jit over "
+                            "a mesh of every device (the batch split over it)", choices=PARALLEL)
+    attention_impl: str = setting("xla", "jax only: the attention kernel (cudnn: a GPU's fused kernel, "
+                                  "sequences padded to a multiple of 16)", choices=ATTENTION_IMPLS)
+    fsdp: bool = setting(False, "with --parallel mesh: shard parameters and optimizer state over the devices")
+    steps: int | None = setting(None, "total optimizer steps (or --epochs)")
+    epochs: int | None = setting(None, "epochs (whole global batches of the train set; or --steps)")
+    batch_size: int | None = setting(None, "global batch size, over all devices and hosts")
+    lr: float | None = setting(None, "peak learning rate")
+    weight_decay: float | None = setting(None, "AdamW's weight decay (weight matrices only)")
+    warmup_steps: int | None = setting(None, "linear warm-up steps before the cosine")
+    label_smoothing: float | None = setting(None, "label smoothing of the classification losses")
+    grad_clip: float | None = setting(None, "global gradient norm clip (0: off)")
+    dropout: float | None = setting(None, "the model's dropout rate")
+    precision: str = setting("fp32", "bf16: bfloat16 compute over float32 master weights", choices=PRECISIONS)
+    seed: int = setting(0, "initial weights, data order and dropout")
+    workdir: str | None = setting(None, "default: runs/PRESET")
+    checkpoint_every: int | None = setting(None, "steps between checkpoints (default: one epoch; 0: only "
+                                           "at the end)")
+    keep: int = setting(3, "checkpoints kept")
+    resume: bool = setting(False, "continue from the latest checkpoint in WORKDIR")
+    export: str | None = setting(None, "write the final weights as a safetensors state_dict for "
+                                 "torch_reference", metavar="PATH")
+    log_every: int = setting(10, "steps between metrics lines")
+    eval_every: int | None = setting(None, "steps between evaluations (default: epoch for classification "
+                                     "and CLIP, none for DDPM; 0: only at the end)")
+    max_bad_steps: int = setting(5, "stop (exit status 4) after this many steps in a row whose loss or "
+                                 "gradients are not finite; each is skipped, the weights untouched")
+    model_overrides: dict = setting({}, "override a model constructor argument, e.g. --set depth=2",
+                                    flag="--set", metavar="KEY=VALUE")
+    recipe_overrides: dict = setting({}, "override another key of the preset's recipe, e.g. --recipe "
+                                     "num_samples=16", flag="--recipe", metavar="KEY=VALUE")
+    progress: bool = setting(True, "no progress bar", flag="--no-progress")
+
+
+RECIPE_FLAGS = RECIPE_KEYS   # the recipe keys with a flag (and a Config field) of their own
+EXCLUSIVE = (("steps", "epochs"),)
+
+
+def _option(field: dataclasses.Field) -> str:
+    return field.metadata["flag"] or "--" + field.name.replace("_", "-")
+
+
+def add_arguments(parser: argparse.ArgumentParser):
+    """The options of every `Config` field: the preset positional, a flag per setting, with the
+    field's default, choices and help (defaults stay None here, so `config_from_args` can tell
+    what was given)."""
+    groups = {pair: parser.add_mutually_exclusive_group() for pair in EXCLUSIVE}
+    for f in dataclasses.fields(Config):
+        meta = f.metadata
+        if f.name == "preset":
+            parser.add_argument("preset", help=meta["help"])
+            continue
+        exclusive = next((g for g in EXCLUSIVE if f.name in g), None)
+        target = groups[exclusive] if exclusive else parser
+        kwargs = dict(dest=f.name, help=meta["help"])
+        if isinstance(f.default, bool):
+            kwargs["action"] = "store_false" if f.default else "store_true"
+            kwargs["default"] = f.default
+        elif f.default_factory is dict:
+            kwargs.update(action="append", default=[], metavar=meta["metavar"])
+        else:
+            base = {"int": int, "float": float}.get(str(f.type).split(" ")[0].split("|")[0].strip(), str)
+            kwargs.update(type=base, default=f.default, choices=meta["choices"], metavar=meta["metavar"])
+            if f.default is not None:
+                kwargs["help"] = f"{meta['help']} (default: {f.default})"
+        target.add_argument(_option(f), **kwargs)
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    """The `Config` of parsed options (`add_arguments`); --set and --recipe KEY=VALUE pairs become
+    dicts (`twin_models.presets.parse_assignments`)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(Config)}
+    values["model_overrides"] = parse_assignments(values["model_overrides"], "--set")
+    values["recipe_overrides"] = parse_assignments(values["recipe_overrides"], "--recipe")
+    return Config(**values)
+
+
+def check_config(config: Config):
+    """Every setting that can be checked from the settings alone, before anything is built; one
+    ValueError naming the setting, what it must be and what came."""
+    def need(ok, flag, want, got):
+        if not ok:
+            raise ValueError(f"{flag} must be {want}, not {got!r}")
+
+    for f in dataclasses.fields(Config):
+        choices = f.metadata["choices"]
+        value = getattr(config, f.name)
+        if choices and value not in choices:
+            raise ValueError(f"{_option(f)} must be one of {', '.join(choices)}, not {value!r}")
+    if config.backend == "torch" and config.parallel != "jit":
+        raise ValueError(f"--parallel {config.parallel} is for --backend jax")
+    if config.fsdp and config.parallel != "mesh":
+        raise ValueError("--fsdp shards over a mesh: pass --parallel mesh")
+    for a, b in EXCLUSIVE:
+        if getattr(config, a) is not None and getattr(config, b) is not None:
+            raise ValueError(f"give --{a} or --{b}, not both")
+    need(config.log_every >= 1, "--log-every", "at least 1", config.log_every)
+    need(config.keep >= 1, "--keep", "at least 1 (checkpoints kept)", config.keep)
+    need(config.max_bad_steps >= 1, "--max-bad-steps", "at least 1", config.max_bad_steps)
+    need(config.checkpoint_every is None or config.checkpoint_every >= 0, "--checkpoint-every",
+         "0 (only at the end) or more", config.checkpoint_every)
+    need(config.eval_every is None or config.eval_every >= 0, "--eval-every", "0 (only at the end) or more",
+         config.eval_every)
+    need(config.steps is None or config.steps >= 1, "--steps", "at least 1", config.steps)
+    need(config.epochs is None or config.epochs >= 1, "--epochs", "at least 1", config.epochs)
+    need(config.batch_size is None or config.batch_size >= 1, "--batch-size", "positive", config.batch_size)
+    need(config.lr is None or (math.isfinite(config.lr) and config.lr > 0), "--lr", "a positive finite number",
+         config.lr)
+    need(config.weight_decay is None or (math.isfinite(config.weight_decay) and config.weight_decay >= 0),
+         "--weight-decay", "a finite number >= 0", config.weight_decay)
+    need(config.warmup_steps is None or config.warmup_steps >= 0, "--warmup-steps", "0 or more", config.warmup_steps)
+    need(config.label_smoothing is None or 0 <= config.label_smoothing < 1, "--label-smoothing", "in [0, 1)",
+         config.label_smoothing)
+    need(config.grad_clip is None or (math.isfinite(config.grad_clip) and config.grad_clip >= 0), "--grad-clip",
+         "0 (off) or a positive number", config.grad_clip)
+    need(config.dropout is None or 0 <= config.dropout < 1, "--dropout", "in [0, 1)", config.dropout)
