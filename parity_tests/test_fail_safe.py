@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from parity_tests.test_parallel import TASK_PRESETS, task_cases
+from parity_tests.cases import TASK_PRESETS, task_cases
 from twin_models.presets import get_preset, without_dropout
 from train import steps
 from train.tasks import get_task, init_variables

@@ -1,6 +1,6 @@
 """The fast paths of the Flax models: `attention_impl="fused"` (`jax.nn.dot_product_attention`)
 held to the torch twins at the float32 tolerances, and bfloat16 params and inputs (the trainer's
-mixed precision) giving finite outputs and gradients near the float32 ones, for every tiny preset."""
+mixed precision) giving finite outputs and gradients near the float32 ones, for every small preset (`cases.SMALL`)."""
 
 from __future__ import annotations
 
@@ -13,24 +13,9 @@ import jax_models
 from bridge.verify import build_twins, example_inputs
 from jax_models import layers
 from parity_tests import harness
-from parity_tests.test_presets import SLOW, cases
-from twin_models.presets import PRESETS, get_preset, without_dropout
+from parity_tests.cases import BF16_TOL, small_cases
+from twin_models.presets import get_preset, without_dropout
 from train.tasks import get_task
-
-TINY = [name for name in PRESETS if name not in SLOW]
-# Tiny presets whose cases here run in `make test-all` only (the test-time budget), with the reason.
-SLOW_HERE = {
-    "vqa-scenes": "its attention is layers.attend and MultiheadAttention, as the ViT's and CLIP's, whose "
-                  "cases run (a key padding mask reaches the fused kernel only here); 65-170 s a case at load 10",
-    "mmt-vqa-scenes": "nn.MultiheadAttention's twin, as encoder-vit-digits' (whose cases run); 30-45 s a case",
-}
-
-
-def fast_cases(check: str):
-    """The tiny presets, `slow` where in SLOW_HERE or named in test_presets' SLOW_CHECKS for `check`."""
-    return [pytest.param(c.values[0], marks=[pytest.mark.slow], id=c.id) if c.values[0] in SLOW_HERE else c
-            for c in cases(check) if c.values[0] in TINY]
-BF16_TOL = 3e-2
 
 
 def twins(name, impl):
@@ -40,14 +25,14 @@ def twins(name, impl):
     return preset, tm, fm, variables, get_task(preset)
 
 
-@pytest.mark.parametrize("name", fast_cases("fused-forward"))
+@pytest.mark.parametrize("name", small_cases("fused-forward"))
 def test_fused_attention_forward_matches_torch(name):
     preset = without_dropout(get_preset(name))
     tm, fm, variables, t_in, f_in = build_twins(preset, batch_size=4, attention_impl="fused")
     harness.check_forward(tm, fm, variables, t_in, f_in, f"{name} fused")
 
 
-@pytest.mark.parametrize("name", fast_cases("fused-gradients"))
+@pytest.mark.parametrize("name", small_cases("fused-gradients"))
 def test_fused_attention_gradients_match_torch(name):
     preset, tm, fm, variables, task = twins(name, "fused")
     (tb,), (fb,) = task.parity.batches(preset, 1, 4)
@@ -81,7 +66,7 @@ def to_bf16(tree):
         lambda a: a.astype(jnp.bfloat16) if jnp.issubdtype(a.dtype, jnp.floating) else a, tree)
 
 
-@pytest.mark.parametrize("name", fast_cases("bfloat16"))
+@pytest.mark.parametrize("name", small_cases("bfloat16"))
 def test_bfloat16_params_and_inputs(name):
     """Forward in bfloat16 (outputs bfloat16, or float32 where the model computes them in float32
     on purpose, e.g. CLIP's normalized features), both attention impls, within 3e-2 of float32;

@@ -11,26 +11,12 @@ import numpy as np
 import optax
 import pytest
 
-from parity_tests.test_presets import SLOW
-from twin_models.presets import PRESETS, get_preset, without_dropout
+from parity_tests.cases import mesh_cases, task_cases
+from parity_tests.harness import ZERO_GRADIENT
+from twin_models.presets import get_preset, without_dropout
 from train import data as data_lib
 from train import steps
-from train.tasks import TASKS, get_task, init_variables
-
-# The smallest preset of each task (the first tiny one in the table).
-TASK_PRESETS = {task: next(n for n, p in PRESETS.items() if p.task == task and n not in SLOW)
-                for task in sorted(TASKS) if any(p.task == task for p in PRESETS.values())}
-# Tasks whose cases here and in test_fail_safe run in `make test-all` only (the test-time budget),
-# with the reason; a task's claim stays in the default run through a task with the same step.
-SLOW_TASKS = {"vqa": "VQAModel's three towers compile for 1-4 min under pmap at load 10; its step "
-                     "is classification's (gradient_step around a cross-entropy), whose cases run"}
-
-
-def task_cases():
-    """pytest params over TASK_PRESETS (id: the task), `slow` for SLOW_TASKS."""
-    return [pytest.param(name, id=task, marks=[pytest.mark.slow] if task in SLOW_TASKS else [])
-            for task, name in TASK_PRESETS.items()]
-
+from train.tasks import get_task, init_variables
 
 # SGD makes each weight's change its gradient (rate 100: the change dwarfs the float32 spacing of
 # a weight near 1, a norm scale say). AdamW's first step divides every gradient element by its own
@@ -43,19 +29,6 @@ SGD_LR_BY_TASK = {
                         "change (7e-4) is only ~1e4 float32 spacings of a weight near 1, and one rounding of "
                         "the weight (6e-8) is 8.7e-5 of it"),
 }
-
-
-# Mesh checks of a task that run in `make test-all` only, with the reason.
-SLOW_MESH = {
-    "captioning": "its step has no code of its own under a mesh (it runs as written for one device: no "
-                  "axis name); its pmap step, whose loss divides by the global token count, stays in the "
-                  "default run, as do the other tasks' mesh and FSDP steps",
-}
-
-
-def mesh_cases():
-    return [pytest.param(name, marks=[pytest.mark.slow] if task in SLOW_MESH or task in SLOW_TASKS else [],
-                         id=task) for task, name in TASK_PRESETS.items()]
 
 
 def sgd_lr(task: str) -> float:
@@ -72,7 +45,6 @@ def change_errors(old, a, b) -> dict:
     """{leaf path: `change_error`}; a leaf whose true gradient is 0 (`harness.ZERO_GRADIENT`, and
     the key bias of the `nn.MultiheadAttention` twin, which keeps q, k, v apart where torch packs
     them: its SGD change is rounding noise) is measured against the largest change of any leaf."""
-    from parity_tests.harness import ZERO_GRADIENT
     zero_suffixes = (*ZERO_GRADIENT, "key.bias")
 
     f64 = lambda t: {jax.tree_util.keystr(k): np.asarray(v, np.float64)  # noqa: E731

@@ -4,7 +4,7 @@ gradient leaf and the same 20-step AdamW trajectory, the bridge's round trip is 
 
 Parametrized over `presets.PRESETS` (timm's `test_model_forward` pattern): a new preset is tested
 by adding its row. Twins come from `bridge.verify.build_twins`, inputs from the preset, losses and
-batches from its task (`train.tasks`). Exclusions are named below, each with its reason.
+batches from its task (`train.tasks`). Exclusions are named in `cases.py`, each with its reason.
 """
 
 from __future__ import annotations
@@ -17,57 +17,9 @@ import pytest
 import bridge
 from bridge.verify import build_twins
 from parity_tests import harness
-from twin_models.presets import PRESETS, get_preset, matching, without_dropout
+from parity_tests.cases import RELU_TIES, SLOW, SMALL, TRAJECTORY_LR, preset_cases
+from twin_models.presets import get_preset, without_dropout
 from train.tasks import get_task
-
-# Full-size presets: run by `make test-all` (marker `slow`), with batches of 2.
-FULL_SIZE = {
-    "vit-ti16": "ViT-Ti/16 at 224 (5.7M parameters)",
-    "vit-s16": "ViT-S/16 at 224 (22M)",
-    "vit-b16": "ViT-B/16 at 224 (86M)",
-    "encoder-vit-b16": "the second source's ViT-B/16 at 224 (86M)",
-    "swin-[tsb]": "Swin-T/S/B at 224 (28-88M)",
-    "clip-b16": "CLIP ViT-B/16 (150M)",
-    "ddpm-cifar10": "the source's U-Net 64-128-256-512 at 32x32x3 (~34M)",
-}
-SLOW = matching(PRESETS, FULL_SIZE)
-
-# The full-size trajectory steps at a lower rate where the recipe's diverges in 20 steps.
-TRAJECTORY_LR = {
-    "clip-b16": (1e-5, "at 1e-3 without warm-up on 2 pairs a batch its 150M weights diverge (loss "
-                       "0.7 -> 5.7, in float64 too); 1e-5 is still above what CLIP's own recipe "
-                       "(5e-4 after 2000 warm-up steps) reaches by step 20"),
-}
-
-# Trajectories run by `make test-all` only (the test-time budget); a smaller twin's runs by default.
-
-# ReLU feed-forward at full size: float32 rounding puts some pre-activations on opposite sides of
-# the kink in the two frameworks; each flips a unit's derivative, so the float32 gradient and
-# trajectory checks are xfail only when such flips exist. float64 (no ties) holds the tolerances.
-RELU_TIES = matching(PRESETS, {"encoder-vit-b16": "2x197x3072 ReLU pre-activations per layer"})
-
-
-# Checks of a tiny preset that run in `make test-all` only, to keep `make test` short; each names
-# where the default run still holds the same claim.
-SLOW_CHECKS = {
-    ("caption-scenes", "trajectory"): "both 20-step trajectories of the 5-block captioner; "
-                                      "test_captioning.py holds the family's, float32 and float64, on its small twins",
-    ("caption-scenes", "bfloat16"): "eager bf16 init, forward and gradient of both attention kernels; "
-                                    "the fused kernel's forward stays in the default run",
-    ("caption-scenes", "fused-gradients"): "every gradient leaf through the fused kernel; its forward, and "
-                                           "every gradient leaf through the default kernel, stay in the default run",
-    ("vqa-scenes", "trajectory"): "ViT, text tower and fusion (50 s a precision at load 12); test_fusion's "
-                                  "CrossModalAttention trajectory runs by default",
-    ("mmt-vqa-scenes", "trajectory"): "4 layers (45 s a precision at load 12); test_multimodal's 2-layer "
-                                      "float64 trajectory runs by default",
-}
-
-
-def cases(check: str | None = None):
-    """pytest params over every preset, `slow` where full-size or named in `SLOW_CHECKS` for `check`."""
-    return [pytest.param(name, marks=[pytest.mark.slow] if name in SLOW or (name, check) in SLOW_CHECKS else [],
-                         id=name) for name in PRESETS]
-
 
 FLOAT = pytest.mark.parametrize("float64", [False, True], ids=["float32", "float64"])
 # The float64 trajectories (the final weights held to the tolerance too) run in `make test-all`.
@@ -103,7 +55,7 @@ def relu_flips(name, tm, fm, variables, torch_inputs, flax_inputs):
     return harness.relu_sign_flips(tm, fm, variables, [t[:1] for t in torch_inputs], [f[:1] for f in flax_inputs])
 
 
-@pytest.mark.parametrize("name", cases())
+@pytest.mark.parametrize("name", preset_cases())
 def test_forward(name):
     preset = without_dropout(get_preset(name))
     tm, fm, variables, t_in, f_in = build_twins(preset, batch_size=batch_size(name))
@@ -111,7 +63,7 @@ def test_forward(name):
 
 
 @FLOAT
-@pytest.mark.parametrize("name", cases())
+@pytest.mark.parametrize("name", preset_cases())
 def test_gradients(name, float64):
     preset, tm, fm, variables, task = twins(name)
     (tb,), (fb,) = task.parity.batches(preset, 1, batch_size(name), seed=0)
@@ -125,7 +77,7 @@ def test_gradients(name, float64):
 
 
 @FLOAT_TRAJECTORY
-@pytest.mark.parametrize("name", cases("trajectory"))
+@pytest.mark.parametrize("name", preset_cases("trajectory"))
 def test_adamw_trajectory(name, float64):
     """20 AdamW steps on 20 batches at the recipe's rate and weight decay: losses within the
     tolerance in float32, the final weights too in float64 (see `harness.adamw_trajectories` for
@@ -141,7 +93,7 @@ def test_adamw_trajectory(name, float64):
                              weight_decay=preset.train["weight_decay"], float64=float64, xfail_if=xfail_if)
 
 
-@pytest.mark.parametrize("name", cases())
+@pytest.mark.parametrize("name", preset_cases())
 def test_round_trip_is_bit_exact(name):
     """torch -> Flax -> torch gives back every tensor, buffers included, bit for bit."""
     _, state_dict, _, variables = _weights(name)
@@ -152,7 +104,7 @@ def test_round_trip_is_bit_exact(name):
         assert back[k].shape == v.shape and np.array_equal(back[k], v.astype(back[k].dtype)), k
 
 
-@pytest.mark.parametrize("name", cases())
+@pytest.mark.parametrize("name", preset_cases())
 def test_verify_cli_passes(name, capsys):
     from bridge.__main__ import main
 
@@ -161,7 +113,7 @@ def test_verify_cli_passes(name, capsys):
     assert "PASS" in out and out.count("\n") > 5, out
 
 
-@pytest.mark.parametrize("name", [n for n in PRESETS if n not in SLOW])
+@pytest.mark.parametrize("name", SMALL)
 def test_bad_inputs_get_a_value_error_in_both_twins(name):
     """Every twin refuses what it cannot take with a ValueError naming what it expects: an empty
     batch, images of another channel count, and (torch) images of another dtype than its weights."""

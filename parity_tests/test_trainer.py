@@ -1,7 +1,8 @@
 """The one trainer, for every registered task and both backends (the Flax examples' train_test
-pattern): two real steps write the summary with the task's report, metrics and a checkpoint; the
-export loads into the torch twin with strict=True; resuming from the first checkpoint ends where
-the run left alone ends."""
+pattern): every small preset trains two real steps that end with the summary (a finite loss, the
+task's report) and a checkpoint; one preset a task also writes the metrics, exports weights that
+load into the torch twin with strict=True, and resumed from its first checkpoint ends where the
+run left alone ends."""
 
 from __future__ import annotations
 
@@ -14,25 +15,20 @@ import torch
 
 import torch_reference
 from bridge import load_safetensors
-from parity_tests.test_parallel import TASK_PRESETS
+from parity_tests.cases import SHORT_FINISH, SHRINK, TASK_PRESETS, trainer_cases
 from train.loop import Config, resolve, run
-
-# Smaller twins of the tiny presets, and a shorter finish or less data, where a family or task has them.
-SHRINK = {"vit": dict(depth=1, embed_dim=16, num_heads=2), "clip": dict(vision_layers=1, text_layers=1),
-          "swin": dict(depths=(1, 1)), "ddpm": dict(features=(8, 16), time_emb_dim=16, num_res_blocks=1),
-          "captioning": dict(vision_layers=1, layers=1),
-          "fusion": dict(vision_layers=1, fusion_layers=1), "multimodal": dict(num_layers=1)}
-SHORT_FINISH = {"diffusion": dict(num_samples=4, ddim_steps=2), "captioning": dict(num_train=64, num_test=8),
-                "vqa": dict(num_scenes=4, num_test_scenes=1)}
+from train.tasks import get_task
+from twin_models.presets import get_preset
 
 
 def config(name, workdir, backend, **kw) -> Config:
-    from twin_models.presets import get_preset
+    """Two steps of `name`'s smaller twin (`cases.SHRINK`, `cases.SHORT_FINISH`) at batch 16."""
     preset = get_preset(name)
-    return Config(preset=name, backend=backend, steps=2, batch_size=16, log_every=1, checkpoint_every=1,
-                  progress=False, workdir=str(workdir), dropout=None,
-                  model_overrides=SHRINK.get(preset.family, {}),
-                  recipe_overrides=SHORT_FINISH.get(preset.task, {}), **kw)
+    settings = dict(preset=name, backend=backend, steps=2, batch_size=16, log_every=1, checkpoint_every=1,
+                    progress=False, workdir=str(workdir), dropout=None,
+                    model_overrides=SHRINK.get(preset.family, {}),
+                    recipe_overrides=SHORT_FINISH.get(preset.task, {}))
+    return Config(**{**settings, **kw})
 
 
 @pytest.mark.parametrize("backend", ["jax", "torch"])
@@ -63,3 +59,16 @@ def test_two_steps_summary_export_and_resume(name, backend, tmp_path):
     assert resumed["final_loss"] == whole["final_loss"]
     a, b = load_safetensors(tmp_path / "whole.safetensors"), load_safetensors(tmp_path / "resumed.safetensors")
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("backend", ["jax", "torch"])
+@pytest.mark.parametrize("name", trainer_cases())
+def test_every_small_preset_trains_two_steps(name, backend, tmp_path):
+    """The small presets not trained above: two steps end with the summary (a finite loss, every
+    entry of the task's report a finite number) and the final checkpoint."""
+    summary = run(config(name, tmp_path, backend, checkpoint_every=0, eval_every=0))
+    assert json.loads((tmp_path / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    assert summary["steps"] == 2 and summary["backend"] == backend and np.isfinite(summary["final_loss"])
+    report = {k: summary.get(k) for k in get_task(get_preset(name)).report}
+    assert report and all(isinstance(v, (int, float)) and np.isfinite(v) for v in report.values()), report
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
