@@ -44,18 +44,29 @@ def _pairs():
 PAIRS = list(_pairs())
 
 
-@pytest.mark.parametrize("key, torch_cls, flax_cls", PAIRS, ids=[p[0] for p in PAIRS])
-def test_every_torch_module_has_a_flax_twin_with_the_same_arguments(key, torch_cls, flax_cls):
-    if key in TORCH_ONLY:
-        return
+def pair_cases(exempt: dict):
+    """pytest params over PAIRS (id: family.Class), skipped with their reason where in `exempt`
+    or TORCH_ONLY."""
+    exempt = {**{k: f"torch only: {why}" for k, why in TORCH_ONLY.items()}, **exempt}
+    return [pytest.param(*pair, id=pair[0],
+                         marks=[pytest.mark.skip(reason=f"{pair[0]}: {exempt[pair[0]]}")] if pair[0] in exempt else [])
+            for pair in PAIRS]
+
+
+@pytest.mark.parametrize("key, torch_cls, flax_cls", pair_cases({}))
+def test_every_torch_module_has_a_flax_twin_with_the_same_constructor_arguments(key, torch_cls, flax_cls):
     assert isinstance(flax_cls, type) and issubclass(flax_cls, fnn.Module), f"{key} has no Flax twin"
     torch_args = [(p.name, _default(p.default)) for p in inspect.signature(torch_cls.__init__).parameters.values()
                   if p.name != "self"]
     flax_args = [(f.name, _default(f.default)) for f in dataclasses.fields(flax_cls)
                  if f.init and f.name not in ("parent", "name", *FLAX_ONLY_FIELDS)]
     assert torch_args == flax_args, f"{key}: constructor arguments differ"
-    if key in CALL_EXCEPTIONS:
-        return
+
+
+@pytest.mark.parametrize("key, torch_cls, flax_cls", pair_cases(CALL_EXCEPTIONS))
+def test_every_flax_twin_takes_the_same_call_arguments(key, torch_cls, flax_cls):
+    """torch's forward and Flax's __call__ take the same arguments, Flax's `train` last."""
+    assert isinstance(flax_cls, type) and issubclass(flax_cls, fnn.Module), f"{key} has no Flax twin"
     forward = [p for p in inspect.signature(torch_cls.forward).parameters if p != "self"]
     call = list(inspect.signature(flax_cls.__call__).parameters)
     call = [p for p in call if p != "self"]
