@@ -42,6 +42,15 @@ def _first_small(task: str) -> str:
     raise ValueError(f"task {task!r} has presets but no small one: the default run cannot train it")
 
 
+def first_small_of_each_model(family: str) -> list[str]:
+    """The first small preset of each model class of `family` (vit: VisionTransformer, EncoderViT)."""
+    first = {}
+    for name in SMALL:
+        if PRESETS[name].family == family:
+            first.setdefault(PRESETS[name].model, name)
+    return list(first.values())
+
+
 # The first small preset of each task that has presets (the tasks' cases of the trainer, pmap and
 # fail-safe tests).
 TASK_PRESETS = {task: _first_small(task) for task in sorted(TASKS)
@@ -51,6 +60,7 @@ TASK_PRESETS = {task: _first_small(task) for task in sorted(TASKS)
 
 # test_fast_paths.py's checks: fused attention's forward and gradients, and bfloat16.
 FAST_PATH_CHECKS = ("fused-forward", "fused-gradients", "bfloat16")
+CHECKS = ("trajectory", *FAST_PATH_CHECKS)     # what `preset_cases(check)` takes
 
 # (preset, check): reason. Each names where the default run still holds the same claim.
 SLOW_CHECKS = {
@@ -74,7 +84,9 @@ SLOW_CHECKS = {
 
 def preset_cases(check: str | None = None, names=None):
     """pytest params over `names` (default: every preset), id the name; `slow` where full-size or
-    named in `SLOW_CHECKS` for `check`."""
+    named in `SLOW_CHECKS` for `check` (one of `CHECKS`)."""
+    if check is not None and check not in CHECKS:
+        raise ValueError(f"unknown check {check!r}; known: {', '.join(CHECKS)}")
     return [pytest.param(name, id=name,
                          marks=[pytest.mark.slow] if name in SLOW or (name, check) in SLOW_CHECKS else [])
             for name in (PRESETS if names is None else names)]

@@ -14,9 +14,11 @@ import jax_models.layers
 import torch_reference
 from bridge.verify import build_twins
 from parity_tests import harness, source_architectures, source_multimodal
+from parity_tests.cases import first_small_of_each_model
 from twin_models.presets import get_preset, with_overrides
 
-TINY = ["vit-digits", "encoder-vit-digits"]
+# One small preset of each ViT class (VisionTransformer, EncoderViT).
+TINY = first_small_of_each_model("vit")
 
 
 def twins(name, batch_size=2, seed=0, **overrides):
