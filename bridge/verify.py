@@ -290,9 +290,12 @@ def verify(preset, batch_size: int = 2, seed: int = 0, tol: float = FORWARD_TOL,
     from twin_models.presets import get_preset
 
     preset = get_preset(preset) if isinstance(preset, str) else preset
-    torch.backends.cuda.matmul.allow_tf32 = False
-    torch.backends.cudnn.allow_tf32 = False
-    torch_model, flax_model, variables, t_in, f_in = build_twins(preset, seed, state_dict, batch_size)
-    if precision == "bf16":
-        return bf16_drift(torch_model, flax_model, variables, t_in, f_in)
-    return compare_layers(torch_model, flax_model, variables, t_in, f_in, tol)
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False   # full float32
+    try:
+        torch_model, flax_model, variables, t_in, f_in = build_twins(preset, seed, state_dict, batch_size)
+        if precision == "bf16":
+            return bf16_drift(torch_model, flax_model, variables, t_in, f_in)
+        return compare_layers(torch_model, flax_model, variables, t_in, f_in, tol)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32

@@ -150,7 +150,7 @@ def test_report_writes_the_quality_figures(tmp_path):
     _, test = load_digits(16, 1)
     p = get_preset("ddpm-digits")
     r = types.SimpleNamespace(workdir=str(tmp_path), preset=p, recipe=dict(p.train))
-    out = diffusion.Diffusion()._report(test.images[:32], 1.0, r)
+    out = diffusion.sample_report(test.images[:32], 1.0, r)
     q = out["sample_quality"]
     for key in ("fd_samples", "fd_floor", "fd_ratio", "noise_samples", "confident", "real_confident",
                 "digit_shares", "real_roughness_max"):

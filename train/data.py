@@ -17,8 +17,6 @@ from typing import Iterator
 import jax
 import numpy as np
 from PIL import Image
-from sklearn.datasets import load_digits as sk_load_digits
-from sklearn.model_selection import train_test_split
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                     ".pgm")
@@ -72,6 +70,10 @@ def load(spec: str, image_size: int, in_channels: int) -> tuple[ArrayDataset, Ar
 
 def load_digits(image_size: int = 32, in_channels: int = 1) -> tuple[ArrayDataset, ArrayDataset]:
     """scikit-learn's 1,797 handwritten 8x8 digits, split 80/20 stratified with a fixed seed."""
+    # scikit-learn on first use: importing it sets KMP_* variables in os.environ, which importing
+    # this package must not do
+    from sklearn.datasets import load_digits as sk_load_digits
+    from sklearn.model_selection import train_test_split
 
     digits = sk_load_digits()
     images = (digits.images.astype(np.float32) / 16.0 * 255.0)[..., None]  # (N, 8, 8, 1)
@@ -235,6 +237,8 @@ def _read_image(path: str, mode: str, image_size: int) -> np.ndarray:
 
 
 def _stratified_split(data: ArrayDataset) -> tuple[ArrayDataset, ArrayDataset]:
+
+    from sklearn.model_selection import train_test_split   # on first use, as in load_digits
 
     idx = np.arange(len(data))
     counts = np.bincount(data.labels, minlength=data.num_classes)

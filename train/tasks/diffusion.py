@@ -21,8 +21,6 @@ import numpy as np
 import optax
 import torch
 from PIL import Image
-from sklearn.neural_network import MLPClassifier
-from threadpoolctl import threadpool_limits
 
 import jax_models
 import torch_reference
@@ -129,6 +127,10 @@ def digit_classifier(image_size: int, seed: int = 0):
     on a loaded 2-core machine 5-9x faster than OpenBLAS's two threads waiting for each other."""
     key = (image_size, seed)
     if key not in _CLASSIFIERS:
+        # scikit-learn on first use (`train.data.load_digits` says why)
+        from sklearn.neural_network import MLPClassifier
+        from threadpoolctl import threadpool_limits
+
         train, test = load_digits(image_size, 1)
         clf = MLPClassifier(hidden_layer_sizes=(256,), alpha=1e-3, max_iter=400, random_state=seed)
         with threadpool_limits(1):
