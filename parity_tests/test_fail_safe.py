@@ -151,6 +151,7 @@ def test_unwritable_export_and_workdir_are_named_first(tmp_path, capsys):
 
 def test_a_failed_export_names_the_checkpoint_and_leaves_the_summary(tmp_path, capsys, monkeypatch):
     import bridge
+    from train import loop
     from train.__main__ import main
 
     def full_disk(state_dict, path):
@@ -159,6 +160,7 @@ def test_a_failed_export_names_the_checkpoint_and_leaves_the_summary(tmp_path, c
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(bridge, "save_safetensors", full_disk)
+    monkeypatch.setattr(loop, "save_safetensors", full_disk, raising=False)   # the loop's own name for it
     assert main([*TINY, "--steps", "2", "--batch-size", "16", "--workdir", str(tmp_path),
                  "--export", str(tmp_path / "out" / "w.safetensors")]) == 5
     err = capsys.readouterr().err
