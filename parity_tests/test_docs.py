@@ -1,7 +1,7 @@
 """The commands and examples of the README and of docs/ run against the code, so the pages cannot
 drift from it.
 
-From every fenced block of README.md, CONTRIBUTING.md and docs/*.md:
+From every fenced block of README.md, CONTRIBUTING.md, benchmarks/RESULTS.md and docs/*.md:
 
 - each shell line (`bash`, `sh`, `shell`, `console`) that runs one of the project's CLIs
   (`python -m train`, `python -m bridge ...`, `python -m benchmarks...`) is parsed by that CLI's
@@ -39,8 +39,12 @@ from pathlib import Path
 
 import pytest
 
+# One xdist worker runs the whole file: its two subprocesses are shared by its tests.
+pytestmark = pytest.mark.xdist_group(name="docs")
+
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", ROOT / "benchmarks" / "RESULTS.md",
+         *sorted((ROOT / "docs").glob("*.md"))]
 SHELL_LANGS = {"bash", "sh", "shell", "console"}
 PYTHON_LANGS = {"python", "py"}
 CLI_MODULES = ("train", "bridge", "benchmarks", "benchmarks.sampling", "benchmarks.generation",
