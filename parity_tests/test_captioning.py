@@ -173,18 +173,9 @@ def test_adamw_trajectory(float64):
     """20 AdamW steps over 4 fixed batches: losses agree in float32, final weights in float64."""
     tm, fm, variables = twins()
     tb, fb = batches(4, 8, 3)
-    losses_t, losses_f, w_t, w_f = harness.adamw_trajectories(
-        tm, fm, variables, *losses(fm), tb * 5, fb * 5, lr=1e-3, weight_decay=0.05, float64=float64)
-    loss_err = harness.rel_err(losses_t, losses_f)
-    tag = "float64" if float64 else "float32"
-    print(f"{tag}: losses {np.round(losses_t, 4).tolist()}")
-    print(f"{tag}: trajectory loss err {loss_err:.2e}")
-    assert losses_t[-4:].mean() < losses_t[:4].mean(), "20 steps over 4 fixed batches should lower the loss"
-    assert loss_err <= harness.TRAJECTORY_TOL
-    if float64:
-        key, w_err = harness.worst_leaf(w_t, w_f)
-        print(f"final weight {key} rel err {w_err:.2e}")
-        assert w_err <= harness.TRAJECTORY_TOL
+    harness.check_trajectory(tm, fm, variables, losses(fm), tb * 5, fb * 5,
+                             f"captioner ({'float64' if float64 else 'float32'})", lr=1e-3, weight_decay=0.05,
+                             float64=float64, falls=True)
 
 
 def test_names_follow_gpt2_and_round_trip_is_bit_exact():
