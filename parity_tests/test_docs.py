@@ -8,8 +8,8 @@ From every fenced block of README.md, CONTRIBUTING.md, benchmarks/RESULTS.md and
   own parser with its exact arguments (the presets, `--set` and `--recipe` keys, `bridge import`
   architectures checked too), and run with `--help` appended in a subprocess (as `python -m`
   runs it, through `runpy`; all the lines in one process, so that jax and torch load once); the
-  README's `vit-digits` training commands and its `bridge verify vit-digits` also run for real,
-  in-process, at a tiny size. `make TARGET` must be a Makefile target, `bash FILE` an existing file, `pip` lines are
+  README's one-device `vit-digits` training commands (JAX and torch) and its `bridge verify
+  vit-digits` also run for real, in-process, at a tiny size. `make TARGET` must be a Makefile target, `bash FILE` an existing file, `pip` lines are
   left alone, and any other command fails the test;
 - each `python` block is executed from a temporary directory (all of them in one subprocess, one
   fresh namespace and directory each, in page order, with a plain environment: one CPU device,
@@ -59,7 +59,9 @@ HELP_ENV = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "TF_CPP_MIN
 # What `--steps ...` is appended to when a README training command runs for real.
 TINY_RUN = ["--steps", "2", "--batch-size", "16", "--log-every", "1", "--no-progress",
             "--set", "depth=1", "--set", "embed_dim=16", "--set", "num_heads=2"]
-REAL_RUN_OPTIONS = {"--parallel", "--backend", "--fsdp"}   # a README vit-digits line with only these runs
+# A README vit-digits training line with no options but these runs for real: one device, either
+# backend (the pmap and mesh lines are parsed and --help'd; test_parallel.py runs those steps).
+REAL_RUN_OPTIONS = {"--backend"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -337,7 +339,7 @@ def check_command(command: Command, help_results: dict | None = None) -> list[st
 
 def real_run(command: Command, page: str) -> list[str] | None:
     """The in-process argv of a README command cheap enough to run for real (a vit-digits training
-    with only --parallel/--backend/--fsdp, `bridge verify vit-digits`), else None."""
+    on one device, `bridge verify vit-digits`), else None."""
     cli = command.cli
     if page != "README.md" or not cli or command.env:
         return None
@@ -416,6 +418,8 @@ def test_the_pages_have_blocks_to_check():
     assert (ROOT / "README.md").stat().st_size <= 15_000, "the README is meant to be read in minutes"
     readme = [b.code.split() for b in SHELL_BLOCKS if b.page == "README.md"]
     assert ["make", "train", "make", "test"] in readme, "the README's two commands, exactly"
+    real = [c.text for b in SHELL_BLOCKS for c in shell_commands(b.code) if real_run(c, b.page)]
+    assert len(real) >= 3, f"the README's commands that run for real: {real}"
     counted = {p: sum(b.page == p for b in BLOCKS) for p in ("README.md", "docs/training.md")}
     assert all(counted.values()), counted
     assert len(SHELL_BLOCKS) >= 10 and len(PYTHON_BLOCKS) >= 8, (len(SHELL_BLOCKS), len(PYTHON_BLOCKS))
