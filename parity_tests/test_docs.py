@@ -11,11 +11,11 @@ From every fenced block of README.md, CONTRIBUTING.md, benchmarks/RESULTS.md and
   README's one-device `vit-digits` training commands (JAX and torch) and its `bridge verify
   vit-digits` also run for real, in-process, at a tiny size. `make TARGET` must be a Makefile target, `bash FILE` an existing file, `pip` lines are
   left alone, and any other command fails the test;
-- each `python` block is executed from a temporary directory (all of them in one subprocess, one
-  fresh namespace and directory each, in page order, with a plain environment: one CPU device,
-  no XLA flags but those a block applies itself).
+- each `python` block is executed from a temporary directory (in two subprocesses that share the
+  blocks, one fresh namespace and directory each, in page order, with a plain environment: one CPU
+  device, no XLA flags but those a block applies itself).
 
-Both subprocesses start with the first test and run beside the in-process checks.
+The subprocesses start with the first test and run beside the in-process checks.
 
 A block the page marks with `<!-- skip-test: why -->` on the line before it is skipped (only a
 few may be). Each block is its own test id, `page:line`.
@@ -356,10 +356,10 @@ def real_run(command: Command, page: str) -> list[str] | None:
 # The tests
 
 
-# Executes every python block in one subprocess (page order, except that a block calling
+# Executes python blocks in one subprocess (page order, except that a block calling
 # `apply_cpu_flags` runs first, before any JAX computation, as it asks), each in a fresh namespace
 # and temporary directory; one JSON line per block. JAX's persistent compilation cache is the test
-# suite's, for every program, so that the examples' small compiles are paid once.
+# suite's, for every program, so that the examples' compiles are paid once.
 RUNNER = r"""
 import contextlib, io, json, os, sys, tempfile, time, traceback
 blocks_file, results_file, cache = sys.argv[1:4]
@@ -380,18 +380,27 @@ for block in json.load(open(blocks_file)):
 """
 
 
+EXAMPLE_RUNNERS = 2   # subprocesses sharing the python blocks: a cold compile cache makes them slow
+
+
 @pytest.fixture(scope="module")
 def background(tmp_path_factory):
-    """The two subprocesses, started together before the first test so that they overlap with the
-    in-process checks: the python blocks, and the CLI lines with `--help`."""
+    """The subprocesses, started together before the first test so that they overlap with the
+    in-process checks: the python blocks (split over `EXAMPLE_RUNNERS`), and the CLI lines with
+    `--help`."""
     work = tmp_path_factory.mktemp("docs")
     blocks = sorted((b for b in PYTHON_BLOCKS if not b.skip), key=lambda b: "apply_cpu_flags" not in b.code)
-    (work / "blocks.json").write_text(json.dumps([{"id": b.id, "code": b.code} for b in blocks]))
     user_env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}   # a user's plain environment
     # one torch thread: on a shared machine torch's two OpenMP threads can wait on each other
     user_env.update(PYTHONPATH=str(ROOT), TF_CPP_MIN_LOG_LEVEL="3", OMP_NUM_THREADS="1")
-    examples = Background([sys.executable, "-c", RUNNER, str(work / "blocks.json"), str(work / "examples.jsonl"),
-                           str(ROOT / ".jax_cache")], work / "examples.jsonl", user_env, work)
+    examples = {}
+    for n in range(EXAMPLE_RUNNERS):
+        share = blocks[n::EXAMPLE_RUNNERS]
+        (work / f"blocks{n}.json").write_text(json.dumps([{"id": b.id, "code": b.code} for b in share]))
+        run = Background([sys.executable, "-c", RUNNER, str(work / f"blocks{n}.json"),
+                          str(work / f"examples{n}.jsonl"), str(ROOT / ".jax_cache")],
+                         work / f"examples{n}.jsonl", user_env, work)
+        examples.update({b.id: run for b in share})
 
     lines = {}
     for block in SHELL_BLOCKS:
@@ -404,7 +413,7 @@ def background(tmp_path_factory):
     helps = Background([sys.executable, "-c", HELP_RUNNER, str(work / "lines.json"), str(work / "helps.jsonl")],
                        work / "helps.jsonl", {**user_env, **HELP_ENV}, work)
     yield {"examples": examples, "helps": helps}
-    for run in (examples, helps):
+    for run in {*examples.values(), helps}:
         if run.proc.poll() is None:
             run.proc.kill()
 
@@ -492,7 +501,7 @@ def test_shell_block(block, background, tmp_path, capsys):
 def test_python_block(block, background):
     if block.skip:
         pytest.skip(block.skip)
-    results = background["examples"].wait()
+    results = background["examples"][block.id].wait()
     result, runner = results.get(block.id), results["_runner"]
     assert result is not None, f"{block.id} never ran: the runner exited {runner['returncode']}\n{runner['stderr']}"
     print(f"{block.id}: {result['seconds']} s\n{result['output']}")
