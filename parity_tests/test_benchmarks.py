@@ -41,8 +41,8 @@ def test_short_run_times_both_modes_and_writes_reports(tmp_path):
 
 
 def test_wrong_torch_weights_are_refused(tmp_path, monkeypatch, capsys):
-    import bridge
-    convert = bridge.flax_to_torch
+    from train import torch_backend
+    convert = torch_backend.flax_to_torch
 
     def perturbed(variables):
         sd = dict(convert(variables))
@@ -52,7 +52,7 @@ def test_wrong_torch_weights_are_refused(tmp_path, monkeypatch, capsys):
             sd[key][0, 0] += 0.05
         return sd
 
-    monkeypatch.setattr(bridge, "flax_to_torch", perturbed)
+    monkeypatch.setattr(torch_backend, "flax_to_torch", perturbed)   # the torch twin's weights
     timed = []
     monkeypatch.setattr("benchmarks.harness.time_row", lambda *a, **k: timed.append(a) or {})
     path = tmp_path / "r.json"
