@@ -34,7 +34,7 @@ def main(argv=None) -> int:
     i.add_argument("--from", dest="library", required=True, choices=("timm", "open_clip", "hf"))
     i.add_argument("--arch", required=True, help="the library's architecture name: timm vit_*_patch16_224, "
                    "swin_*_patch4_window7_224; open_clip ViT-B-16; hf CLIPModel, ViTModel, "
-                   "ViTForImageClassification")
+                   "ViTForImageClassification, GPT2LMHeadModel, VisionEncoderDecoderModel")
     i.add_argument("checkpoint", help="a .safetensors, a .pt/.bin state_dict (torch.load(weights_only=True)) "
                    "or a Hugging Face model folder")
     i.add_argument("--out", required=True, help="the folder to write model.safetensors and config.json to")
