@@ -190,20 +190,23 @@ def test_inference_compiler_options_give_reductions_to_ynnpack_unless_the_user_s
 
 
 def test_xla_flags_take_convolutions_off_ynnpack_unless_the_user_says_otherwise(monkeypatch):
-    """`import jax_models` adds `xla_flags.CPU_FLAGS` before JAX starts: a 3x3 conv then compiles to
-    XLA's own convolution, not a YNNPACK fusion; a user's own setting of the flag is kept."""
-    code = ("import jax_models, jax, jax.numpy as jnp\n"
+    """`jax_models.apply_cpu_flags()` (what the CLIs call) adds `xla_flags.CPU_FLAGS` before JAX
+    starts: a 3x3 conv then compiles to XLA's own convolution, not a YNNPACK fusion; a user's own
+    setting of the flag is kept. Importing `jax_models` alone leaves XLA's default (YNNPACK)."""
+    code = ("import sys, jax_models, jax, jax.numpy as jnp\n"
+            "sys.argv[1:] == ['apply'] and jax_models.apply_cpu_flags()\n"
             "f = jax.jit(lambda x, k: jax.lax.conv_general_dilated(x, k, (1, 1), 'SAME', "
             "dimension_numbers=('NHWC', 'HWIO', 'NHWC')))\n"
             "print('ynn' in f.lower(jnp.ones((4, 16, 16, 32)), jnp.ones((3, 3, 32, 32))).compile().as_text())")
     mine = "--xla_cpu_experimental_ynn_fusion_type=individual_dot,individual_convolution"
     out = {}
-    for flags in ("", mine):
+    for flags, call in (("", "apply"), (mine, "apply"), ("", "import only")):
         env = {**os.environ, "XLA_FLAGS": flags, "PYTHONPATH": ROOT}
-        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        r = subprocess.run([sys.executable, "-c", code, call], env=env, capture_output=True, text=True,
+                           timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
-        out[flags] = r.stdout.split()[-1]
-    assert out == {"": "False", mine: "True"}
+        out[flags, call] = r.stdout.split()[-1]
+    assert out == {("", "apply"): "False", (mine, "apply"): "True", ("", "import only"): "True"}
 
     monkeypatch.setattr(xla_flags, "_backend_started", lambda: False)
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
