@@ -56,6 +56,18 @@ version = "1.0"
 packages = ["tokenizer", "presets"]
 """
 
+# Imports every module of the packages named in sys.argv[1] (comma-separated), in `modules`.
+IMPORT_ALL = """\
+modules = []
+for name in sys.argv[1].split(","):
+    package = importlib.import_module(name)
+    modules.append(name)
+    for info in pkgutil.walk_packages(package.__path__, name + "."):
+        if info.name.rsplit(".", 1)[-1] != "__main__":
+            importlib.import_module(info.name)
+            modules.append(info.name)
+"""
+
 INSTALLED_CHECK = """\
 import importlib, importlib.util, json, pkgutil, sys
 
@@ -67,15 +79,7 @@ import presets, tokenizer
 from bridge.verify import FORWARD_TOL
 from twin_models.presets import example_inputs, get_preset
 
-modules = []
-for name in sys.argv[1].split(","):
-    package = importlib.import_module(name)
-    modules.append(name)
-    for info in pkgutil.walk_packages(package.__path__, name + "."):
-        if info.name.rsplit(".", 1)[-1] != "__main__":
-            importlib.import_module(info.name)
-            modules.append(info.name)
-
+""" + IMPORT_ALL + """
 preset = get_preset("vit-digits")
 (images,) = example_inputs(preset, 2, 0)
 torch_model = torch_reference.create_model("vit-digits").eval()
@@ -218,15 +222,7 @@ def snapshot():
 
 
 before = snapshot()
-modules = []
-for name in sys.argv[1].split(","):
-    package = importlib.import_module(name)
-    modules.append(name)
-    for info in pkgutil.walk_packages(package.__path__, name + "."):
-        if info.name.rsplit(".", 1)[-1] != "__main__":
-            importlib.import_module(info.name)
-            modules.append(info.name)
-after = snapshot()
+""" + IMPORT_ALL + """after = snapshot()
 print(json.dumps({"before": before, "after": after, "modules": modules,
                   "files": {m: sys.modules[m].__file__ for m in sys.argv[1].split(",")}}))
 """
