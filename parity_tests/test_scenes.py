@@ -223,3 +223,22 @@ def test_the_curriculum_draws_nonrelational_batches_first_and_leaves_the_evaluat
     assert np.array_equal(again["question"], first["question"]) and np.array_equal(again["image"], first["image"])
     later = r.task.batch(batch, 5, r)
     assert np.array_equal(later["question"], batch["question"]) and np.array_equal(later["label"], batch["label"])
+
+
+def test_the_confusion_picture_counts_each_relational_question_once(tmp_path):
+    from train.tasks.vqa import FAMILIES, confusion, draw_confusion, question_dataset
+
+    data = question_dataset(scenes.make_vqa(6, seed=0))
+    predictions = np.where(data.extras["family"] == FAMILIES.index("closest_shape"),
+                           scenes.ANSWER_IDS["circle"], data.labels)
+    words, counts = confusion(data, predictions, "closest_shape")
+    closest = data.extras["family"] == FAMILIES.index("closest_shape")
+    assert words == ["square", "circle"] and counts.sum() == closest.sum()
+    assert counts[:, 0].sum() == 0 and counts[0, 1] == (data.labels[closest] == 0).sum()
+    words, counts = confusion(data, predictions, "count_same_shape")
+    assert np.trace(counts) == counts.sum() and set(words) <= set("123456")
+    path = tmp_path / "confusion.png"
+    assert draw_confusion(data, predictions, str(path))["confusion_figure"] == str(path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    failed = draw_confusion(data, predictions, str(tmp_path / "missing" / "confusion.png"))
+    assert failed["confusion_figure"] is None and "FileNotFoundError" in failed["confusion_figure_error"]

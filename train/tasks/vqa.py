@@ -7,12 +7,14 @@ e.g. `--recipe num_scenes=2000`) with every question that has a unique answer, o
 first `nonrelational_steps` batches is drawn (with replacement, from (seed, step) alone, so a
 resumed run draws the same) from the non-relational training questions only, so the model first
 learns to find the object a colour names and where it is. The summary gives the held-out accuracy overall, on relational and
-non-relational questions, and per question family (`accuracy_<family>`).
+non-relational questions, and per question family (`accuracy_<family>`); the run's `finish` draws
+the confusion matrices of the relational families to WORKDIR/relational_confusion.png.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from train import data as data_lib
+from train import distributed
 from train import scenes
 from train import steps
 from train.tasks.base import JaxTraining, Task, TorchTraining, image_batches, register, torch_inputs
@@ -126,6 +129,59 @@ def accuracy_report(data: QuestionDataset, losses: np.ndarray, predictions: np.n
     return {**out, "eval_loss": float(losses.mean()), "eval_examples": int(len(correct))}
 
 
+CONFUSION_FIGURE = "relational_confusion.png"
+
+
+def confusion(data: QuestionDataset, predictions: np.ndarray, family: str) -> tuple[list[str], np.ndarray]:
+    """(answer words, counts[true, predicted]) of one family's held-out questions, over the answers
+    that occur there as truth or prediction."""
+    rows = data.extras["family"] == FAMILIES.index(family)
+    truth, pred = data.labels[rows], predictions[rows]
+    ids = np.union1d(truth, pred).astype(int)
+    counts = np.zeros((len(ids), len(ids)), np.int64)
+    np.add.at(counts, (np.searchsorted(ids, truth), np.searchsorted(ids, pred)), 1)
+    return [scenes.ANSWERS[i] for i in ids], counts
+
+
+def draw_confusion(data: QuestionDataset, predictions: np.ndarray, path: str) -> dict:
+    """Writes one confusion matrix per relational family (rows: the true answer, columns: the
+    model's; each cell its count and share of the row) to `path`; a failure to draw is reported
+    in the returned summary entries, never raised."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        names = [f for f in FAMILIES if scenes.FAMILIES[f][0] and (data.extras["family"] == FAMILIES.index(f)).any()]
+        fig, axes = plt.subplots(1, len(names), figsize=(4.2 * len(names), 4.2), squeeze=False)
+        for ax, name in zip(axes[0], names):
+            words, counts = confusion(data, predictions, name)
+            share = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+            ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+            for (i, j), n in np.ndenumerate(counts):
+                if n:
+                    ax.text(j, i, f"{n}\n{share[i, j]:.0%}", ha="center", va="center", fontsize=7,
+                            color="white" if share[i, j] > 0.6 else "black")
+            ax.set_xticks(range(len(words)), words, rotation=45)
+            ax.set_yticks(range(len(words)), words)
+            ax.set_xlabel("predicted")
+            ax.set_ylabel("true")
+            ax.set_title(f"{name}: {np.trace(counts) / counts.sum():.1%} of {counts.sum()}")
+        fig.suptitle("held-out relational questions")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return {"confusion_figure": os.path.abspath(path)}
+    except Exception as e:  # noqa: BLE001 - a figure never ends a finished run
+        return {"confusion_figure": None, "confusion_figure_error": f"{type(e).__name__}: {e}"}
+
+
+def finish_report(r, predictions: np.ndarray) -> dict:
+    if not distributed.is_primary():
+        return {}
+    return draw_confusion(r.test_data, predictions, os.path.join(r.workdir, CONFUSION_FIGURE))
+
+
 EVAL_BATCH = 512
 
 
@@ -135,14 +191,20 @@ class VQAJax(JaxTraining):
     def step_kwargs(self, recipe: dict) -> dict:
         return {"label_smoothing": recipe["label_smoothing"]}
 
-    def evaluate(self, model, state, r) -> dict:
+    def predict(self, state, r) -> tuple[np.ndarray, np.ndarray]:
         losses, predictions = [], []
         for batch in data_lib.eval_batches(r.test_data, min(EVAL_BATCH, len(r.test_data))):
             n = int(batch["mask"].sum())
             loss, pred = jax.device_get(predict_step(state, {k: batch[k] for k in ("image", "question", "label")}))
             losses.append(loss[:n])
             predictions.append(pred[:n])
-        return accuracy_report(r.test_data, np.concatenate(losses), np.concatenate(predictions))
+        return np.concatenate(losses), np.concatenate(predictions)
+
+    def evaluate(self, model, state, r) -> dict:
+        return accuracy_report(r.test_data, *self.predict(state, r))
+
+    def finish(self, model, state, r) -> dict:
+        return finish_report(r, self.predict(state, r)[1])
 
 
 class VQATorch(TorchTraining):
@@ -158,7 +220,7 @@ class VQATorch(TorchTraining):
         count = mask.sum().clamp(min=1.0)
         return (losses * mask).sum() / count, {"accuracy": (correct * mask).sum() / count}
 
-    def evaluate(self, trainer, r) -> dict:
+    def predict(self, trainer, r) -> tuple[np.ndarray, np.ndarray]:
         model = trainer.model
         model.eval()
         losses, predictions = [], []
@@ -169,7 +231,13 @@ class VQATorch(TorchTraining):
                 logits = model(images, questions).float()
                 losses.append(F.cross_entropy(logits, labels, reduction="none").numpy())
                 predictions.append(logits.argmax(-1).numpy())
-        return accuracy_report(r.test_data, np.concatenate(losses), np.concatenate(predictions))
+        return np.concatenate(losses), np.concatenate(predictions)
+
+    def evaluate(self, trainer, r) -> dict:
+        return accuracy_report(r.test_data, *self.predict(trainer, r))
+
+    def finish(self, trainer, r) -> dict:
+        return finish_report(r, self.predict(trainer, r)[1])
 
 
 class VQAParity(ClassificationParity):
