@@ -30,6 +30,7 @@ import ctypes
 import datetime
 import gc
 import json
+import math
 import os
 import platform
 import statistics
@@ -271,6 +272,17 @@ def parse_args(argv):
                           "instead of the seeded random initialisation")
     a = ap.parse_args(argv)
 
+    check_options(ap, a, counts=("repeats", "torch_threads", "max_length", "num_beams"),
+                  outputs=("json", "markdown", "plot"), seed=a.seed)
+    if a.warmup < 0:
+        ap.error(f"--warmup must be 0 or more, not {a.warmup}")
+    for flag, value in (("--max-row-seconds", a.max_row_seconds), ("--peak-flops", a.peak_flops)):
+        if value is not None and not (math.isfinite(value) and value > 0):
+            ap.error(f"{flag} must be a positive finite number, not {value}")
+    try:
+        compile_cache.dir_from_args(a)
+    except ValueError as e:
+        ap.error(str(e))
     a.presets = list(PRESETS) if a.all else a.preset
     unknown = [p for p in a.presets if p not in PRESETS]
     if unknown:
@@ -281,8 +293,6 @@ def parse_args(argv):
         ap.error(f"unknown framework(s) {', '.join(bad) or '(none given)'}; known: {', '.join(FRAMEWORKS)}")
     if a.batch_size and min(a.batch_size) < 1:
         ap.error(f"batch sizes must be positive; got {a.batch_size}")
-    if a.repeats < 1 or a.warmup < 0:
-        ap.error(f"--repeats must be >= 1 and --warmup >= 0; got {a.repeats}, {a.warmup}")
     a.modes = ["train", "infer"] if a.mode == "both" else [a.mode]
     if a.mode == "generate":
         not_captioning = [p for p in a.presets if PRESETS[p].task != "captioning"]
@@ -293,6 +303,40 @@ def parse_args(argv):
         if a.precision != ["fp32"]:
             ap.error("--mode generate decodes in fp32 only")
     return a
+
+
+MAX_SEED = 2 ** 32 - 1
+
+
+def check_options(ap, a, counts=(), outputs=(), seed=None):
+    """`ap.error` (one `error:` line, exit status 2) for an `XLA_FLAGS` JAX cannot start with, a
+    count option below 1 (`counts`, dest names; a list checks each entry), a seed outside
+    [0, 2**32 - 1], or an output file (`outputs`) that is a folder or lies in a folder this user
+    cannot create or write: before anything runs."""
+    from jax_models.xla_flags import check_env
+
+    try:
+        check_env()
+    except ValueError as e:
+        ap.error(str(e))
+    for name in counts:
+        value = getattr(a, name)
+        for v in value if isinstance(value, list) else [value]:
+            if v is not None and v < 1:
+                ap.error(f"--{name.replace('_', '-')} must be at least 1, not {v}")
+    if seed is not None and not 0 <= seed <= MAX_SEED:
+        ap.error(f"--seed must be an integer in [0, {MAX_SEED}], not {seed}")
+    for name in outputs:
+        path = getattr(a, name)
+        if not path:
+            continue
+        if os.path.isdir(path):
+            ap.error(f"--{name} {path} is a folder; give a file path")
+        base = os.path.dirname(os.path.abspath(path))
+        while not os.path.exists(base) and os.path.dirname(base) != base:
+            base = os.path.dirname(base)
+        if not os.path.isdir(base) or not os.access(base, os.W_OK | os.X_OK):
+            ap.error(f"--{name} {path}: cannot write there ({base} is not a writable folder)")
 
 
 def generate_main(a, info) -> int:

@@ -6,6 +6,8 @@
 from __future__ import annotations
 
 import argparse
+import math
+import os
 import sys
 
 from jax_models import compile_cache
@@ -44,6 +46,11 @@ def main(argv=None) -> int:
                    help="an architecture fact by the library's name (e.g. num_heads=12), over the config's")
     i.add_argument("--check", action="store_true", help="then load both backends and compare them on one input")
     args = parser.parse_args(argv)
+    try:
+        check_args(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from jax_models.xla_flags import apply_cpu_flags
     apply_cpu_flags()
     if args.command == "import":
@@ -70,6 +77,42 @@ def main(argv=None) -> int:
     if args.precision == "bf16":
         return 0 if report.finite else 1
     return 0 if report.ok else 1
+
+
+MAX_SEED = 2 ** 32 - 1   # torch.manual_seed and numpy's RandomState both take it
+
+
+def check_args(args):
+    """The options that can be checked before anything is built or written (sizes, seed,
+    tolerance, the compile cache, import's --out); a ValueError naming the option, the value and
+    what is allowed."""
+    from jax_models.xla_flags import check_env
+
+    check_env()
+    if args.command == "verify":
+        if args.batch_size < 1:
+            raise ValueError(f"--batch-size must be at least 1, not {args.batch_size}")
+        if not 0 <= args.seed <= MAX_SEED:
+            raise ValueError(f"--seed must be an integer in [0, {MAX_SEED}], not {args.seed}")
+        if args.tol is not None and not (math.isfinite(args.tol) and args.tol > 0):
+            raise ValueError(f"--tol must be a positive finite number, not {args.tol}")
+        compile_cache.dir_from_args(args)
+        return
+    out = os.path.abspath(args.out)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ValueError(f"--out {args.out} is a file; give a folder (it receives model.safetensors and "
+                         "config.json)")
+    inputs = {os.path.realpath(p) for p in (args.checkpoint, args.config) if p}
+    inputs |= {os.path.realpath(os.path.join(args.checkpoint, n)) for n in ("model.safetensors", "config.json")}
+    clash = [w for w in (os.path.realpath(os.path.join(out, n)) for n in ("model.safetensors", "config.json"))
+             if w in inputs]
+    if clash:
+        raise ValueError(f"--out {args.out} would overwrite the input {clash[0]}; give another folder")
+    base = out
+    while not os.path.exists(base) and os.path.dirname(base) != base:
+        base = os.path.dirname(base)
+    if not os.path.isdir(base) or not os.access(base, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {args.out}: cannot create or write it ({base} is not a writable folder)")
 
 
 def _import(args) -> int:

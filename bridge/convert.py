@@ -33,9 +33,10 @@ _LIST_ENTRY = re.compile(r"^(.*)_(\d+)$")
 class WeightMismatchError(ValueError):
     """A state dict does not fit the model; the message lists every problem at once."""
 
-    def __init__(self, missing=(), unexpected=(), shapes=(), buffers=(), target: str = "the Flax model"):
-        self.missing, self.unexpected, self.shapes, self.buffers = (
-            list(missing), list(unexpected), list(shapes), list(buffers))
+    def __init__(self, missing=(), unexpected=(), shapes=(), buffers=(), target: str = "the Flax model",
+                 dtypes=()):
+        self.missing, self.unexpected, self.shapes, self.buffers, self.dtypes = (
+            list(missing), list(unexpected), list(shapes), list(buffers), list(dtypes))
         parts = []
         if self.missing:
             parts.append("Missing key(s): " + ", ".join(self.missing))
@@ -43,6 +44,8 @@ class WeightMismatchError(ValueError):
             parts.append("Unexpected key(s): " + ", ".join(self.unexpected))
         if self.shapes:
             parts.append("Shape mismatch: " + "; ".join(self.shapes))
+        if self.dtypes:
+            parts.append("Dtype mismatch: " + "; ".join(self.dtypes))
         if self.buffers:
             parts.append("Buffer differs from the value the Flax model computes: " + "; ".join(self.buffers))
         super().__init__(f"Error(s) in loading state_dict into {target}:\n  " + "\n  ".join(parts))
@@ -141,7 +144,7 @@ def torch_to_flax(state_dict: Mapping[str, Any], flax_model, *example_inputs, rn
     flat_target = {c: flatten_dict(target[c]) for c in collections}
     loaded: dict[str, dict] = {c: {} for c in collections if c in TRAINED}
     checked: dict[str, set] = {c: set() for c in collections if c in COMPUTED}
-    unexpected, shapes, buffers = [], [], []
+    unexpected, shapes, buffers, dtypes = [], [], [], []
 
     for key, value in state_dict.items():
         value = to_numpy(value)
@@ -170,7 +173,7 @@ def torch_to_flax(state_dict: Mapping[str, Any], flax_model, *example_inputs, rn
                             buffers.append(f"{key} (max abs diff {err:.3g})")
                     elif array.dtype.kind not in "fc" and np.dtype(flat_target[c][path].dtype).kind == "f" \
                             or array.dtype.kind == "c":
-                        shapes.append(f"{key}: torch dtype {array.dtype} where the Flax model holds "
+                        dtypes.append(f"{key}: torch dtype {array.dtype} where the Flax model holds "
                                       f"{np.dtype(flat_target[c][path].dtype)} (floating-point weights expected)")
                     else:
                         loaded[c][path] = array.astype(flat_target[c][path].dtype)
@@ -182,8 +185,8 @@ def torch_to_flax(state_dict: Mapping[str, Any], flax_model, *example_inputs, rn
 
     missing = [f"{c}:{'/'.join(p)}" for c in loaded for p in flat_target[c] if p not in loaded[c]]
     missing += [f"{c}:{'/'.join(p)}" for c in checked for p in flat_target[c] if p not in checked[c]]
-    if missing or unexpected or shapes or buffers:
-        raise WeightMismatchError(missing, unexpected, shapes, buffers)
+    if missing or unexpected or shapes or buffers or dtypes:
+        raise WeightMismatchError(missing, unexpected, shapes, buffers, dtypes=dtypes)
     variables = {c: unflatten_dict({p: jax.numpy.asarray(a) for p, a in loaded[c].items()})
                  for c in loaded}
     for c, flat in computed.items():

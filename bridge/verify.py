@@ -249,16 +249,16 @@ def check_state_dict(state_dict, expected):
 
     missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
-    shapes = []
+    shapes, dtypes = [], []
     for k in expected:
         if k in state_dict:
             got, want = np.asarray(state_dict[k]), expected[k]
             if tuple(got.shape) != tuple(want.shape):
                 shapes.append(f"{k}: file {tuple(got.shape)}, the model {tuple(want.shape)}")
-            elif want.is_floating_point() and got.dtype.kind != "f":
-                shapes.append(f"{k}: file dtype {got.dtype}, the model holds floating-point {want.dtype}")
-    if missing or unexpected or shapes:
-        raise WeightMismatchError(missing, unexpected, shapes, target="the torch model")
+            elif want.is_floating_point() and got.dtype != np.dtype(str(want.dtype).removeprefix("torch.")):
+                dtypes.append(f"{k}: file dtype {got.dtype}, the model holds {str(want.dtype).removeprefix('torch.')}")
+    if missing or unexpected or shapes or dtypes:
+        raise WeightMismatchError(missing, unexpected, shapes, target="the torch model", dtypes=dtypes)
 
 
 def build_twins(preset, seed: int = 0, state_dict=None, batch_size: int = 2, attention_impl: str = "xla"):

@@ -8,7 +8,7 @@ import inspect
 import json
 import os
 
-from twin_models.presets import Preset, get_preset, with_overrides
+from twin_models.presets import Preset, check_kwargs, get_preset, with_overrides
 
 from .xla_flags import apply_cpu_flags  # noqa: F401  (the CLIs' XLA:CPU flags, for a user to call)
 
@@ -18,6 +18,7 @@ def create_model(preset: str | Preset, *, attention_impl: str = "xla", **overrid
     `attention_impl` (Flax only, not a preset argument): "xla", "fused" or "cudnn", see `layers.attend`."""
     preset = get_preset(preset) if isinstance(preset, str) else preset
     preset = with_overrides(preset, **overrides) if overrides else preset
+    check_kwargs(preset.kwargs)
     module = importlib.import_module(f"{__name__}.{preset.family}")
     return getattr(module, preset.model)(**preset.kwargs, attention_impl=attention_impl)
 

@@ -13,6 +13,7 @@ import dataclasses
 import functools
 import inspect
 import math
+import numbers
 from typing import Any
 
 import jax
@@ -22,7 +23,7 @@ import optax
 import flax.linen as nn
 from flax import struct
 
-from .layers import attend
+from .layers import attend, check_token_ids
 from .vit import VisionTransformer
 
 normal_02 = nn.initializers.normal(0.02)
@@ -264,6 +265,7 @@ class TextDecoder(nn.Module):
         if input_ids.ndim != 2 or not jnp.issubdtype(input_ids.dtype, jnp.integer) or T > limit:
             raise ValueError(f"TextDecoder expects (B, T) integer ids with T <= {limit} positions; "
                              f"got {input_ids.dtype} of shape {tuple(input_ids.shape)}")
+        check_token_ids(input_ids, self.vocab_size, "TextDecoder")
         enc = None if cache is not None else self.project_image(encoder_hidden_states)
         start = 0 if cache is None else cache.index
         x = self.drop(self.wte(input_ids) + self.wpe(start + jnp.arange(T)), deterministic=not train)
@@ -298,8 +300,12 @@ def sample_tokens(logits, uniforms, temperature=1.0, top_k: int = 0):
     return jnp.minimum(token, V - 1)
 
 
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
 def check_generation_args(max_length, max_positions, num_beams=1, do_sample=False, temperature=1.0,
-                          top_k=0, min_length=0):
+                          top_k=0, min_length=0, length_penalty=1.0):
     """ValueErrors naming what is expected of generate's arguments."""
     if not isinstance(max_length, int) or not 1 <= max_length <= max_positions:
         raise ValueError(f"max_length must be an int in [1, {max_positions}] (the decoder's position "
@@ -308,8 +314,10 @@ def check_generation_args(max_length, max_positions, num_beams=1, do_sample=Fals
         raise ValueError(f"num_beams must be an int >= 1; got {num_beams!r}")
     if do_sample and num_beams > 1:
         raise ValueError("do_sample=True takes num_beams=1 (beam sampling is not implemented)")
-    if do_sample and not temperature > 0:
-        raise ValueError(f"temperature must be > 0; got {temperature!r}")
+    if not (_is_real(temperature) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive finite number; got {temperature!r}")
+    if not (_is_real(length_penalty) and math.isfinite(length_penalty)):
+        raise ValueError(f"length_penalty must be a finite number; got {length_penalty!r}")
     if not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0 (0: no filter); got {top_k!r}")
     if not isinstance(min_length, int) or not 0 <= min_length <= max_length:
@@ -462,7 +470,8 @@ def generate(model: ImageCaptioningModel, variables, images, max_length: int = 5
     it. Sampling draws `uniforms` (B, max_length) from `jax.random.uniform(rng, (B, max_length))`
     when not given."""
     config = model.text_decoder.config
-    check_generation_args(max_length, config.max_positions, num_beams, do_sample, temperature, top_k, min_length)
+    check_generation_args(max_length, config.max_positions, num_beams, do_sample, temperature, top_k, min_length,
+                          length_penalty)
     B = images.shape[0]
     if do_sample:
         if uniforms is None:

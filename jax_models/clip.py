@@ -18,7 +18,7 @@ import numpy as np
 import optax
 import flax.linen as nn
 
-from .layers import LN_EPS, compute_dtype, torch_linear_init
+from .layers import LN_EPS, check_token_ids, compute_dtype, torch_linear_init
 from .vit import TransformerBlock, VisionTransformer
 
 NORMALIZE_EPS = 1e-12  # torch F.normalize's clamp on the norm
@@ -91,6 +91,7 @@ class TextTransformer(nn.Module):
         if text.ndim != 2 or not jnp.issubdtype(text.dtype, jnp.integer) or text.shape[1] > self.context_length:
             raise ValueError(f"TextTransformer expects (B, L <= {self.context_length}) integer token ids; "
                              f"got {text.dtype} of shape {tuple(text.shape)}")
+        check_token_ids(text, self.vocab_size, "TextTransformer")
         L = text.shape[1]
         x = nn.Embed(self.vocab_size, self.width, embedding_init=nn.initializers.normal(0.02),
                      name="token_embedding")(text)

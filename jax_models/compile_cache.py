@@ -49,11 +49,47 @@ def enable(path: str | None, min_compile_seconds: float = 0.5) -> str | None:
         _listening = True
     if path is None:
         return None
-    path = os.path.abspath(os.path.expanduser(path))
-    os.makedirs(path, exist_ok=True)
+    path = prepare(path)
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
     return path
+
+
+class CacheDirError(ValueError):
+    """The compile cache's directory cannot be made or written; the message says how to choose."""
+
+
+def _source() -> str:
+    for var in ("TWIN_MODELS_COMPILE_CACHE", "JAX_COMPILATION_CACHE_DIR", "XDG_CACHE_HOME"):
+        if os.environ.get(var):
+            return f"${var}"
+    return "$HOME"
+
+
+def prepare(path: str, source: str | None = None) -> str:
+    """`path` made if missing and checked writable (absolute, returned); a `CacheDirError` in one
+    line otherwise, naming where the directory came from (`source`, else the environment)."""
+    path = os.path.abspath(os.path.expanduser(path))
+    try:
+        os.makedirs(path, exist_ok=True)
+        ok = os.access(path, os.W_OK | os.X_OK)
+        reason = "not writable"
+    except OSError as e:
+        ok, reason = False, e.strerror or type(e).__name__
+    if not ok:
+        raise CacheDirError(f"the compile cache {path} (from {source or _source()}) cannot be used ({reason}); "
+                            "pass --compile-cache DIR with a writable DIR, or --no-compile-cache")
+    return path
+
+
+def dir_from_args(args) -> str | None:
+    """The directory `enable_from_args` will use, made and checked (`prepare`); None: off."""
+    if args.no_compile_cache:
+        return None
+    if args.compile_cache:
+        return prepare(args.compile_cache, "--compile-cache")
+    path = default_dir()
+    return None if path is None else prepare(path)
 
 
 def stats() -> dict:
@@ -71,4 +107,4 @@ def add_arguments(parser):
 
 def enable_from_args(args) -> str | None:
     """`enable` as the options of `add_arguments` ask; returns the directory in use (None: off)."""
-    return enable(None if args.no_compile_cache else (args.compile_cache or default_dir()))
+    return enable(dir_from_args(args))

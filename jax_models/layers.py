@@ -108,6 +108,17 @@ def check_feature_map(x: jax.Array, in_channels: int, multiple: int, owner: str)
         raise ValueError(f"{owner} expects {expected}; got an empty batch")
 
 
+def check_token_ids(ids, vocab_size: int, owner: str) -> None:
+    """Raise a ValueError unless every id lies in [0, vocab_size) (checked where the ids are
+    concrete; inside a traced function they cannot be read)."""
+    if isinstance(ids, jax.core.Tracer) or not ids.size:
+        return
+    lo, hi = int(jnp.min(ids)), int(jnp.max(ids))
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"{owner} expects token ids in [0, {vocab_size - 1}] (vocab_size {vocab_size}); "
+                         f"got ids {lo}..{hi}")
+
+
 def check_timesteps(t, batch: int, owner: str) -> None:
     """Raise a ValueError unless `t` holds one timestep per image, shape (batch,)."""
     shape = tuple(getattr(t, "shape", ()))

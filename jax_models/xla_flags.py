@@ -60,8 +60,23 @@ def add_flags(flags) -> list[str]:
 
 def apply_cpu_flags() -> list[str]:
     """Add `CPU_FLAGS` to `XLA_FLAGS` (what the CLIs run with), on a jaxlib known to read them
-    (others abort on unknown flags); call before the first JAX computation. Returns those added."""
+    (others abort on unknown flags); call before the first JAX computation. Returns those added.
+    A ValueError (`check_env`) for a setting JAX's backend would fail to start with."""
+    check_env()
     return add_flags(CPU_FLAGS) if _known_jaxlib() else []
+
+
+DEVICE_COUNT = "xla_force_host_platform_device_count"
+
+
+def check_env() -> None:
+    """A ValueError naming the setting for an `XLA_FLAGS` that JAX's CPU backend cannot start with:
+    `--xla_force_host_platform_device_count` that is not a positive integer."""
+    for flag in os.environ.get("XLA_FLAGS", "").split():
+        name, _, value = flag.lstrip("-").partition("=")
+        if name == DEVICE_COUNT and not (value.strip().isdigit() and int(value) >= 1):
+            raise ValueError(f"XLA_FLAGS --{DEVICE_COUNT}={value}: the fake CPU device count must be a "
+                             "positive integer")
 
 
 def _known_jaxlib() -> bool:

@@ -79,7 +79,7 @@ def test_imagefolder_unreadable_file_is_named(tmp_path, damage):
         data.load_imagefolder(str(tmp_path), 8, 3)
 
 
-def _write_cifar(root, n_train=(6, 4), n_test=5):
+def _write_cifar(root, n_train=(2, 2, 2, 2, 2), n_test=5):
     rng = np.random.default_rng(1)
     os.makedirs(root, exist_ok=True)
     batches = {f"data_batch_{i + 1}": n for i, n in enumerate(n_train)}

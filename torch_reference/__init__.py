@@ -6,13 +6,14 @@ import importlib
 import json
 import os
 
-from twin_models.presets import Preset, get_preset, with_overrides
+from twin_models.presets import Preset, check_kwargs, get_preset, with_overrides
 
 
 def create_model(preset: str | Preset, **overrides):
     """Build the PyTorch model of a preset (a name from `presets.PRESETS` or a `Preset`)."""
     preset = get_preset(preset) if isinstance(preset, str) else preset
     preset = with_overrides(preset, **overrides) if overrides else preset
+    check_kwargs(preset.kwargs)
     module = importlib.import_module(f"{__name__}.{preset.family}")
     return getattr(module, preset.model)(**preset.kwargs)
 

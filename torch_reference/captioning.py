@@ -17,12 +17,13 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
+import numbers
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .layers import attend
+from .layers import attend, check_token_ids
 from .vit import VisionTransformer
 
 
@@ -237,6 +238,7 @@ class TextDecoder(nn.Module):
         if input_ids.ndim != 2 or input_ids.is_floating_point() or start + input_ids.shape[1] > limit:
             raise ValueError(f"TextDecoder expects (B, T) integer ids with {start} + T <= {limit} positions; "
                              f"got {input_ids.dtype} of shape {tuple(input_ids.shape)}")
+        check_token_ids(input_ids, self.config.vocab_size, "TextDecoder")
         enc = None if cache is not None else self.project_image(encoder_hidden_states)
         pos = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
         x = self.drop(self.wte(input_ids) + self.wpe(pos))
@@ -276,8 +278,12 @@ def sample_tokens(logits, uniforms, temperature=1.0, top_k=0):
     return token.clamp(max=logits.shape[-1] - 1)
 
 
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
 def check_generation_args(max_length, max_positions, num_beams=1, do_sample=False, temperature=1.0,
-                          top_k=0, min_length=0):
+                          top_k=0, min_length=0, length_penalty=1.0):
     """ValueErrors naming what is expected of generate's arguments."""
     if not isinstance(max_length, int) or not 1 <= max_length <= max_positions:
         raise ValueError(f"max_length must be an int in [1, {max_positions}] (the decoder's position "
@@ -286,8 +292,10 @@ def check_generation_args(max_length, max_positions, num_beams=1, do_sample=Fals
         raise ValueError(f"num_beams must be an int >= 1; got {num_beams!r}")
     if do_sample and num_beams > 1:
         raise ValueError("do_sample=True takes num_beams=1 (beam sampling is not implemented)")
-    if do_sample and not temperature > 0:
-        raise ValueError(f"temperature must be > 0; got {temperature!r}")
+    if not (_is_real(temperature) and math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"temperature must be a positive finite number; got {temperature!r}")
+    if not (_is_real(length_penalty) and math.isfinite(length_penalty)):
+        raise ValueError(f"length_penalty must be a finite number; got {length_penalty!r}")
     if not isinstance(top_k, int) or top_k < 0:
         raise ValueError(f"top_k must be an int >= 0 (0: no filter); got {top_k!r}")
     if not isinstance(min_length, int) or not 0 <= min_length <= max_length:
@@ -343,7 +351,7 @@ class ImageCaptioningModel(nn.Module):
         follows the module's mode, as in the source: call `.eval()` first."""
         config = self.text_decoder.config
         check_generation_args(max_length, config.max_positions, num_beams, do_sample, temperature, top_k,
-                              min_length)
+                              min_length, length_penalty)
         B = images.shape[0]
         if do_sample:
             if uniforms is None:

@@ -13,6 +13,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .layers import check_token_ids
 from .vit import TransformerBlock, VisionTransformer
 
 
@@ -101,6 +102,7 @@ class TextTransformer(nn.Module):
         if text.ndim != 2 or text.is_floating_point() or text.shape[1] > self.context_length:
             raise ValueError(f"TextTransformer expects (B, L <= {self.context_length}) integer token ids; "
                              f"got {text.dtype} of shape {tuple(text.shape)}")
+        check_token_ids(text, self.token_embedding.num_embeddings, "TextTransformer")
         L = text.shape[1]
         x = self.token_embedding(text) + self.positional_embedding[:L]
         mask = torch.ones(L, L, dtype=torch.bool, device=text.device).tril()

@@ -51,6 +51,16 @@ def check_feature_map(x: torch.Tensor, in_channels: int, multiple: int, owner: s
         _check_dtype(x, dtype, owner)
 
 
+def check_token_ids(ids: torch.Tensor, vocab_size: int, owner: str) -> None:
+    """Raise a ValueError unless every id lies in [0, vocab_size)."""
+    if not ids.numel():
+        return
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab_size:
+        raise ValueError(f"{owner} expects token ids in [0, {vocab_size - 1}] (vocab_size {vocab_size}); "
+                         f"got ids {lo}..{hi}")
+
+
 def check_timesteps(t, batch: int, owner: str) -> None:
     """Raise a ValueError unless `t` holds one timestep per image, shape (batch,)."""
     shape = tuple(getattr(t, "shape", ()))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from jax_models import compile_cache
+from jax_models import compile_cache, xla_flags
 from train.settings import add_arguments, check_config, config_from_args
 
 # XLA:CPU aborts the process when a device waits 40 s in an all-reduce; fake CPU devices on a
@@ -55,6 +55,8 @@ def main(argv=None) -> int:
     try:
         config = config_from_args(args)
         check_config(config)
+        compile_cache.dir_from_args(args)
+        xla_flags.check_env()
         peers = (dict(coordinator=args.coordinator, num_processes=args.num_processes,
                       process_id=args.process_id)
                  if args.coordinator or args.num_processes or args.process_id is not None

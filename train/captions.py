@@ -28,10 +28,9 @@ import math
 import os
 
 import numpy as np
-from PIL import Image
 
 from train import scenes
-from train.data import ArrayDataset, _normalize
+from train.data import IMAGE_DATA, ArrayDataset, _normalize, _read_image
 
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0
@@ -58,6 +57,9 @@ def load(spec: str, image_size: int, in_channels: int, recipe: dict) -> tuple[Ar
         return load_scenes(image_size, in_channels, recipe)
     if kind == "coco" and path:
         return load_coco(os.path.expanduser(path), image_size, in_channels)
+    if kind in IMAGE_DATA:
+        raise ValueError(f"--data {spec!r} is an image source of the classification, contrastive and "
+                         "diffusion presets: it has no captions; captioning presets take 'scenes' or 'coco:DIR'")
     raise ValueError(f"unknown caption data spec {spec!r}; expected 'scenes' or 'coco:DIR'")
 
 
@@ -100,8 +102,13 @@ def read_coco_captions(path: str) -> list[tuple[str, tuple[str, ...]]]:
     try:
         names = {im["id"]: im["file_name"] for im in spec["images"]}
         by_image = collections.defaultdict(list)
-        for a in spec["annotations"]:
-            by_image[a["image_id"]].append(str(a["caption"]).strip())
+        for n, a in enumerate(spec["annotations"]):
+            caption = a["caption"]
+            if not isinstance(caption, str) or not caption.strip():
+                what = "an empty string" if isinstance(caption, str) else f"{caption!r}, not text"
+                raise ValueError(f"{path}: annotation {n} (image_id {a['image_id']!r}) has the caption "
+                                 f"{what}; every caption must be a non-empty string")
+            by_image[a["image_id"]].append(caption.strip())
     except (KeyError, TypeError) as e:
         raise ValueError(f"{path}: an image or annotation lacks {e}; expected {COCO_LAYOUT}") from None
     unknown = sorted(set(by_image) - set(names), key=str)
@@ -137,12 +144,7 @@ def _read_images(folder: str, files: list[str], image_size: int, in_channels: in
         raise ValueError(f"images can be read with 1 or 3 channels, not {in_channels}")
     out = np.empty((len(files), image_size, image_size, in_channels), np.float32)
     for i, f in enumerate(files):
-        try:
-            with Image.open(os.path.join(folder, f)) as im:
-                im = im.convert(mode).resize((image_size, image_size), Image.BILINEAR)
-                out[i] = np.asarray(im, np.float32).reshape(image_size, image_size, in_channels)
-        except OSError as e:
-            raise ValueError(f"{os.path.join(folder, f)}: not a readable image ({e})") from None
+        out[i] = _read_image(os.path.join(folder, f), mode, image_size)
     return _normalize(out)
 
 

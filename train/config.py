@@ -105,20 +105,38 @@ def check_devices(config: Config, batch_size: int):
                          f"{per % n}); use a multiple of {n}")
 
 
+# What a run writes into its workdir beside checkpoints/: an --export path must be none of them.
+RUN_FILES = ("summary.json", "metrics.jsonl", "tokenizer.json", "samples.npy", "samples.png",
+             "captions.png", "relational_confusion.png")
+
+
+def _nearest_existing(path: str) -> str:
+    while not os.path.exists(path) and os.path.dirname(path) != path:
+        path = os.path.dirname(path)
+    return path
+
+
 def check_writable(workdir: str, export: str | None):
-    """The workdir can be made and written, and the export's folder too: found before training,
-    not after it."""
-    for what, folder in (("--workdir", workdir), ("--export", os.path.dirname(os.path.abspath(export)) if export else None)):
-        if folder is None:
-            continue
-        try:
-            os.makedirs(folder, exist_ok=True)
-        except OSError as e:
-            raise ValueError(f"{what}: cannot create {folder} ({e.strerror})") from None
-        if not os.access(folder, os.W_OK):
-            raise ValueError(f"{what}: {folder} is not writable")
-    if export and os.path.isdir(export):
+    """The workdir can be made and written, and the export's folder too, and the export is none of
+    the run's own files: found before training, and without creating anything."""
+    folders = [("--workdir", os.path.abspath(workdir))]
+    if export:
+        folders.append(("--export", os.path.dirname(os.path.abspath(export))))
+    for what, folder in folders:
+        base = _nearest_existing(folder)
+        if not os.path.isdir(base):
+            raise ValueError(f"{what}: cannot create {folder} ({base} is a file, not a folder)")
+        if not os.access(base, os.W_OK | os.X_OK):
+            raise ValueError(f"{what}: {folder} is not writable ({base} does not let this user write)")
+    if not export:
+        return
+    if os.path.isdir(export):
         raise ValueError(f"--export {export} is a directory; give a file path (e.g. {export}/model.safetensors)")
+    target, root = os.path.realpath(export), os.path.realpath(workdir)
+    own = [os.path.join(root, name) for name in RUN_FILES]
+    if target in own or target == root or target.startswith(os.path.join(root, "checkpoints") + os.sep):
+        raise ValueError(f"--export {export} is one of the run's own files in --workdir {workdir}; give "
+                         f"another path (e.g. {os.path.join(workdir, 'model.safetensors')})")
 
 
 def check_model_overrides(preset, overrides: dict):
@@ -134,6 +152,22 @@ def check_model_overrides(preset, overrides: dict):
         if default is not None and not ok:
             raise ValueError(f"--set {key}={value!r}: preset {preset.name!r} takes a value of type {type(default).__name__} "
                              f"there (its default is {default!r})")
+    try:
+        presets.check_kwargs({**preset.kwargs, **overrides}, overrides)
+    except ValueError as e:
+        raise ValueError(f"--set {e}") from None
+
+
+def check_classes(preset, data, spec: str, overridden: bool):
+    """A classifier needs two classes or more, and `--set num_classes` (else set from the data)
+    must be the data's count."""
+    if data.num_classes < 2:
+        raise ValueError(f"--data {spec}: {data.num_classes} class ({', '.join(data.class_names)}); a "
+                         "classifier needs at least 2 (one sub-folder per class)")
+    if overridden and preset.kwargs["num_classes"] != data.num_classes:
+        raise ValueError(f"--set num_classes={preset.kwargs['num_classes']}: the data ({spec}) has "
+                         f"{data.num_classes} classes; leave num_classes unset (it follows the data) "
+                         f"or set it to {data.num_classes}")
 
 
 def resolve_recipe(config: Config, preset) -> dict:
@@ -170,11 +204,13 @@ def resolve(config: Config) -> Run:
     check_model_overrides(preset, overrides)
     workdir = config.workdir or os.path.join("runs", preset.name)
     check_writable(workdir, config.export)
-    train_data, test_data = task.load_data(recipe["data"], preset, recipe)
-    if preset.kwargs.get("num_classes") not in (None, train_data.num_classes):
-        overrides.setdefault("num_classes", train_data.num_classes)
     if overrides:
         preset = presets.with_overrides(preset, **overrides)
+    train_data, test_data = task.load_data(recipe["data"], preset, recipe)
+    if "num_classes" in preset.kwargs:
+        check_classes(preset, train_data, recipe["data"], "num_classes" in overrides)
+        if preset.kwargs["num_classes"] != train_data.num_classes:
+            preset = presets.with_overrides(preset, num_classes=train_data.num_classes)
     spe = data_lib.steps_per_epoch(len(train_data), recipe["batch_size"])
     if config.steps is not None:
         total = config.steps
@@ -185,4 +221,6 @@ def resolve(config: Config) -> Run:
     if total <= 0:
         raise ValueError(f"nothing to train: {total} steps")
     recipe["warmup_steps"] = min(recipe["warmup_steps"], total // 2)
-    return Run(config, preset, task, train_data, test_data, recipe, spe, total, workdir)
+    run = Run(config, preset, task, train_data, test_data, recipe, spe, total, workdir)
+    task.check(run)
+    return run

@@ -22,6 +22,7 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".
                     ".pgm")
 TEST_FRACTION = 0.2
 SPLIT_SEED = 0
+CIFAR_TRAIN_BATCHES = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +65,17 @@ def load(spec: str, image_size: int, in_channels: int) -> tuple[ArrayDataset, Ar
         return load_imagefolder(path, image_size, in_channels)
     if kind == "cifar10" and path:
         return load_cifar10(path, image_size, in_channels)
+    if kind in OTHER_TASKS_DATA:
+        raise ValueError(f"--data {spec!r} is for {OTHER_TASKS_DATA[kind]}; this preset takes 'digits', "
+                         "'imagefolder:DIR' or 'cifar10:DIR'")
     raise ValueError(f"unknown data spec {spec!r}; expected 'digits', 'imagefolder:DIR' or "
                      "'cifar10:DIR'")
+
+
+# The data kinds of the tasks with their own sources (train.captions, train.tasks.vqa)
+OTHER_TASKS_DATA = {"scenes": "the captioning and VQA presets (caption-scenes, vqa-scenes, mmt-vqa-scenes)",
+                    "coco": "the captioning presets (caption-scenes)"}
+IMAGE_DATA = {"digits", "imagefolder", "cifar10"}
 
 
 def load_digits(image_size: int = 32, in_channels: int = 1) -> tuple[ArrayDataset, ArrayDataset]:
@@ -94,7 +104,8 @@ def load_imagefolder(root: str, image_size: int, in_channels: int
     stratified with a fixed seed.
     """
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"image folder {root!r} does not exist")
+        raise FileNotFoundError(f"image folder {root!r} " + ("is a file, not a folder of class sub-folders"
+                                                             if os.path.exists(root) else "does not exist"))
     train_dir, test_dir = os.path.join(root, "train"), os.path.join(root, "test")
     if os.path.isdir(train_dir) and os.path.isdir(test_dir):
         names = _class_folders(train_dir)
@@ -116,11 +127,16 @@ def load_cifar10(root: str, image_size: int = 32, in_channels: int = 3
     and numpy arrays, so a file that tries to run code fails to load.
     """
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"CIFAR-10 folder {root!r} does not exist")
-    train_files = sorted(f for f in os.listdir(root) if f.startswith("data_batch_"))
-    if not train_files or not os.path.exists(os.path.join(root, "test_batch")):
+        raise FileNotFoundError(f"CIFAR-10 folder {root!r} " + ("is a file, not a folder" if os.path.exists(root)
+                                                                else "does not exist"))
+    train_files = [f"data_batch_{i}" for i in range(1, CIFAR_TRAIN_BATCHES + 1)]
+    missing = [f for f in (*train_files, "test_batch") if not os.path.isfile(os.path.join(root, f))]
+    if len(missing) == CIFAR_TRAIN_BATCHES + 1:
         raise FileNotFoundError(f"{root!r} has no CIFAR-10 python batches (expected "
                                 "data_batch_1 ... data_batch_5 and test_batch)")
+    if missing:
+        raise FileNotFoundError(f"{root!r} lacks the CIFAR-10 batch(es) {', '.join(missing)} (expected "
+                                "data_batch_1 ... data_batch_5 and test_batch, the whole training and test set)")
     names = tuple(f"class_{i}" for i in range(10))
     meta = os.path.join(root, "batches.meta")
     if os.path.exists(meta):
@@ -226,14 +242,38 @@ def _read_folder(root: str, names: tuple[str, ...], image_size: int, in_channels
 
 
 def _read_image(path: str, mode: str, image_size: int) -> np.ndarray:
-    """One image as (image_size, image_size, C) float32; an unreadable file is named with why."""
+    """One image as (image_size, image_size, C) float32 pixels in [0, 255], C from `mode` ('L' or
+    'RGB'); an unreadable file or one of no known range is named with why."""
     try:
         with Image.open(path) as im:
-            im = im.convert(mode).resize((image_size, image_size), Image.BILINEAR)
-            return np.asarray(im, np.float32).reshape(image_size, image_size, -1)
+            return image_pixels(im, mode, image_size)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
         reason = str(e) or type(e).__name__
         raise ValueError(f"{path}: not a readable image ({reason}); remove or replace it") from None
+
+
+def image_pixels(im: Image.Image, mode: str, image_size: int) -> np.ndarray:
+    """`im` resized to (image_size, image_size, C) float32 in [0, 255]. 16-bit images (mode I;16,
+    or a PNG opened as I) are scaled from their range 0..65535, not clipped at 255; 32-bit integer
+    (other I) and floating-point (F) pixels hold no known range and are refused."""
+    channels = {"L": 1, "RGB": 3}[mode]
+    if im.mode == "F" or (im.mode == "I" and im.format != "PNG"):
+        kind = "floating-point" if im.mode == "F" else "32-bit integer"
+        raise ValueError(f"{kind} pixels (mode {im.mode}) have no known range; save the image with 8 "
+                         "or 16-bit pixels")
+    if im.mode.startswith("I"):
+        wide = np.asarray(im, np.float64)
+        if wide.min() < 0 or wide.max() > 65535:
+            raise ValueError(f"{im.mode} pixels range {wide.min():g}..{wide.max():g}, outside the 16-bit "
+                             "range 0..65535")
+        small = Image.fromarray((wide / 257.0).astype(np.float32), "F").resize((image_size, image_size),
+                                                                               Image.BILINEAR)
+        return np.repeat(np.asarray(small, np.float32)[..., None], channels, axis=-1)
+    if im.mode in ("LA", "RGBA", "PA", "La", "RGBa") or (im.mode == "P" and "transparency" in im.info):
+        im = im.convert("RGBA")   # the image over black, as its transparent pixels show nothing
+        im = Image.alpha_composite(Image.new("RGBA", im.size, (0, 0, 0, 255)), im)
+    im = im.convert(mode).resize((image_size, image_size), Image.BILINEAR)
+    return np.asarray(im, np.float32).reshape(image_size, image_size, channels)
 
 
 def _stratified_split(data: ArrayDataset) -> tuple[ArrayDataset, ArrayDataset]:

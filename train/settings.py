@@ -70,6 +70,47 @@ class Config:
 
 
 RECIPE_FLAGS = RECIPE_KEYS   # the recipe keys with a flag (and a Config field) of their own
+SEED_RANGE = (0, 2 ** 32 - 1)   # what numpy's, JAX's and torch's generators all take
+COUNT_LIMIT = 2 ** 31 - 1       # the largest step, batch or example count (an int32 on device)
+
+
+def _count(lo):
+    return (lambda v: isinstance(v, int) and not isinstance(v, bool) and lo <= v <= COUNT_LIMIT,
+            f"an integer in [{lo}, {COUNT_LIMIT}]")
+
+
+def _rate(lo_open):
+    ok = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and (0 < v < 1 if lo_open else 0 <= v < 1)  # noqa: E731
+    return ok, "a number in (0, 1)" if lo_open else "a number in [0, 1)"
+
+
+def _objects(v):
+    pair = isinstance(v, (list, tuple)) and len(v) == 2 and all(_count(1)[0](x) for x in v) and v[0] <= v[1]
+    return pair or _count(1)[0](v)
+
+
+# The --recipe keys of the tasks: what each value must be (the preset's default gives its type).
+RECIPE_RULES = {
+    "steps": _count(1), "epochs": _count(1), "checkpoint_every": _count(0), "timesteps": _count(1),
+    "ddim_steps": _count(0), "num_samples": _count(1), "max_length": _count(1), "num_beams": _count(1),
+    "num_train": _count(1), "num_test": _count(1), "num_scenes": _count(1), "num_test_scenes": _count(1),
+    "nonrelational_steps": _count(0), "cell": _count(1),
+    "object_size": (lambda v: v is None or _count(1)[0](v), "null or a positive integer"),
+    "questions_per_scene": (lambda v: v is None or _count(1)[0](v), "null or a positive integer"),
+    "num_objects": (_objects, "a positive integer or a pair [lo, hi] of them"),
+    "ema_decay": _rate(False), "beta_start": _rate(True), "beta_end": _rate(True),
+    "clip_denoised": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def check_recipe_overrides(overrides: dict):
+    """Each --recipe value within what its key allows (`RECIPE_RULES`); one ValueError naming the
+    key, the value and what is allowed."""
+    for key, value in overrides.items():
+        ok, want = RECIPE_RULES.get(key, (lambda v: True, ""))
+        if not ok(value) or (isinstance(value, float) and not math.isfinite(value)):
+            raise ValueError(f"--recipe {key}={value!r}: {key} must be {want or 'a finite value'}")
+
 EXCLUSIVE = (("steps", "epochs"),)
 
 
@@ -151,3 +192,11 @@ def check_config(config: Config):
     need(config.grad_clip is None or (math.isfinite(config.grad_clip) and config.grad_clip >= 0), "--grad-clip",
          "0 (off) or a positive number", config.grad_clip)
     need(config.dropout is None or 0 <= config.dropout < 1, "--dropout", "in [0, 1)", config.dropout)
+    need(SEED_RANGE[0] <= config.seed <= SEED_RANGE[1], "--seed", f"an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}]",
+         config.seed)
+    for flag, value in (("--steps", config.steps), ("--epochs", config.epochs), ("--batch-size", config.batch_size),
+                        ("--warmup-steps", config.warmup_steps), ("--checkpoint-every", config.checkpoint_every),
+                        ("--eval-every", config.eval_every), ("--log-every", config.log_every),
+                        ("--keep", config.keep), ("--max-bad-steps", config.max_bad_steps)):
+        need(value is None or value <= COUNT_LIMIT, flag, f"at most {COUNT_LIMIT}", value)
+    check_recipe_overrides(config.recipe_overrides)

@@ -13,6 +13,7 @@ import ast
 import dataclasses
 import fnmatch
 import json
+import math
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -284,8 +285,85 @@ def get_preset(name: str) -> Preset:
 
 
 def with_overrides(preset: Preset, **kwargs: Any) -> Preset:
-    """A copy of `preset` whose constructor arguments are updated by `kwargs`."""
-    return dataclasses.replace(preset, kwargs={**preset.kwargs, **kwargs})
+    """A copy of `preset` whose constructor arguments are updated by `kwargs`, checked by
+    `check_kwargs` (a ValueError naming the argument, the value and what is allowed)."""
+    merged = {**preset.kwargs, **kwargs}
+    check_kwargs(merged, kwargs)
+    fields = {field: kwargs[arg] for arg, field in (("image_size", "image_size"), ("img_size", "image_size"),
+                                                    ("in_channels", "in_channels")) if arg in kwargs}
+    return dataclasses.replace(preset, kwargs=merged, **fields)
+
+
+# Constructor arguments by kind: what a value must be, the same rule for both twins.
+SIZE_ARGS = ("image_size", "img_size", "patch_size", "in_channels", "out_channels", "num_classes",
+             "embed_dim", "depth", "num_heads", "vision_width", "vision_layers", "vision_heads",
+             "vocab_size", "context_length", "text_width", "text_layers", "text_heads", "time_emb_dim",
+             "num_res_blocks", "max_positions", "width", "layers", "heads", "dim", "fusion_layers",
+             "fusion_heads", "num_answers", "num_layers", "window_size", "depths", "features")
+RATE_ARGS = ("dropout", "drop_path_rate", "attn_dropout", "attention_dropout")
+POSITIVE_ARGS = ("mlp_ratio",)
+NONNEGATIVE_ARGS = ("vision_pos_embed_std",)
+FLAG_ARGS = ("cross_attention", "image_positions", "qkv_bias")
+# (width, heads): the width splits evenly over the heads; (image, patch): patches tile the image
+DIVIDES = (("embed_dim", "num_heads"), ("vision_width", "vision_heads"), ("text_width", "text_heads"),
+           ("width", "heads"), ("dim", "num_heads"), ("dim", "fusion_heads"),
+           ("image_size", "patch_size"), ("img_size", "patch_size"))
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+
+
+def check_kwargs(kwargs: dict[str, Any], names: Iterable[str] | None = None) -> None:
+    """Refuses constructor arguments no model can take: a size that is not a positive integer (or a
+    non-empty tuple of them), a rate outside [0, 1), a ratio that is not a positive finite number, a
+    width its heads or an image its patches do not divide. Checks `names` (default: all)."""
+    names = set(kwargs if names is None else names)
+
+    def bad(name, value, want):
+        raise ValueError(f"{name}={value!r}: {name} must be {want}")
+
+    for name in names & set(kwargs):
+        v = kwargs[name]
+        if name in SIZE_ARGS:
+            if isinstance(v, (tuple, list)):
+                if not v or not all(_is_int(x) and x >= 1 for x in v):
+                    bad(name, v, "a positive integer or a non-empty tuple of positive integers")
+            elif not (_is_int(v) and v >= 1):
+                bad(name, v, "a positive integer")
+        elif name in RATE_ARGS and not (_is_real(v) and 0 <= v < 1):
+            bad(name, v, "a number in [0, 1)")
+        elif name in POSITIVE_ARGS and not (_is_real(v) and math.isfinite(v) and v > 0):
+            bad(name, v, "a positive finite number")
+        elif name in NONNEGATIVE_ARGS and not (_is_real(v) and math.isfinite(v) and v >= 0):
+            bad(name, v, "a finite number >= 0")
+        elif name in FLAG_ARGS and not isinstance(v, (bool, np.bool_)):
+            bad(name, v, "true or false")
+    for a, b in DIVIDES:
+        if a in kwargs and b in kwargs and (a in names or b in names) and _is_int(kwargs[a]) \
+                and _is_int(kwargs[b]) and kwargs[a] % kwargs[b]:
+            raise ValueError(f"{a}={kwargs[a]} is not divisible by {b}={kwargs[b]}: {a} must be a "
+                             f"multiple of {b}")
+    if {"depths", "num_heads"} & names and isinstance(kwargs.get("depths"), (tuple, list)):
+        heads = kwargs.get("num_heads")
+        if not isinstance(heads, (tuple, list)) or len(heads) != len(kwargs["depths"]):
+            raise ValueError(f"num_heads={heads!r}: one head count per stage of depths="
+                             f"{tuple(kwargs['depths'])} ({len(kwargs['depths'])} numbers)")
+        width = kwargs.get("embed_dim")
+        for i, h in enumerate(heads):
+            if _is_int(width) and _is_int(h) and (width * 2 ** i) % h:
+                raise ValueError(f"num_heads={tuple(heads)!r}: stage {i} is {width * 2 ** i} wide "
+                                 f"(embed_dim={width} x 2^{i}), not divisible by {h} heads")
+        size, patch = kwargs.get("image_size"), kwargs.get("patch_size")
+        if _is_int(size) and _is_int(patch) and not size % patch:
+            grid = size // patch
+            if grid % 2 ** (len(heads) - 1):
+                raise ValueError(f"image_size={size}, patch_size={patch}: the {grid}x{grid} patch grid "
+                                 f"cannot be halved {len(heads) - 1} times for {len(heads)} stages")
 
 
 def without_dropout(preset: Preset) -> Preset:

@@ -171,6 +171,11 @@ class Task:
         sources of `train.data.load` (digits, imagefolder:DIR, cifar10:DIR)."""
         return data_lib.load(spec, preset.image_size, preset.in_channels)
 
+    def check(self, r) -> None:
+        """ValueErrors for what the run's settings and data must satisfy beyond each setting's own
+        range (a vocabulary the data fits, say); `train.config.resolve` calls it, before anything
+        is written."""
+
     def setup(self, r) -> tuple[dict, dict]:
         """Checks and files before training: (the run's context, which `batch` and the roles read
         as `r.context`; entries for the summary)."""

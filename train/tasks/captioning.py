@@ -270,9 +270,24 @@ class Captioning(Task):
     def load_data(self, spec: str, preset, recipe: dict):
         return caption_data.load(spec, preset.image_size, preset.in_channels, recipe)
 
+    def check(self, r) -> None:
+        self._tokenizer(r)
+
     def setup(self, r) -> tuple[dict, dict]:
         """The context: the tokenizer, the held-out references as it decodes them, and the first
         reference of each held-out image tokenized (the evaluation's teacher-forced loss)."""
+        tokenizer = self._tokenizer(r)
+        test_refs = r.test_data.extras["references"]
+        context = {"tokenizer": tokenizer,
+                   "references": [tuple(tokenizer.decode(tokenizer(c)[0]) for c in refs) for refs in test_refs],
+                   "test_tokens": tokenizer([refs[0] for refs in test_refs]).astype(np.int32)}
+        os.makedirs(r.workdir, exist_ok=True)
+        return context, {"tokenizer": tokenizer.save(r.workdir), "train_examples": len(r.train_data),
+                         "decode": decode_name(r)}
+
+    def _tokenizer(self, r):
+        """The run's tokenizer, checked against the decoder: max_length within its positions, the
+        same bos, eos and pad ids."""
         kw = r.preset.kwargs
         max_length = r.recipe["max_length"]
         if not 1 <= max_length < kw["max_positions"]:
@@ -287,13 +302,7 @@ class Captioning(Task):
             raise ValueError(f"the decoder's bos, eos, pad ids {config.bos_token_id}, {config.eos_token_id}, "
                              f"{config.pad_token_id} are not the tokenizer's {tokenizer.sot_id}, "
                              f"{tokenizer.eot_id}, {tokenizer.pad_id}")
-        test_refs = r.test_data.extras["references"]
-        context = {"tokenizer": tokenizer,
-                   "references": [tuple(tokenizer.decode(tokenizer(c)[0]) for c in refs) for refs in test_refs],
-                   "test_tokens": tokenizer([refs[0] for refs in test_refs]).astype(np.int32)}
-        os.makedirs(r.workdir, exist_ok=True)
-        return context, {"tokenizer": tokenizer.save(r.workdir), "train_examples": len(r.train_data),
-                         "decode": decode_name(r)}
+        return tokenizer
 
     def batch(self, batch: dict, step: int, r) -> dict:
         """Images and one of each image's captions (drawn from (seed, step) when it has several),

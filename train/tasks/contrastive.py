@@ -148,14 +148,18 @@ class Contrastive(Task):
     torch_training = ContrastiveTorch()
     parity = ContrastiveParity()
 
-    def setup(self, r) -> tuple[dict, dict]:
+    def check(self, r) -> None:
         if r.recipe["data"] != "digits":
             raise ValueError(f"contrastive presets train on the digits' captions; --data "
                              f"{r.recipe['data']!r} has no captions")
         tokenizer = digits_tokenizer(r.preset.kwargs["context_length"])
         if tokenizer.vocab_size > r.preset.kwargs["vocab_size"]:
-            raise ValueError(f"the captions need {tokenizer.vocab_size} tokens; the model "
-                             f"has {r.preset.kwargs['vocab_size']}")
+            raise ValueError(f"--set vocab_size={r.preset.kwargs['vocab_size']}: the captions need "
+                             f"{tokenizer.vocab_size} token ids; vocab_size must be at least {tokenizer.vocab_size}")
+
+    def setup(self, r) -> tuple[dict, dict]:
+        self.check(r)
+        tokenizer = digits_tokenizer(r.preset.kwargs["context_length"])
         os.makedirs(r.workdir, exist_ok=True)
         return {"tokenizer": tokenizer}, {"tokenizer": tokenizer.save(r.workdir)}
 
