@@ -1,5 +1,6 @@
 """`python -m bridge verify PRESET [--batch-size B] [--seed S] [--tol T] [--weights FILE]
-[--precision fp32|bf16]`; `python -m bridge import --from timm|open_clip|hf --arch NAME CHECKPOINT
+[--precision fp32|bf16]`; `python -m bridge verify --all [--full] [--preset GLOB] [--steps N]
+[--out DIR]`; `python -m bridge import --from timm|open_clip|hf --arch NAME CHECKPOINT
 --out DIR`. Exit status: 0 pass, 1 over the tolerance (or a non-finite output), 2 a usage error,
 3 a weights file that cannot be used (missing, damaged, wrong keys or shapes)."""
 
@@ -20,7 +21,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bridge", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     v = sub.add_parser("verify", help="carry torch weights into the Flax twin and diff every layer")
-    v.add_argument("preset")
+    v.add_argument("preset", nargs="?", help="the preset to diff layer by layer (or --all)")
     v.add_argument("--batch-size", type=int, default=2)
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--tol", type=float, default=None, help="relative tolerance (default 1e-5)")
@@ -28,6 +29,13 @@ def main(argv=None) -> int:
     v.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                    help="bf16: what bfloat16 costs per layer, each backend against its own fp32 and "
                         "against the other (torch under autocast, Flax with bf16 params, as the trainer)")
+    r = v.add_argument_group("every preset (bridge.report): forward, each parameter's gradient, an AdamW trajectory")
+    r.add_argument("--all", action="store_true", help="every small preset; writes a table, a JSON file and "
+                   "loss curves to --out; exit status 1 if any preset fails")
+    r.add_argument("--full", action="store_true", help="with --all: the full-size presets too")
+    r.add_argument("--preset", dest="preset_glob", metavar="GLOB", help="with --all: only the presets matching GLOB")
+    r.add_argument("--steps", type=int, default=None, help="with --all: AdamW steps of each trajectory (default 100)")
+    r.add_argument("--out", default=None, help="with --all: the folder to write to (default runs/parity)")
     compile_cache.add_arguments(v)
     i = sub.add_parser("import", help="a timm, open_clip or Hugging Face checkpoint as this project's model",
                        description="Writes OUT/model.safetensors (this project's torch key names) and "
@@ -60,6 +68,10 @@ def main(argv=None) -> int:
 
     from twin_models.presets import PRESETS
 
+    if args.all or args.full or args.preset_glob or args.steps is not None or args.out is not None:
+        return _verify_all(parser, args)
+    if args.preset is None:
+        parser.error("verify needs a PRESET, or --all for every preset")
     if args.preset not in PRESETS:
         parser.error(f"unknown preset {args.preset!r}; known presets: {', '.join(PRESETS)}")
     from .convert import WeightMismatchError
@@ -77,6 +89,34 @@ def main(argv=None) -> int:
     if args.precision == "bf16":
         return 0 if report.finite else 1
     return 0 if report.ok else 1
+
+
+def _verify_all(parser, args) -> int:
+    """`verify --all`: every selected preset through `bridge.report`; 1 if any fails."""
+    from .report import STEPS, run_all, select
+
+    if not args.all:
+        parser.error("--full, --preset, --steps and --out go with --all")
+    if args.preset is not None:
+        parser.error(f"give either a PRESET ({args.preset}) or --all, not both")
+    if args.weights or args.precision != "fp32" or args.tol is not None:
+        parser.error("--weights, --precision and --tol are for one preset; --all holds every preset to "
+                     "bridge.verify's REPORT_* tolerances")
+    steps = STEPS if args.steps is None else args.steps
+    if steps < 1:
+        parser.error(f"--steps must be a positive integer, not {steps}")
+    names = select(args.preset_glob, args.full)
+    if not names:
+        parser.error(f"--preset {args.preset_glob!r} matches no {'' if args.full else 'small '}preset")
+    out = args.out or "runs/parity"
+    results = run_all(names, out, steps)
+    failed = [r for r in results if not r.ok]
+    for r in failed:
+        where = f"; first layer over tolerance: {r.first_divergent}" if r.first_divergent else ""
+        print(f"FAIL {r.preset}: {', '.join(r.failures)}{where}")
+    print(f"{len(results) - len(failed)} of {len(results)} presets pass; "
+          f"{out}/report.md, report.json and one PNG per preset")
+    return 1 if failed else 0
 
 
 MAX_SEED = 2 ** 32 - 1   # torch.manual_seed and numpy's RandomState both take it

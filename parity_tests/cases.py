@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import pytest
 
+from bridge.report import FULL_SIZE, TRAJECTORY_LR  # noqa: F401  (one definition, shared with verify --all)
 from bridge.verify import FORWARD_TOL, GRAD_TOL, TRAJECTORY_TOL  # noqa: F401  (one definition)
 from train.tasks import TASKS
 from twin_models.presets import PRESETS, matching
@@ -21,16 +22,8 @@ BF16_TOL = 3e-2
 
 # --- presets --------------------------------------------------------------------------------------
 
-# Full-size presets: run by `make test-all` (marker `slow`), with batches of 2.
-FULL_SIZE = {
-    "vit-ti16": "ViT-Ti/16 at 224 (5.7M parameters)",
-    "vit-s16": "ViT-S/16 at 224 (22M)",
-    "vit-b16": "ViT-B/16 at 224 (86M)",
-    "encoder-vit-b16": "the second source's ViT-B/16 at 224 (86M)",
-    "swin-[tsb]": "Swin-T/S/B at 224 (28-88M)",
-    "clip-b16": "CLIP ViT-B/16 (150M)",
-    "ddpm-cifar10": "the source's U-Net 64-128-256-512 at 32x32x3 (~34M)",
-}
+# Full-size presets (`bridge.report.FULL_SIZE`, {glob: reason}): run by `make test-all` (marker `slow`),
+# with batches of 2.
 SLOW = matching(PRESETS, FULL_SIZE)            # {full-size preset: reason}
 SMALL = [name for name in PRESETS if name not in SLOW]
 
@@ -99,12 +92,8 @@ def small_cases(check: str | None = None):
 
 # --- test_presets.py ------------------------------------------------------------------------------
 
-# The full-size trajectory steps at a lower rate where the recipe's diverges in 20 steps.
-TRAJECTORY_LR = {
-    "clip-b16": (1e-5, "at 1e-3 without warm-up on 2 pairs a batch its 150M weights diverge (loss "
-                       "0.7 -> 5.7, in float64 too); 1e-5 is still above what CLIP's own recipe "
-                       "(5e-4 after 2000 warm-up steps) reaches by step 20"),
-}
+# TRAJECTORY_LR (`bridge.report`): the full-size trajectory steps at a lower rate where the recipe's
+# diverges in 20 steps, {preset: (lr, reason)}.
 
 # ReLU feed-forward at full size: float32 rounding puts some pre-activations on opposite sides of
 # the kink in the two frameworks; each flips a unit's derivative, so the float32 gradient and

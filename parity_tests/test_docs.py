@@ -197,7 +197,11 @@ def check_cli(module: str, args: list[str]) -> list[str]:
     stderr = io.StringIO()
     try:
         with contextlib.redirect_stderr(stderr):
-            if module == "train":
+            if module == "train" and args[:1] == ["plot"]:
+                from train.curves import main as plot
+
+                ns = _parse_with_main(plot, args[1:])
+            elif module == "train":
                 from train.__main__ import parse_args
                 from train.settings import check_config, config_from_args
 
@@ -223,7 +227,9 @@ def check_cli(module: str, args: list[str]) -> list[str]:
         elif task and PRESETS[name].task != task:
             problems.append(f"preset {name!r} is a {PRESETS[name].task} preset, not {task}")
 
-    if module == "train":
+    if module == "train" and args[:1] == ["plot"]:
+        pass
+    elif module == "train":
         need_preset(ns.preset)
         if ns.preset in PRESETS:
             preset = PRESETS[ns.preset]
@@ -233,6 +239,10 @@ def check_cli(module: str, args: list[str]) -> list[str]:
             for key in _pairs(ns.recipe_overrides):
                 if key not in preset.train:
                     problems.append(f"--recipe {key}: not a recipe key of {ns.preset}")
+    elif module == "bridge" and ns.command == "verify" and ns.all:
+        from bridge.report import select
+        if not select(ns.preset_glob, ns.full):
+            problems.append(f"--preset {ns.preset_glob!r} matches no preset")
     elif module == "bridge" and ns.command == "verify":
         need_preset(ns.preset)
     elif module == "bridge" and ns.command == "import":
@@ -454,6 +464,8 @@ def test_the_checker_fails_on_a_mistake():
     assert problems("python -m train vit-digits --recipe no_such_key=1")
     assert problems("python -m train vit-digits --fsdp")
     assert problems("python -m bridge verify no-such-preset")
+    assert problems("python -m bridge verify --all --preset 'no-such-*'")
+    assert problems("python -m train plot")
     assert problems("python -m bridge import --from timm --arch no_such_arch m.safetensors --out x")
     assert problems("python -m benchmarks --preset vit-digits --frameworks jax,no-such")
     assert problems("python -m benchmarks.sampling --preset vit-digits")

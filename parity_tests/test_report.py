@@ -1,0 +1,85 @@
+"""`python -m bridge verify --all`: the report of every preset (forward, each parameter's gradient,
+an AdamW trajectory), its table, JSON and pictures, its exit status and its usage errors. The
+default run checks one small preset for a few steps; the whole 100-step report of every small
+preset is `slow`."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from bridge import report
+from bridge.__main__ import main
+from parity_tests.cases import SMALL
+
+
+def test_one_preset_for_a_few_steps(tmp_path, capsys):
+    assert main(["verify", "--all", "--preset", "vit-tiny-*", "--steps", "3", "--out", str(tmp_path)]) == 0
+    assert "1 of 1 presets pass" in capsys.readouterr().out
+    data = json.loads((tmp_path / "report.json").read_text())
+    (row,) = data["presets"]
+    assert data["ok"] and row["preset"] == "vit-tiny-digits" and row["ok"] and row["steps"] == 3
+    assert len(row["losses_torch"]) == len(row["losses_flax"]) == 3 and 1 <= row["loss_step"] <= 3
+    assert 0 < row["forward"] <= report.REPORT_FORWARD_TOL and 0 < row["gradient"] <= report.REPORT_GRAD_TOL
+    assert row["gradient_param"].endswith((".weight", ".bias", "cls_token", "pos_embed"))
+    table = (tmp_path / "report.md").read_text()
+    assert "| `vit-tiny-digits` |" in table and f"(`{row['gradient_param']}`)" in table and "| pass |" in table
+    assert Image.open(tmp_path / "vit-tiny-digits.png").size == (560, 440)
+
+
+def failing(name="vit-digits", forward=3e-6, first="blocks.2.mlp.0"):
+    return report.PresetResult(
+        preset=name, forward=forward, first_divergent=first, gradient=1e-6, gradient_param="head.weight",
+        loss=2e-7, loss_step=7, weights=1e-12, weights_param="head.bias", seconds=1.0, steps=10, lr=1e-3,
+        batch_size=8, losses_torch=[2.0, 1.9], losses_flax=[2.0, 1.9 + 4e-7], tolerances=report.tolerances())
+
+
+def test_a_failing_preset_exits_1_and_names_its_first_diverging_layer(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(report, "check_preset", lambda name, steps, log=None: failing(name))
+    assert main(["verify", "--all", "--preset", "vit-digits", "--out", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL vit-digits: forward; first layer over tolerance: blocks.2.mlp.0" in out
+    assert "| FAIL: forward |" in (tmp_path / "report.md").read_text()
+    assert "(first over: `blocks.2.mlp.0`)" in (tmp_path / "report.md").read_text()
+    assert json.loads((tmp_path / "report.json").read_text())["presets"][0]["failures"] == ["forward"]
+
+
+def test_the_loss_difference_is_relative_to_the_largest_loss():
+    r = failing()
+    assert r.loss_differences().tolist() == pytest.approx([0.0, 2e-7])
+    r.losses_flax = [float("nan"), 1.9]
+    r.loss = float(r.loss_differences().max())
+    assert "loss" in r.failures
+
+
+def test_the_selection_of_presets():
+    assert report.select() == SMALL
+    assert set(report.select(full=True)) > set(SMALL)
+    assert report.select("vit-*") == [n for n in SMALL if n.startswith("vit-")]
+    assert "vit-b16" in report.select("vit-*", full=True)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["verify"], "verify needs a PRESET, or --all for every preset"),
+    (["verify", "--full"], "--full, --preset, --steps and --out go with --all"),
+    (["verify", "vit-digits", "--all"], "give either a PRESET (vit-digits) or --all, not both"),
+    (["verify", "--all", "--preset", "no-such-*"], "--preset 'no-such-*' matches no small preset"),
+    (["verify", "--all", "--steps", "0"], "--steps must be a positive integer, not 0"),
+    (["verify", "--all", "--weights", "w.safetensors"], "--weights, --precision and --tol are for one preset"),
+])
+def test_usage_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_every_small_preset_for_100_steps(tmp_path):
+    """The whole report: every small preset within every tolerance over 100 AdamW steps."""
+    rc = main(["verify", "--all", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "report.json").read_text())
+    assert [p["preset"] for p in data["presets"]] == SMALL
+    assert rc == 0, (tmp_path / "report.md").read_text()
+    assert all(p["steps"] == report.STEPS and (tmp_path / f"{p['preset']}.png").is_file() for p in data["presets"])
