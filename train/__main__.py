@@ -46,6 +46,10 @@ def _apply_xla_flags():
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["plot"]:   # python -m train plot RUN [RUN ...]
+        from train.curves import main as plot
+        return plot(argv[1:])
     args = parse_args(argv)
     # jax, torch and the tasks after argparse and the settings' checks: --help and a mistyped
     # flag answer at once

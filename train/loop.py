@@ -31,6 +31,7 @@ from bridge import save_safetensors
 from train import distributed
 from train.checkpoint import CheckpointError, Checkpoints
 from train.config import BACKENDS, Config, Run, resolve
+from train.curves import Curves
 from train.jax_backend import JaxBackend
 from train.torch_backend import TorchBackend
 
@@ -120,6 +121,7 @@ def train(r: Run, backend_cls) -> dict:
     primary = distributed.is_primary()
     log = MetricsLog(r.workdir, r.total_steps, start_step, cfg.progress and primary, ("loss", *task.report),
                      write=primary, resume=cfg.resume)
+    curves = Curves(r.workdir, start_step, enabled=primary, tensorboard=cfg.tensorboard)
     speed = Throughput()
     guard = NonFiniteGuard(cfg.max_bad_steps, ckpt)
     step, metrics, last_eval = start_step, None, {}
@@ -138,6 +140,7 @@ def train(r: Run, backend_cls) -> dict:
                            "examples_per_second": speed.window_rate()})
             if r.eval_every and done % r.eval_every == 0 and done != r.total_steps:
                 log.write({"step": done, **backend.evaluate()})
+                curves.refresh()
             save(done)
             step = done
         if metrics is not None:
@@ -149,6 +152,7 @@ def train(r: Run, backend_cls) -> dict:
     finally:
         ckpt.close()
         log.close(step)
+        curves.close()
     extra.update(backend.finish())
     extra.update(backend.info())
     extra["nonfinite_steps"] = guard.total

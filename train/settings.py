@@ -67,6 +67,8 @@ class Config:
     recipe_overrides: dict = setting({}, "override another key of the preset's recipe, e.g. --recipe "
                                      "num_samples=16", flag="--recipe", metavar="KEY=VALUE")
     progress: bool = setting(True, "no progress bar", flag="--no-progress")
+    tensorboard: bool = setting(False, "also write the metrics as TensorBoard event files in "
+                                "WORKDIR/tensorboard (needs tensorboardX)")
 
 
 RECIPE_FLAGS = RECIPE_KEYS   # the recipe keys with a flag (and a Config field) of their own
@@ -172,6 +174,9 @@ def check_config(config: Config):
     for a, b in EXCLUSIVE:
         if getattr(config, a) is not None and getattr(config, b) is not None:
             raise ValueError(f"give --{a} or --{b}, not both")
+    if config.tensorboard:
+        from train.curves import check_tensorboard
+        check_tensorboard()
     need(config.log_every >= 1, "--log-every", "at least 1", config.log_every)
     need(config.keep >= 1, "--keep", "at least 1 (checkpoints kept)", config.keep)
     need(config.max_bad_steps >= 1, "--max-bad-steps", "at least 1", config.max_bad_steps)
