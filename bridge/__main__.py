@@ -33,7 +33,8 @@ def main(argv=None) -> int:
     r.add_argument("--all", action="store_true", help="every small preset; writes a table, a JSON file and "
                    "loss curves to --out; exit status 1 if any preset fails")
     r.add_argument("--full", action="store_true", help="with --all: the full-size presets too")
-    r.add_argument("--preset", dest="preset_glob", metavar="GLOB", help="with --all: only the presets matching GLOB")
+    r.add_argument("--preset", dest="preset_glob", metavar="GLOB", help="with --all: only the presets matching "
+                   "GLOB (several: comma-separated)")
     r.add_argument("--steps", type=int, default=None, help="with --all: AdamW steps of each trajectory (default 100)")
     r.add_argument("--out", default=None, help="with --all: the folder to write to (default runs/parity)")
     compile_cache.add_arguments(v)
@@ -113,7 +114,7 @@ def _verify_all(parser, args) -> int:
     failed = [r for r in results if not r.ok]
     for r in failed:
         where = f"; first layer over tolerance: {r.first_divergent}" if r.first_divergent else ""
-        print(f"FAIL {r.preset}: {', '.join(r.failures)}{where}")
+        print(f"FAIL {r.preset}: {r.error or ', '.join(r.failures)}{where}")
     print(f"{len(results) - len(failed)} of {len(results)} presets pass; "
           f"{out}/report.md, report.json and one PNG per preset")
     return 1 if failed else 0

@@ -49,13 +49,15 @@ def full_size(names) -> list[str]:
 
 
 def select(pattern: str | None = None, full: bool = False) -> list[str]:
-    """The presets `--all` runs: the small ones (with `full`, every one), narrowed by a glob."""
+    """The presets `--all` runs: the small ones (with `full`, every one), narrowed by globs
+    (`pattern`: one or several, comma-separated)."""
     from twin_models.presets import PRESETS
 
     large = set(full_size(PRESETS))
     names = [n for n in PRESETS if full or n not in large]
     if pattern is not None:
-        names = fnmatch.filter(names, pattern)
+        globs = pattern.split(",")
+        names = [n for n in names if any(fnmatch.fnmatch(n, g) for g in globs)]
     return names
 
 
@@ -77,9 +79,18 @@ class PresetResult:
     losses_torch: list[float]
     losses_flax: list[float]
     tolerances: dict
+    error: str | None = None          # what a preset that could not be measured raised
+
+    @classmethod
+    def broken(cls, name: str, steps: int, error: BaseException, seconds: float) -> "PresetResult":
+        nan = float("nan")
+        return cls(name, nan, None, nan, "", nan, 0, nan, "", seconds, steps, nan, 0, [], [], tolerances(),
+                   f"{type(error).__name__}: {error}".splitlines()[0])
 
     @property
     def failures(self) -> list[str]:
+        if self.error:
+            return ["error"]
         t = self.tolerances
         checks = [("forward", self.forward), ("gradient", self.gradient), ("loss", self.loss),
                   ("weights", self.weights)]
@@ -192,7 +203,7 @@ def markdown(results: list[PresetResult], header: str = "") -> str:
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
         forward = _e(r.forward) + (f" (first over: `{r.first_divergent}`)" if r.first_divergent else "")
-        verdict = "pass" if r.ok else "FAIL: " + ", ".join(r.failures)
+        verdict = "pass" if r.ok else "FAIL: " + (r.error or ", ".join(r.failures))
         lines.append(f"| `{r.preset}` | {forward} | {_e(r.gradient)} (`{r.gradient_param}`) "
                      f"| {_e(r.loss)} (step {r.loss_step} of {r.steps}) | {_e(r.weights)} | {verdict} "
                      f"| {r.seconds:.0f} s |")
@@ -237,8 +248,15 @@ def run_all(names: list[str], out: str, steps: int = STEPS, log=print) -> list[P
     start = time.perf_counter()
     results = []
     for name in names:
-        results.append(check_preset(name, steps, log=log))
-        plot(results[-1], os.path.join(out, f"{name}.png"))
+        began = time.perf_counter()
+        try:
+            results.append(check_preset(name, steps, log=log))
+            plot(results[-1], os.path.join(out, f"{name}.png"))
+        except Exception as e:   # noqa: BLE001 (one broken preset is a failure in the table; the others run)
+            import traceback
+
+            log(traceback.format_exc())
+            results.append(PresetResult.broken(name, steps, e, time.perf_counter() - began))
         write(results, out, time.perf_counter() - start, where)
     return results
 

@@ -5,6 +5,7 @@ preset is `slow`."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -44,6 +45,20 @@ def test_a_failing_preset_exits_1_and_names_its_first_diverging_layer(tmp_path, 
     assert "| FAIL: forward |" in (tmp_path / "report.md").read_text()
     assert "(first over: `blocks.2.mlp.0`)" in (tmp_path / "report.md").read_text()
     assert json.loads((tmp_path / "report.json").read_text())["presets"][0]["failures"] == ["forward"]
+
+
+def test_a_preset_that_raises_is_a_failure_and_the_others_still_run(tmp_path, capsys, monkeypatch):
+    def check(name, steps, log=None):
+        if name == "vit-digits":
+            raise RuntimeError("the twins disagree on shapes")
+        return dataclasses.replace(failing(name, forward=1e-7, first=None))
+
+    monkeypatch.setattr(report, "check_preset", check)
+    assert main(["verify", "--all", "--preset", "vit-digits,swin-digits", "--out", str(tmp_path)]) == 1
+    assert "FAIL vit-digits: RuntimeError: the twins disagree on shapes" in capsys.readouterr().out
+    rows = json.loads((tmp_path / "report.json").read_text())["presets"]
+    assert [(r["preset"], r["ok"], r["forward"]) for r in rows] == [("vit-digits", False, None),
+                                                                    ("swin-digits", True, 1e-7)]
 
 
 def test_the_loss_difference_is_relative_to_the_largest_loss():
