@@ -17,6 +17,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import flax.linen as nn
 
 from twin_models.presets import ATTENTION_IMPLS  # noqa: F401  (re-exported: layers.ATTENTION_IMPLS)
@@ -113,7 +114,8 @@ def check_token_ids(ids, vocab_size: int, owner: str) -> None:
     concrete; inside a traced function they cannot be read)."""
     if isinstance(ids, jax.core.Tracer) or not ids.size:
         return
-    lo, hi = int(jnp.min(ids)), int(jnp.max(ids))
+    host = np.asarray(ids)
+    lo, hi = int(host.min()), int(host.max())
     if lo < 0 or hi >= vocab_size:
         raise ValueError(f"{owner} expects token ids in [0, {vocab_size - 1}] (vocab_size {vocab_size}); "
                          f"got ids {lo}..{hi}")

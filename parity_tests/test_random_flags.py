@@ -5,6 +5,7 @@ training or ends with one `error:` line (exit status 2) and nothing written, nev
 import contextlib
 import dataclasses
 import io
+import json
 import math
 import os
 
@@ -18,7 +19,7 @@ from train.settings import RECIPE_FLAGS, Config, _option
 from train.tasks import get_task
 from twin_models.presets import PRESETS
 
-DRAWS = 160
+DRAWS = 100
 SEED = 20261206
 FLAGS = [f for f in dataclasses.fields(Config)
          if f.name not in ("preset", "workdir", "export", "model_overrides", "recipe_overrides", "resume")]
@@ -151,17 +152,17 @@ def test_random_settings_start_or_fail_cleanly(tmp_path, monkeypatch, cached_dat
     assert outcomes["started"] >= DRAWS // 10 and outcomes["refused"] >= DRAWS // 4, outcomes
 
 
-@pytest.mark.parametrize("backend", ["jax", "torch"])
-def test_random_valid_settings_train(tmp_path, backend):
-    """A handful of drawn in-range settings train for real (tiny sizes, one step)."""
-    rng = np.random.default_rng(SEED + (backend == "torch"))
-    argv = ["vit-tiny-digits", "--backend", backend, "--steps", "1", "--batch-size", "8", "--no-progress",
+def test_random_valid_settings_train(tmp_path):
+    """Drawn in-range settings train for real (a tiny model, one step; eager torch, which needs no
+    compile: the draws above build the JAX model too)."""
+    rng = np.random.default_rng(SEED)
+    argv = ["vit-tiny-digits", "--backend", "torch", "--steps", "1", "--batch-size", "8", "--no-progress",
             "--set", f"depth={int(rng.integers(1, 3))}", "--set", f"embed_dim={8 * int(rng.integers(1, 3))}",
-            "--set", "num_heads=2", "--set", f"mlp_ratio={float(rng.choice([1, 1.5, 2]))}",
+            "--set", "num_heads=2", "--set", f"mlp_ratio={int(rng.integers(1, 4))}",
             "--dropout", f"{rng.uniform(0, 0.9):.3f}", "--lr", f"{10 ** rng.uniform(-5, -1):.2e}",
             "--seed", str(int(rng.integers(0, 2 ** 32))), "--label-smoothing", f"{rng.uniform(0, 0.9):.2f}",
             "--workdir", str(tmp_path / "w")]
     with contextlib.redirect_stdout(io.StringIO()):
         assert main(argv) == 0, argv
-    assert (tmp_path / "w" / "summary.json").exists()
-    assert math.isfinite(float(__import__("json").loads((tmp_path / "w" / "summary.json").read_text())["final_loss"]))
+    summary = json.loads((tmp_path / "w" / "summary.json").read_text())
+    assert summary["steps"] == 1 and math.isfinite(summary["final_loss"])

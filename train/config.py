@@ -147,6 +147,8 @@ def check_model_overrides(preset, overrides: dict):
                          f"{', '.join(unknown)}; its arguments: {', '.join(preset.kwargs)}")
     for key, value in overrides.items():
         default = preset.kwargs[key]
+        if isinstance(default, tuple) and isinstance(value, list):
+            overrides[key] = value = tuple(value)
         ok = (isinstance(value, (int, float)) and not isinstance(value, bool) if isinstance(default, float)
               else isinstance(value, type(default)) and not (isinstance(value, bool) and not isinstance(default, bool)))
         if default is not None and not ok:
