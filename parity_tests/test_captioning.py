@@ -466,7 +466,7 @@ def test_bad_input_is_a_clear_value_error():
     cases = [(dict(max_length=0), r"max_length must be an int in \[1, 8\]"),
              (dict(max_length=9), r"max_length must be an int in \[1, 8\]"),
              (dict(num_beams=0), "num_beams must be an int >= 1"),
-             (dict(do_sample=True, temperature=0.0), "temperature must be > 0"),
+             (dict(do_sample=True, temperature=0.0), "temperature must be a positive finite number"),
              (dict(top_k=-1), "top_k must be an int >= 0"),
              (dict(do_sample=True, num_beams=2), "beam sampling"),
              (dict(min_length=9), "min_length must be")]
