@@ -202,7 +202,8 @@ def markdown(results: list[PresetResult], header: str = "") -> str:
               "| final weights (f64) | verdict | time |",
               "| --- | --- | --- | --- | --- | --- | --- |"]
     for r in results:
-        forward = _e(r.forward) + (f" (first over: `{r.first_divergent}`)" if r.first_divergent else "")
+        named = r.first_divergent and "forward" in r.failures
+        forward = _e(r.forward) + (f" (first over: `{r.first_divergent}`)" if named else "")
         verdict = "pass" if r.ok else "FAIL: " + (r.error or ", ".join(r.failures))
         lines.append(f"| `{r.preset}` | {forward} | {_e(r.gradient)} (`{r.gradient_param}`) "
                      f"| {_e(r.loss)} (step {r.loss_step} of {r.steps}) | {_e(r.weights)} | {verdict} "

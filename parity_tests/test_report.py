@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -98,3 +99,14 @@ def test_every_small_preset_for_100_steps(tmp_path):
     assert [p["preset"] for p in data["presets"]] == SMALL
     assert rc == 0, (tmp_path / "report.md").read_text()
     assert all(p["steps"] == report.STEPS and (tmp_path / f"{p['preset']}.png").is_file() for p in data["presets"])
+
+
+def test_an_activation_as_wide_as_it_is_deep_is_compared_in_the_right_layout():
+    """A Flax NHWC activation with H == W == C has the shape of torch's NCHW one: the layer diff
+    takes the layout that fits (ddpm-digits' init_conv, 2x16x16x16, once read as 1.4 apart)."""
+    from bridge.verify import _diff
+
+    ref = np.random.default_rng(0).standard_normal((2, 16, 16, 16)).astype(np.float32)
+    assert _diff("init_conv", ref, ref.transpose(0, 2, 3, 1), 2e-6).rel == 0.0
+    assert _diff("channels_last", ref, ref.copy(), 2e-6).rel == 0.0
+    assert _diff("wrong", ref, ref[::-1].copy(), 2e-6).over
