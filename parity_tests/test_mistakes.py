@@ -528,6 +528,9 @@ def test_a_data_spec_of_another_task_names_the_task(tmp_path, capsys, preset, sp
      "max_length 40 must be in [1, max_positions - 1 = 31]"),
     ("vit-tiny-digits", ["--set", "num_heads=5"], "not divisible"),
     ("swin-digits", ["--set", "num_heads=[2]"], "one head count per stage"),
+    ("ddpm-digits", ["--recipe", "beta_start=0.5", "--recipe", "beta_end=0.1"], "beta_start=0.5 is above beta_end=0.1"),
+    ("ddpm-digits", ["--recipe", "ddim_steps=2000"], "DDIM takes at most the schedule's timesteps=1000"),
+    ("ddpm-digits", ["--set", "in_channels=3"], "out_channels must equal in_channels"),
 ])
 def test_errors_found_after_the_data_leave_no_workdir(tmp_path, capsys, preset, args, part):
     rc = train_main([preset, *args, "--steps", "1", "--no-progress", "--workdir", str(tmp_path / "run")])

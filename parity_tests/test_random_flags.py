@@ -23,15 +23,19 @@ DRAWS = 100
 SEED = 20261206
 FLAGS = [f for f in dataclasses.fields(Config)
          if f.name not in ("preset", "workdir", "export", "model_overrides", "recipe_overrides", "resume")]
-BAD_NUMBERS = ["0", "-1", "-7.5", "nan", "inf", "-inf", "1e30", "2.5", "1.5", "99999999999", "abc", ""]
+# Out-of-range values by kind; those of --set / --recipe (JSON: NaN, Infinity) pass its type check.
+BAD = {"int": ["0", "-1", "-7", "99999999999", "2.5", "NaN", "abc", ""],
+       "float": ["NaN", "Infinity", "-Infinity", "-0.5", "0", "1.5", "1e30", "abc", "true"],
+       "flag-float": ["nan", "inf", "-inf", "-1", "0", "1.5", "1e30", "abc"]}
 
 
-def _number(rng, default):
+def _number(rng, default, flag=False):
     """A value for a number whose preset default is `default`: near it (in range) or a bad one."""
-    if rng.random() < 0.5:
-        return str(rng.choice(BAD_NUMBERS))
     if isinstance(default, bool):
         return str(rng.choice(["true", "false", "1", "yes"]))
+    if rng.random() < 0.5:
+        kind = "int" if isinstance(default, int) else "flag-float" if flag else "float"
+        return str(rng.choice(BAD[kind]))
     if isinstance(default, int):   # at most 64: sizes and counts the draws can afford
         return str(min(64, max(0, int(default * rng.choice([0, 0.5, 1, 2])) + int(rng.integers(-1, 2)))))
     return repr(float(default) * float(rng.choice([0, 0.5, 1, 2])))
@@ -64,12 +68,26 @@ def _flag(rng, f, preset):
     if f.name == "data":
         return [_option(f), str(rng.choice(["digits", "scenes", "cifar10:/nonexistent", "coco:/x", "mnist"]))]
     default = preset.train.get(f.name, f.default if f.default is not None else 1)
-    return [_option(f), _number(rng, default)]
+    if "float" in str(f.type):
+        default = float(default)
+    return [_option(f), _number(rng, default, flag=True)]
+
+
+# The process's own flags (not `Config` fields): never a whole valid --coordinator trio, which would
+# start jax.distributed, and never a compile cache of its own, which would move this process's.
+PROCESS_FLAGS = {
+    "--coordinator": ["nohost", "host:port", ":1234"],
+    "--num-processes": ["0", "-1", "1", "2", "x"],
+    "--process-id": ["-1", "0", "3"],
+    "--distributed-timeout": ["nan", "inf", "-1", "0", "30"],
+    "--compile-cache": ["/dev/null/cache"],
+    "--no-compile-cache": [None],
+}
 
 
 def draw(rng) -> list[str]:
-    """A command line: a small preset, its shrunk model and data, then 1-4 drawn flags, --set and
-    --recipe keys."""
+    """A command line: a small preset, its shrunk model and data, then 1-4 drawn flags (settings and
+    the process's own), --set and --recipe keys."""
     name = str(rng.choice(SMALL))
     preset = PRESETS[name]
     argv = [name]
@@ -79,8 +97,12 @@ def draw(rng) -> list[str]:
         argv += ["--recipe", f"{k}={v}"]
     recipe_keys = sorted(set(preset.train) - set(RECIPE_FLAGS))
     for _ in range(int(rng.integers(1, 5))):
-        kind = rng.integers(3)
-        if kind == 0:
+        kind = rng.integers(4)
+        if kind == 3:
+            flag = str(rng.choice(sorted(PROCESS_FLAGS)))
+            value = rng.choice(PROCESS_FLAGS[flag])
+            argv += [flag] if value is None else [flag, str(value)]
+        elif kind == 0:
             argv += _flag(rng, FLAGS[rng.integers(len(FLAGS))], preset)
         elif kind == 1:
             key = str(rng.choice(sorted(preset.kwargs)))
@@ -96,17 +118,20 @@ class Started(Exception):
 
 
 def _start(config, *args, **kwargs):
-    """What `train.loop.run` does before its first write: resolve the run (every check) and build
-    the model in the chosen backend."""
+    """What `train.loop.run` does first: resolve the run (every check), make the workdir, build the
+    task's model in the chosen backend (the Flax one traced through its init)."""
     from train.config import resolve
 
     r = resolve(config)
+    os.makedirs(r.workdir)
     if config.backend == "torch":
-        import torch_reference
-        torch_reference.create_model(r.preset)
-    else:
-        import jax_models
-        jax_models.create_model(r.preset)
+        r.task.torch_training.model(r.preset)
+    else:   # a Flax module is built lazily: trace its init
+        import jax
+
+        training = r.task.jax_training
+        model = training.model(r.preset)
+        jax.eval_shape(lambda key: model.init(key, *training.init_args(r.preset)), jax.random.key(0))
     raise Started(r.preset.name)
 
 
@@ -141,11 +166,10 @@ def test_random_settings_start_or_fail_cleanly(tmp_path, monkeypatch, cached_dat
         text = err.getvalue()
         where = f"draw {i}: python -m train {' '.join(argv)}\n{text}"
         assert "Traceback" not in text, where
-        assert not workdir.exists(), where
         if rc == "started":
             outcomes["started"] += 1
             continue
-        assert rc == 2, where
+        assert rc == 2 and not workdir.exists(), where
         lines = text.strip().splitlines()
         assert sum("error:" in line for line in lines) == 1 and "error:" in lines[-1], where
         outcomes["refused"] += 1

@@ -4,6 +4,7 @@ captioning, VQA) with JAX (jit, pmap or a mesh) or eager PyTorch."""
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from jax_models import compile_cache, xla_flags
@@ -61,9 +62,12 @@ def main(argv=None) -> int:
         check_config(config)
         compile_cache.dir_from_args(args)
         xla_flags.check_env()
+        if not (math.isfinite(args.distributed_timeout) and args.distributed_timeout > 0):
+            raise ValueError(f"--distributed-timeout must be a positive number of seconds, not "
+                             f"{args.distributed_timeout}")
         peers = (dict(coordinator=args.coordinator, num_processes=args.num_processes,
                       process_id=args.process_id)
-                 if args.coordinator or args.num_processes or args.process_id is not None
+                 if (args.coordinator, args.num_processes, args.process_id) != (None, None, None)
                  else distributed.from_env())
         distributed.check(**{k: peers.get(k) for k in ("coordinator", "num_processes", "process_id")})
     except ValueError as e:

@@ -368,6 +368,24 @@ class Diffusion(Task):
     torch_training = DiffusionTorch()
     parity = DiffusionParity()
 
+    def check(self, r) -> None:
+        """The schedule runs upward, DDIM takes at most its steps, the U-Net predicts noise of the
+        image's channels and can halve the image at each of its stages."""
+        recipe, kw = r.recipe, r.preset.kwargs
+        if recipe["beta_start"] > recipe["beta_end"]:
+            raise ValueError(f"--recipe beta_start={recipe['beta_start']} is above beta_end={recipe['beta_end']}; "
+                             "the noise schedule runs from beta_start up to beta_end")
+        if (recipe.get("ddim_steps") or 0) > recipe["timesteps"]:
+            raise ValueError(f"--recipe ddim_steps={recipe['ddim_steps']}: DDIM takes at most the schedule's "
+                             f"timesteps={recipe['timesteps']} steps")
+        if kw["out_channels"] != kw["in_channels"]:
+            raise ValueError(f"--set out_channels={kw['out_channels']}: the U-Net predicts the noise of the "
+                             f"{kw['in_channels']}-channel images; out_channels must equal in_channels")
+        halvings = len(kw["features"]) - 1
+        if r.preset.image_size % 2 ** halvings:
+            raise ValueError(f"the U-Net's {len(kw['features'])} stages halve the image {halvings} times; its "
+                             f"size {r.preset.image_size} is not a multiple of {2 ** halvings}")
+
     def batch(self, batch: dict, step: int, r) -> dict:
         return {"image": batch["image"]}
 
