@@ -9,12 +9,18 @@ import sys
 
 from jax_models import compile_cache, xla_flags
 from train.settings import add_arguments, check_config, config_from_args
+from train.watchdog import Interrupted, StopSignals, peer_lost
 
-# XLA:CPU aborts the process when a device waits 40 s in an all-reduce; fake CPU devices on a
-# busy machine can lag that much behind each other under pmap. Wait longer (JAX has not started
-# its backend here, so the flags still take effect).
-CPU_COLLECTIVE_FLAGS = ("--xla_cpu_collective_call_terminate_timeout_seconds=1800",
-                        "--xla_cpu_collective_timeout_seconds=1800")
+
+
+def collective_flags(stall_timeout: float) -> tuple[str, ...]:
+    """XLA:CPU aborts the process when a device waits 40 s in an all-reduce, and fake CPU devices
+    on a busy machine can lag that much behind each other: wait as long as the stall watchdog
+    lets a step run and a minute more, so that a real stall ends with the watchdog's message
+    (10 minutes with the watchdog off)."""
+    seconds = int(2 * stall_timeout + 60) if stall_timeout > 0 else 600
+    return (f"--xla_cpu_collective_call_terminate_timeout_seconds={seconds}",
+            f"--xla_cpu_collective_timeout_seconds={seconds}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -37,13 +43,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _apply_xla_flags():
+def _apply_xla_flags(stall_timeout: float):
     """The flags the trainer is measured with (`jax_models.xla_flags`), and patient CPU
     collectives; before JAX starts its backend (importing jax does not start it)."""
     from jax_models import xla_flags
 
     xla_flags.apply_cpu_flags()
-    xla_flags.add_flags(CPU_COLLECTIVE_FLAGS)
+    xla_flags.add_flags(collective_flags(stall_timeout))
 
 
 def main(argv=None) -> int:
@@ -52,11 +58,17 @@ def main(argv=None) -> int:
         from train.curves import main as plot
         return plot(argv[1:])
     args = parse_args(argv)
+    stop = StopSignals()
+    try:
+        return _main(args, stop)
+    finally:
+        stop.close()
+
+
+def _main(args: argparse.Namespace, stop: StopSignals) -> int:
     # jax, torch and the tasks after argparse and the settings' checks: --help and a mistyped
     # flag answer at once
     from train import distributed
-    from train.checkpoint import CheckpointError
-    from train.loop import ExportError, NonFiniteError, run
     try:
         config = config_from_args(args)
         check_config(config)
@@ -73,12 +85,29 @@ def main(argv=None) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    _apply_xla_flags()
+    _apply_xla_flags(config.stall_timeout)
+    monitor = None
     if peers:
-        distributed.start(**peers, timeout=args.distributed_timeout)
+        monitor = distributed.start(**peers, timeout=args.distributed_timeout,
+                                    on_lost=lambda message: peer_lost(message, stop.checkpoints))
     compile_cache.enable_from_args(args)
     try:
-        s = run(config)
+        return _train(config, stop)
+    finally:
+        if monitor is not None:
+            monitor.close()
+
+
+def _train(config, stop: StopSignals) -> int:
+    from train import distributed
+    from train.checkpoint import CheckpointError
+    from train.loop import ExportError, NonFiniteError, run
+
+    try:
+        s = run(config, stop)
+    except Interrupted as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.status
     except NonFiniteError as e:
         print(f"error: {e}", file=sys.stderr)
         return 4

@@ -34,6 +34,7 @@ from train.config import BACKENDS, Config, Run, resolve
 from train.curves import Curves
 from train.jax_backend import JaxBackend
 from train.torch_backend import TorchBackend
+from train.watchdog import Interrupted, StopSignals, Watchdog
 
 BACKEND_CLASSES = dict(zip(BACKENDS, (JaxBackend, TorchBackend)))
 
@@ -42,11 +43,12 @@ def backend_class(name: str):
     return BACKEND_CLASSES[name]
 
 
-def run(config: Config) -> dict:
-    """Trains, evaluates, checkpoints and exports as `config` says; returns the summary."""
+def run(config: Config, stop: StopSignals | None = None) -> dict:
+    """Trains, evaluates, checkpoints and exports as `config` says; returns the summary. With
+    `stop` (the CLI's), a signal ends the run after a checkpoint (`train.watchdog.Interrupted`)."""
     r = resolve(config)
     os.makedirs(r.workdir, exist_ok=True)
-    return train(r, backend_class(config.backend))
+    return train(r, backend_class(config.backend), stop)
 
 
 class ExportError(RuntimeError):
@@ -91,17 +93,31 @@ def strict_json(x):
     return x
 
 
-def train(r: Run, backend_cls) -> dict:
+def train(r: Run, backend_cls, stop: StopSignals | None = None) -> dict:
     """Runs `r` on a backend: fresh or resumed, the steps with their logs, evaluations and
-    checkpoints, the final evaluation, the task's finish, the summary and the export."""
+    checkpoints, the final evaluation, the task's finish, the summary and the export. A
+    `train.watchdog.Watchdog` ends the process when a step or phase stalls."""
     cfg, task = r.config, r.task
     t_start = time.perf_counter()
     r, extra = r.set_up()
     backend = backend_cls(r)
     distributed.barrier("checkpoints")   # orbax's first step is a device collective (see barrier)
     ckpt = Checkpoints(os.path.join(r.workdir, "checkpoints"), r.checkpoint_every, cfg.keep)
+    watch = Watchdog(cfg.stall_timeout, r.workdir, ckpt.directory, jax.process_index(),
+                     jax.process_count()).start()
+    if stop is not None:
+        stop.checkpoints = ckpt.directory
+    try:
+        return _train(r, backend, ckpt, watch, stop, extra, t_start)
+    finally:
+        watch.stop()
+
+
+def _train(r: Run, backend, ckpt: Checkpoints, watch: Watchdog, stop: StopSignals | None, extra: dict,
+           t_start: float) -> dict:
+    cfg, task = r.config, r.task
     start_step = 0
-    with closing_on_error(ckpt):
+    with closing_on_error(ckpt), watch.phase("restore", 0):
         if cfg.resume:
             tree, meta = ckpt.restore(backend.state_tree(), r.record())
             backend.load_state_tree(tree)
@@ -109,14 +125,21 @@ def train(r: Run, backend_cls) -> dict:
             finished = _finished_summary(r, start_step)
             if finished is not None:   # nothing to train: keep its summary, export if asked
                 ckpt.close()
-                return export(r, backend, finished, ckpt.directory, start_step)
+                with watch.phase("export", start_step):
+                    return export(r, backend, finished, ckpt.directory, start_step)
         else:
             check_fresh(ckpt)
 
     def save(step, force=False):
         if force or (ckpt.every and step % ckpt.every == 0):
-            ckpt.save(step, backend.state_tree(), {**r.record(), "position": r.position(step)},
-                      force=True)
+            with watch.phase("save", step):
+                ckpt.save(step, backend.state_tree(), {**r.record(), "position": r.position(step)},
+                          force=True)
+
+    def stop_if_asked(step):
+        if stop is not None and stop.received is not None:
+            save(step, force=True)
+            raise Interrupted(stop.received, step, ckpt.directory)
 
     primary = distributed.is_primary()
     log = MetricsLog(r.workdir, r.total_steps, start_step, cfg.progress and primary, ("loss", *task.report),
@@ -131,6 +154,7 @@ def train(r: Run, backend_cls) -> dict:
             metrics = backend.step(task.batch(batch, step, r))
             if previous is not None:   # a step behind: its metrics are ready by now
                 guard.account(backend.read(previous), step)
+            watch.step_done(step)
             speed.tick(r.recipe["batch_size"])
             done = step + 1
             if done % cfg.log_every == 0 or done == r.total_steps:
@@ -139,21 +163,26 @@ def train(r: Run, backend_cls) -> dict:
                                backend.read(metrics).get("nonfinite", 0)),
                            "examples_per_second": speed.window_rate()})
             if r.eval_every and done % r.eval_every == 0 and done != r.total_steps:
-                log.write({"step": done, **backend.evaluate()})
+                with watch.phase("evaluate", done):
+                    log.write({"step": done, **backend.evaluate()})
                 curves.refresh()
             save(done)
             step = done
+            stop_if_asked(step)
         if metrics is not None:
             guard.account(backend.read(metrics), step)
         final = backend.read(metrics) if metrics is not None else None
-        last_eval = backend.evaluate()
+        with watch.phase("evaluate", step):
+            last_eval = backend.evaluate()
         log.write({"step": step, **last_eval})
         save(step, force=True)
+        stop_if_asked(step)
     finally:
         ckpt.close()
         log.close(step)
         curves.close()
-    extra.update(backend.finish())
+    with watch.phase("finish", step):
+        extra.update(backend.finish())
     extra.update(backend.info())
     extra["nonfinite_steps"] = guard.total
     result = write_summary(r, summary(
@@ -161,7 +190,8 @@ def train(r: Run, backend_cls) -> dict:
         throughput=speed.rate(), devices=backend.devices, parallel=backend.parallel,
         wall=time.perf_counter() - t_start, checkpoint_dir=ckpt.directory, export=None,
         start_step=start_step))
-    return export(r, backend, result, ckpt.directory, step)
+    with watch.phase("export", step):
+        return export(r, backend, result, ckpt.directory, step)
 
 
 def export(r: Run, backend, result: dict, checkpoint_dir: str, step: int) -> dict:

@@ -69,6 +69,9 @@ class Config:
     progress: bool = setting(True, "no progress bar", flag="--no-progress")
     tensorboard: bool = setting(False, "also write the metrics as TensorBoard event files in "
                                 "WORKDIR/tensorboard (needs tensorboardX)")
+    stall_timeout: float = setting(300.0, "seconds a step may make no progress (or 50x the run's median "
+                                   "step, if longer) before the run is ended as stalled: every thread's "
+                                   "stack to WORKDIR/stall-stacks.txt, exit status 6 (0: off)")
 
 
 RECIPE_FLAGS = RECIPE_KEYS   # the recipe keys with a flag (and a Config field) of their own
@@ -178,6 +181,8 @@ def check_config(config: Config):
         from train.curves import check_tensorboard
         check_tensorboard()
     need(config.log_every >= 1, "--log-every", "at least 1", config.log_every)
+    need(math.isfinite(config.stall_timeout) and config.stall_timeout >= 0, "--stall-timeout",
+         "0 (off) or a positive number of seconds", config.stall_timeout)
     need(config.keep >= 1, "--keep", "at least 1 (checkpoints kept)", config.keep)
     need(config.max_bad_steps >= 1, "--max-bad-steps", "at least 1", config.max_bad_steps)
     need(config.checkpoint_every is None or config.checkpoint_every >= 0, "--checkpoint-every",

@@ -268,5 +268,14 @@ def replicate(tree, devices=None):
 
 
 def unreplicate(tree):
-    """Device 0's copy of a replicated tree."""
-    return jax.tree_util.tree_map(lambda x: x[0], tree)
+    """Device 0's copy of a replicated (pmap) tree, taken from device 0's own buffers.
+
+    Indexing `x[0]` instead compiles and launches, per leaf, a program over every device with an
+    all-reduce; hundreds of those queued back to back on fake CPU devices can take their launch
+    slots out of order and deadlock (docs/troubleshooting.md#a-run-stops-making-progress)."""
+    def first(x):
+        if not isinstance(x, jax.Array) or len(x.sharding.device_set) == 1:
+            return x[0]
+        shard = min(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+        return shard.data.reshape(x.shape[1:])
+    return jax.tree_util.tree_map(first, tree)
