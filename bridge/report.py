@@ -71,6 +71,7 @@ class PresetResult:
     loss: float                       # worst |torch - flax| loss over the steps, over the largest loss
     loss_step: int                    # where it was worst (1-based)
     weights: float                    # worst final weight, float64
+    loss_float64: float               # the worst loss difference of the float64 trajectories
     weights_param: str
     seconds: float
     steps: int
@@ -84,7 +85,7 @@ class PresetResult:
     @classmethod
     def broken(cls, name: str, steps: int, error: BaseException, seconds: float) -> "PresetResult":
         nan = float("nan")
-        return cls(name, nan, None, nan, "", nan, 0, nan, "", seconds, steps, nan, 0, [], [], tolerances(),
+        return cls(name, nan, None, nan, "", nan, 0, nan, nan, "", seconds, steps, nan, 0, [], [], tolerances(),
                    f"{type(error).__name__}: {error}".splitlines()[0])
 
     @property
@@ -167,7 +168,7 @@ def check_preset(name: str, steps: int = STEPS, batch_size: int | None = None, s
             losses_t, losses_f, _, _ = adamw_trajectories(fresh(), flax_model, variables, losses[0],
                                                           jax.jit(losses[1]), tbs, fbs, **kwargs)
             log(f"{name}: {steps} steps in float32, losses {losses_t[0]:.4f} -> {losses_t[-1]:.4f}")
-            _, _, w_t, w_f = adamw_trajectories(fresh(), flax_model, variables, losses[0], jax.jit(losses[1]),
+            l64_t, l64_f, w_t, w_f = adamw_trajectories(fresh(), flax_model, variables, losses[0], jax.jit(losses[1]),
                                                 tbs, fbs, float64=True, **kwargs)
             weights_param, weights = worst_leaf(w_t, w_f)
             log(f"{name}: {steps} steps in float64, worst final weight {weights_param} {weights:.2e}")
@@ -177,6 +178,7 @@ def check_preset(name: str, steps: int = STEPS, batch_size: int | None = None, s
     result = PresetResult(
         preset=name, forward=forward.output.rel, first_divergent=first.path if first else None,
         gradient=errs[param], gradient_param=param, loss=0.0, loss_step=0, weights=weights,
+        loss_float64=float(np.max(np.abs(l64_t - l64_f)) / (np.max(np.abs(l64_t)) or 1.0)),
         weights_param=weights_param, seconds=0.0, steps=steps, lr=lr, batch_size=batch_size,
         losses_torch=[float(x) for x in losses_t], losses_flax=[float(x) for x in losses_f],
         tolerances=tolerances())

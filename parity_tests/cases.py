@@ -100,6 +100,11 @@ def small_cases(check: str | None = None):
 # trajectory checks are xfail only when such flips exist. float64 (no ties) holds the tolerances.
 RELU_TIES = matching(PRESETS, {"encoder-vit-b16": "2x197x3072 ReLU pre-activations per layer"})
 
+# `verify --all`'s 100 float32 steps (test_report.py): ReLU ties part the two float32 trajectories
+# after step 52 (5 pre-activations of opposite sign at steps 51-52, the loss gap then 10x every 4
+# steps to 4.8e-4); the float64 losses of the same run hold the tolerance (2.9e-16 apart).
+LONG_RUN_RELU_TIES = {"encoder-vit-digits": "ReLU ties at steps 51-52 part the float32 runs (docs/parity.md)"}
+
 # --- the tasks' cases (test_parallel.py, test_fail_safe.py) ---------------------------------------
 
 # Tasks whose cases in test_parallel and test_fail_safe run in `make test-all` only (the test-time
