@@ -22,7 +22,8 @@ from train import captions, data
 from train.__main__ import main as train_main
 from train.config import RUN_FILES
 from train.settings import COUNT_LIMIT, SEED_RANGE
-from twin_models.presets import NONNEGATIVE_ARGS, POSITIVE_ARGS, PRESETS, RATE_ARGS, SIZE_ARGS, get_preset
+from twin_models.presets import (COUNT_ARGS, NONNEGATIVE_ARGS, POSITIVE_ARGS, PRESETS, RATE_ARGS, SIZE_ARGS,
+                                  get_preset)
 
 TINY = ["vit-tiny-digits", "--steps", "1", "--batch-size", "8", "--no-progress"]
 
@@ -218,6 +219,8 @@ def test_num_classes_the_data_cannot_fit_is_refused(tmp_path, capsys):
 def _bad_values(name, default):
     if name in SIZE_ARGS:
         return [0, -1, 2.5, True] + ([(), (default[0], 0)] if isinstance(default, tuple) else [])
+    if name in COUNT_ARGS:
+        return [-1, 2.5, True]
     if name in RATE_ARGS:
         return [-0.1, 1.0, float("nan")]
     if name in POSITIVE_ARGS:
@@ -228,7 +231,7 @@ def _bad_values(name, default):
 
 
 CASES = [(p, k, v) for p in SMALL for k, d in PRESETS[p].kwargs.items() for v in _bad_values(k, d)]
-CHECKED = SIZE_ARGS + RATE_ARGS + POSITIVE_ARGS + NONNEGATIVE_ARGS
+CHECKED = SIZE_ARGS + COUNT_ARGS + RATE_ARGS + POSITIVE_ARGS + NONNEGATIVE_ARGS
 
 
 def test_every_numeric_constructor_argument_has_a_rule():

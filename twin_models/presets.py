@@ -295,11 +295,11 @@ def with_overrides(preset: Preset, **kwargs: Any) -> Preset:
 
 
 # Constructor arguments by kind: what a value must be, the same rule for both twins.
-SIZE_ARGS = ("image_size", "img_size", "patch_size", "in_channels", "out_channels", "num_classes",
-             "embed_dim", "depth", "num_heads", "vision_width", "vision_layers", "vision_heads",
+SIZE_ARGS = ("image_size", "img_size", "patch_size", "in_channels", "out_channels", "embed_dim", "depth", "num_heads", "vision_width", "vision_layers", "vision_heads",
              "vocab_size", "context_length", "text_width", "text_layers", "text_heads", "time_emb_dim",
              "num_res_blocks", "max_positions", "width", "layers", "heads", "dim", "fusion_layers",
              "fusion_heads", "num_answers", "num_layers", "window_size", "depths", "features")
+COUNT_ARGS = ("num_classes",)   # 0: no head, the pooled features (timm's convention)
 RATE_ARGS = ("dropout", "drop_path_rate", "attn_dropout", "attention_dropout")
 POSITIVE_ARGS = ("mlp_ratio",)
 NONNEGATIVE_ARGS = ("vision_pos_embed_std",)
@@ -320,7 +320,7 @@ def _is_real(v) -> bool:
 
 def check_kwargs(kwargs: dict[str, Any], names: Iterable[str] | None = None) -> None:
     """Refuses constructor arguments no model can take: a size that is not a positive integer (or a
-    non-empty tuple of them), a rate outside [0, 1), a ratio that is not a positive finite number, a
+    non-empty tuple of them), a class count below 0, a rate outside [0, 1), a ratio that is not a positive finite number, a
     width its heads or an image its patches do not divide. Checks `names` (default: all)."""
     names = set(kwargs if names is None else names)
 
@@ -335,6 +335,8 @@ def check_kwargs(kwargs: dict[str, Any], names: Iterable[str] | None = None) -> 
                     bad(name, v, "a positive integer or a non-empty tuple of positive integers")
             elif not (_is_int(v) and v >= 1):
                 bad(name, v, "a positive integer")
+        elif name in COUNT_ARGS and not (_is_int(v) and v >= 0):
+            bad(name, v, "0 (no head: the pooled features) or a positive integer")
         elif name in RATE_ARGS and not (_is_real(v) and 0 <= v < 1):
             bad(name, v, "a number in [0, 1)")
         elif name in POSITIVE_ARGS and not (_is_real(v) and math.isfinite(v) and v > 0):
