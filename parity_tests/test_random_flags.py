@@ -19,7 +19,7 @@ from train.settings import RECIPE_FLAGS, Config, _option
 from train.tasks import get_task
 from twin_models.presets import PRESETS
 
-DRAWS = 100
+DRAWS = 80
 SEED = 20261206
 FLAGS = [f for f in dataclasses.fields(Config)
          if f.name not in ("preset", "workdir", "export", "model_overrides", "recipe_overrides", "resume")]
