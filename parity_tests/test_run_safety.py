@@ -25,6 +25,7 @@ from train.watchdog import EXIT_PEER_LOST, EXIT_STALL, FIRST_FACTOR, STEP_FACTOR
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_ARGS = ["--set", "depth=1", "--set", "embed_dim=16", "--set", "num_heads=2", "--set", "patch_size=8"]
 STEPS = 12
+STALL = ["--stall-timeout", "30"]   # every run of a test alike: the stalled run's compile is cached
 
 # A training run whose backend's step `STALL_AT` never returns (as a deadlocked collective would not).
 STALLING = """
@@ -80,7 +81,7 @@ def alone(tmp_path_factory):
     def get(backend, parallel):
         if (backend, parallel) not in runs:
             tmp = tmp_path_factory.mktemp(f"alone-{backend}-{parallel}")
-            done = _train(tmp, _args(tmp / "run", backend, parallel))
+            done = _train(tmp, _args(tmp / "run", backend, parallel, *STALL))
             assert done.returncode == 0, done.stderr[-3000:]
             runs[backend, parallel] = tmp / "run"
         return runs[backend, parallel]
@@ -123,9 +124,9 @@ def test_watchdog_limits_follow_the_runs_own_step_time():
                                               pytest.param("jax", "mesh", marks=pytest.mark.slow)])
 def test_a_stalled_step_ends_with_stacks_and_resume_ends_bit_identical(tmp_path, alone, backend, parallel):
     workdir = tmp_path / "run"
+    reference = alone(backend, parallel)
     t0 = time.time()
-    stalled = subprocess.run([sys.executable, "-c", STALLING, "9",
-                              *_args(workdir, backend, parallel, "--stall-timeout", "20")],
+    stalled = subprocess.run([sys.executable, "-c", STALLING, "9", *_args(workdir, backend, parallel, *STALL)],
                              cwd=ROOT, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
     took = time.time() - t0
     assert stalled.returncode == EXIT_STALL, stalled.stderr[-3000:]
@@ -138,15 +139,16 @@ def test_a_stalled_step_ends_with_stacks_and_resume_ends_bit_identical(tmp_path,
     text = stacks.read_text()
     assert "stalling" in text and "Thread" in text      # the stuck Python frame, every thread
     print(f"{backend} {parallel}: stalled run ended after {took:.0f} s: {errors[0]}")
-    resumed = _train(tmp_path, _args(workdir, backend, parallel, "--resume"))
+    resumed = _train(tmp_path, _args(workdir, backend, parallel, *STALL, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    _same_weights(workdir, alone(backend, parallel))
+    _same_weights(workdir, reference)
 
 
 @pytest.mark.parametrize("signum,backend", [(signal.SIGINT, "jax"), (signal.SIGTERM, "torch")])
 def test_a_signal_stops_after_a_checkpoint_and_resume_ends_bit_identical(tmp_path, alone, signum, backend):
     workdir = tmp_path / "run"
-    args = _args(workdir, backend, "jit")
+    reference = alone(backend, "jit")
+    args = _args(workdir, backend, "jit", *STALL)
     # slow steps (a sleep in each) leave time to signal in the middle of the run
     slow = STALLING.replace("threading.Event().wait()", "pass").replace(
         "return _step(self, batch)", "import time; time.sleep(0.5); return _step(self, batch)")
@@ -171,9 +173,9 @@ def test_a_signal_stops_after_a_checkpoint_and_resume_ends_bit_identical(tmp_pat
     saved = workdir / "checkpoints" / str(step)
     assert sorted(os.listdir(saved)) >= ["meta", "state"]
     assert not [n for n in os.listdir(workdir / "checkpoints") if "tmp" in n]
-    resumed = _train(tmp_path, _args(workdir, backend, "jit", "--resume"))
+    resumed = _train(tmp_path, _args(workdir, backend, "jit", *STALL, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    _same_weights(workdir, alone(backend, "jit"))
+    _same_weights(workdir, reference)
 
 
 def _free_port() -> int:

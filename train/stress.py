@@ -34,7 +34,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="kill a run whose output has not changed for this many seconds (default 600)")
     p.add_argument("--out", default="runs/stress", help="the folder of the runs and report.json")
     p.add_argument("--keep", action="store_true", help="keep the workdirs of runs that finished")
-    p.add_argument("train_args", nargs="*", help="more arguments for python -m train (after --)")
+    p.add_argument("train_args", nargs="*", help="more arguments for python -m train, after --")
     args = p.parse_args(argv)
     for name in ("runs", "concurrency", "devices"):
         if getattr(args, name) < 1:
