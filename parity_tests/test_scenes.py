@@ -183,7 +183,7 @@ def test_scenes_data_is_a_fixed_split_of_questions_on_shared_images(tmp_path):
 
 @pytest.mark.parametrize("recipe, message", [
     (dict(num_objects=7), "num_objects must be between 1 and 6"),
-    (dict(num_scenes=0), "num_scenes must be a positive number of scenes; got 0"),
+    (dict(num_scenes=0), r"num_scenes=0: num_scenes must be an integer in \[1, "),
     (dict(model={"context_length": 8}), "the longest question has 14 tokens; preset 'vqa-scenes' has "
                                         "context_length 8"),
     (dict(data="digits"), "expected --data scenes, got 'digits'"),
