@@ -16,7 +16,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 # Two pytest workers (pytest-xdist): most tests wait on one XLA compile or one eager torch op.
 test: setup
-	$(PY) -m pytest -q -n $${TEST_WORKERS:-2} --dist loadgroup
+	$(PY) -m pytest -q -n $${TEST_WORKERS:-2} --dist loadgroup --durations=25
 
 test-all: setup
 	$(PY) -m pytest -q -m '' -n $${TEST_WORKERS:-2} --dist loadgroup

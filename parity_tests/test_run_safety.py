@@ -25,7 +25,7 @@ from train.watchdog import EXIT_PEER_LOST, EXIT_STALL, FIRST_FACTOR, STEP_FACTOR
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_ARGS = ["--set", "depth=1", "--set", "embed_dim=16", "--set", "num_heads=2", "--set", "patch_size=8"]
 STEPS = 12
-STALL = ["--stall-timeout", "30"]   # every run of a test alike: the stalled run's compile is cached
+STALL = ["--stall-timeout", "15"]   # every run of a test alike: the stalled run's compile is cached
 
 # A training run whose backend's step `STALL_AT` never returns (as a deadlocked collective would not).
 STALLING = """
@@ -119,7 +119,7 @@ def test_watchdog_limits_follow_the_runs_own_step_time():
     assert w.limit("evaluate") == 90.0
 
 
-@pytest.mark.parametrize("backend,parallel", [("jax", "pmap"), ("torch", "jit"),
+@pytest.mark.parametrize("backend,parallel", [("jax", "pmap"), pytest.param("torch", "jit", marks=pytest.mark.slow),
                                               pytest.param("jax", "jit", marks=pytest.mark.slow),
                                               pytest.param("jax", "mesh", marks=pytest.mark.slow)])
 def test_a_stalled_step_ends_with_stacks_and_resume_ends_bit_identical(tmp_path, alone, backend, parallel):
@@ -171,7 +171,7 @@ def test_a_signal_stops_after_a_checkpoint_and_resume_ends_bit_identical(tmp_pat
                          f"checkpoint is {workdir / 'checkpoints' / str(step)} (--resume continues from it)")
     assert 0 < step < STEPS
     saved = workdir / "checkpoints" / str(step)
-    assert sorted(os.listdir(saved)) >= ["meta", "state"]
+    assert {"meta", "state"} <= set(os.listdir(saved))
     assert not [n for n in os.listdir(workdir / "checkpoints") if "tmp" in n]
     resumed = _train(tmp_path, _args(workdir, backend, "jit", *STALL, "--resume"))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
