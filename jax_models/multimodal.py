@@ -10,7 +10,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import flax.linen as nn
 
-from .layers import LN_EPS, Mlp, MultiheadAttention, PatchEmbedding, torch_bias_init, torch_linear_init
+from .layers import (LN_EPS, Mlp, MultiheadAttention, PatchEmbedding, check_token_ids, torch_bias_init,
+                     torch_linear_init)
 
 PAD_ID = 0
 
@@ -76,6 +77,7 @@ class MultimodalTransformer(nn.Module):
         if text_ids.ndim != 2 or not jnp.issubdtype(text_ids.dtype, jnp.integer) or L > self.max_seq_len:
             raise ValueError(f"MultimodalTransformer expects (B, L <= {self.max_seq_len}) integer token ids; "
                              f"got {text_ids.dtype} of shape {tuple(text_ids.shape)}")
+        check_token_ids(text_ids, self.vocab_size, "MultimodalTransformer")
         embed = lambda n, name: nn.Embed(n, self.dim, embedding_init=nn.initializers.normal(1.0), name=name)
         text = embed(self.vocab_size, "text_embed")(text_ids) + embed(self.max_seq_len, "pos_embed")(jnp.arange(L))
         text = text + self.param("text_type_embed", nn.initializers.zeros, (1, 1, self.dim))

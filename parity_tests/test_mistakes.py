@@ -541,3 +541,29 @@ def test_errors_found_after_the_data_leave_no_workdir(tmp_path, capsys, preset, 
     assert rc == 2
     _one_error(err, part)
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("bad", [-1, "vocab"])
+def test_the_multimodal_transformers_question_ids_are_checked_in_both_backends(bad):
+    """The multimodal transformer embeds the question itself (no CLIP text tower): the same check."""
+    p = get_preset("mmt-vqa-scenes")
+    vocab, size, channels = p.kwargs["vocab_size"], p.image_size, p.in_channels
+    ids = np.array([[1, 2, vocab if bad == "vocab" else bad, 3]], np.int64)
+    image = np.zeros((1, size, size, channels), np.float32)
+    flax_model, torch_model = jax_models.create_model(p), torch_reference.create_model(p)
+    with pytest.raises(ValueError) as flax_error:
+        flax_model.init(jax.random.key(0), image, ids)
+    with pytest.raises(ValueError) as torch_error:
+        torch_model(torch.from_numpy(image.transpose(0, 3, 1, 2)), torch.from_numpy(ids))
+    want = f"MultimodalTransformer expects token ids in [0, {vocab - 1}] (vocab_size {vocab}); got ids "
+    assert str(flax_error.value).startswith(want) and str(flax_error.value) == str(torch_error.value)
+
+
+def test_a_vqa_preset_the_scenes_do_not_fit_leaves_no_workdir(tmp_path, capsys):
+    from train.__main__ import main
+
+    workdir = tmp_path / "run"
+    rc = main(["vqa-scenes", "--set", "num_answers=3", "--steps", "1", "--no-progress", "--workdir", str(workdir)])
+    err = capsys.readouterr().err
+    assert rc == 2 and not workdir.exists()
+    _one_error(err, "the scenes have")

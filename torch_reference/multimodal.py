@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from .layers import Mlp, PatchEmbedding
+from .layers import Mlp, PatchEmbedding, check_token_ids
 
 PAD_ID = 0
 
@@ -80,6 +80,7 @@ class MultimodalTransformer(nn.Module):
         if text_ids.ndim != 2 or text_ids.is_floating_point() or text_ids.shape[1] > self.max_seq_len:
             raise ValueError(f"MultimodalTransformer expects (B, L <= {self.max_seq_len}) integer token ids; "
                              f"got {text_ids.dtype} of shape {tuple(text_ids.shape)}")
+        check_token_ids(text_ids, self.text_embed.num_embeddings, "MultimodalTransformer")
         L = text_ids.shape[1]
         positions = torch.arange(L, device=text_ids.device)
         text = self.text_embed(text_ids) + self.pos_embed(positions) + self.text_type_embed

@@ -262,6 +262,9 @@ class VQA(Task):
     def load_data(self, spec: str, preset, recipe: dict):
         return load_scenes(spec, preset, recipe)
 
+    def check(self, r) -> None:
+        check_preset(r.preset)
+
     def setup(self, r) -> tuple[dict, dict]:
         check_preset(r.preset)
         return {}, {}
