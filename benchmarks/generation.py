@@ -119,7 +119,7 @@ def main(argv=None) -> int:
     ap.add_argument("--weights", help="a safetensors state dict of the preset (default: random init)")
     ap.add_argument("--json", action="store_true", help="print JSON lines instead of a table")
     a = ap.parse_args(argv)
-    from .harness import check_options
+    from .options import check_options
     check_options(ap, a, counts=("batch_sizes", "max_length", "num_beams", "runs", "uncached_runs", "torch_threads"))
     from jax_models.xla_flags import apply_cpu_flags
     apply_cpu_flags()

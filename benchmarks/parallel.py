@@ -94,7 +94,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json")
     a = ap.parse_args(argv)
-    from .harness import check_options
+    from .options import check_options
     check_options(ap, a, counts=("batch_size", "repeats", "rounds"), outputs=("json",))
     from jax_models.xla_flags import apply_cpu_flags
     apply_cpu_flags()

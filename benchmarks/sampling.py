@@ -102,7 +102,7 @@ def main(argv=None) -> int:
                     help="compile with jax_models.xla_flags.inference_compiler_options(), as the "
                          "trainer's sampler does (default); --no-inference-options: XLA's plain compile")
     a = ap.parse_args(argv)
-    from .harness import check_options
+    from .options import check_options
     check_options(ap, a, counts=("num_samples", "timesteps", "ddim_steps", "runs", "torch_runs", "torch_threads"))
     if a.warmup < 0 or (a.matmul_conv_pixels is not None and a.matmul_conv_pixels < 0):
         ap.error(f"--warmup and --matmul-conv-pixels must be 0 or more, not {a.warmup}, {a.matmul_conv_pixels}")
