@@ -36,7 +36,7 @@ def _config(workdir, backend="jax", **kw):
                   progress=False, workdir=str(workdir), model_overrides=TINY, **kw)
 
 
-def test_setup_writes_the_tokenizer_and_refuses_data_without_captions(tmp_path):
+def test_setup_writes_the_tokenizer_and_data_without_captions_is_refused_first(tmp_path):
     from train.loop import resolve
 
     r = resolve(_config(tmp_path))
@@ -49,9 +49,9 @@ def test_setup_writes_the_tokenizer_and_refuses_data_without_captions(tmp_path):
         (tmp_path / "c" / cls).mkdir(parents=True)
         for i in range(25):
             Image.new("L", (8, 8), color=i).save(tmp_path / "c" / cls / f"{i}.png")
-    r = resolve(_config(tmp_path / "w", data=f"imagefolder:{tmp_path / 'c'}"))
-    with pytest.raises(ValueError, match="has no captions"):
-        r.set_up()
+    with pytest.raises(ValueError, match="has no captions"):   # refused before anything is written
+        resolve(_config(tmp_path / "w", data=f"imagefolder:{tmp_path / 'c'}"))
+    assert not (tmp_path / "w").exists()
 
 
 def test_torch_and_jax_follow_the_same_steps(tmp_path):
