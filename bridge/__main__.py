@@ -37,6 +37,9 @@ def main(argv=None) -> int:
                    "GLOB (several: comma-separated)")
     r.add_argument("--steps", type=int, default=None, help="with --all: AdamW steps of each trajectory (default 100)")
     r.add_argument("--out", default=None, help="with --all: the folder to write to (default runs/parity)")
+    r.add_argument("--resume", action="store_true",
+                   help="with --all: keep the presets OUT/report.json already holds (same steps, measured "
+                        "without an error) and run the rest; a long --full run goes on where it stopped")
     compile_cache.add_arguments(v)
     i = sub.add_parser("import", help="a timm, open_clip or Hugging Face checkpoint as this project's model",
                        description="Writes OUT/model.safetensors (this project's torch key names) and "
@@ -69,7 +72,7 @@ def main(argv=None) -> int:
 
     from twin_models.presets import PRESETS
 
-    if args.all or args.full or args.preset_glob or args.steps is not None or args.out is not None:
+    if args.all or args.full or args.preset_glob or args.steps is not None or args.out is not None or args.resume:
         return _verify_all(parser, args)
     if args.preset is None:
         parser.error("verify needs a PRESET, or --all for every preset")
@@ -97,7 +100,7 @@ def _verify_all(parser, args) -> int:
     from .report import STEPS, run_all, select
 
     if not args.all:
-        parser.error("--full, --preset, --steps and --out go with --all")
+        parser.error("--full, --preset, --steps, --out and --resume go with --all")
     if args.preset is not None:
         parser.error(f"give either a PRESET ({args.preset}) or --all, not both")
     if args.weights or args.precision != "fp32" or args.tol is not None:
@@ -110,7 +113,7 @@ def _verify_all(parser, args) -> int:
     if not names:
         parser.error(f"--preset {args.preset_glob!r} matches no {'' if args.full else 'small '}preset")
     out = args.out or "runs/parity"
-    results = run_all(names, out, steps)
+    results = run_all(names, out, steps, resume=args.resume)
     failed = [r for r in results if not r.ok]
     for r in failed:
         where = f"; first layer over tolerance: {r.first_divergent}" if r.first_divergent else ""

@@ -82,6 +82,14 @@ def zero_gradient_noise(ref, got, scale: float) -> float:
     return ZERO_GRADIENT_FACTOR * noise / scale if scale > 0 else noise
 
 
+def parity_jit(fn):
+    """`jax.jit` with `jax_models.xla_flags.parity_compiler_options()` (on CPU, XLA's own dots in
+    place of YNNPACK's, which round several times more)."""
+    from jax_models.xla_flags import parity_compiler_options
+
+    return jax.jit(fn, compiler_options=parity_compiler_options())
+
+
 def gradient_errors(torch_model, flax_model, variables, torch_loss: Callable, flax_loss: Callable,
                     torch_batch, flax_batch, float64=False):
     """(relative error of every parameter's gradient by torch name, torch loss, Flax loss).
@@ -103,13 +111,61 @@ def gradient_errors(torch_model, flax_model, variables, torch_loss: Callable, fl
         loss_t.backward()
         zero_unused_grads(torch_model)
         ref = {k: p.grad.detach().numpy() for k, p in torch_model.named_parameters()}
-        loss_f, grads = jax.value_and_grad(flax_loss)(variables["params"], variables, flax_batch)
+        loss_f, grads = parity_jit(jax.value_and_grad(flax_loss))(variables["params"], variables, flax_batch)
         got = flax_params_as_torch(grads)
     assert set(ref) == set(got), f"gradient keys differ: {sorted(set(ref) ^ set(got))}"
     scale = max(float(np.max(np.abs(g))) for g in ref.values() if g.size)
     errs = {k: (zero_gradient_noise(ref[k], got[k], scale) if k.endswith(ZERO_GRADIENT) else rel_err(ref[k], got[k]))
             for k in ref}
     return errs, loss_t.item(), float(loss_f)
+
+
+def torch_trajectory(torch_model, torch_loss: Callable, torch_batches: Sequence, lr=1e-3, betas=(0.9, 0.999),
+                     eps=1e-8, weight_decay=0.05) -> np.ndarray:
+    """Train `torch_model` in place with AdamW on `torch_batches`: the loss of every step."""
+    import torch
+
+    from train.torch_backend import zero_unused_grads
+
+    torch_model.train()
+    opt = torch.optim.AdamW(torch_model.parameters(), lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+    losses = []
+    for batch in torch_batches:
+        opt.zero_grad()
+        loss = torch_loss(torch_model, batch)
+        loss.backward()
+        zero_unused_grads(torch_model)
+        opt.step()
+        losses.append(loss.item())
+    del opt  # Adam's moments and the graph: copies of the weights the caller doesn't need
+    torch_model.zero_grad(set_to_none=True)
+    gc.collect()
+    return np.array(losses)
+
+
+def nudge(torch_model, seed: int):
+    """Move every float weight of `torch_model` one ulp, up or down at random (`seed`), in place:
+    a float32 rounding's worth of difference, to see what training makes of it."""
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in torch_model.parameters():
+            toward = torch.where(torch.rand(p.shape, generator=g) < 0.5, np.inf, -np.inf).to(p.dtype)
+            p.copy_(torch.nextafter(p, toward))
+    return torch_model
+
+
+def rounding_control(make_model: Callable, torch_loss: Callable, torch_batches: Sequence, seeds: int = 4,
+                     **adamw) -> float:
+    """How far torch's own float32 trajectory moves when every weight moves one ulp: the worst,
+    over `seeds` nudges, of the largest loss difference over the largest loss. A twin's difference
+    of this size is the training's sensitivity to rounding, not a difference of the models.
+    `make_model()` gives a fresh model with the starting weights."""
+    base = torch_trajectory(make_model(), torch_loss, torch_batches, **adamw)
+    scale = np.max(np.abs(base)) or 1.0
+    return max(float(np.max(np.abs(torch_trajectory(nudge(make_model(), s), torch_loss, torch_batches, **adamw) - base)))
+               / scale for s in range(seeds))
 
 
 def adamw_trajectories(torch_model, flax_model, variables, torch_loss: Callable, flax_loss: Callable,
@@ -135,25 +191,12 @@ def _adamw_trajectories(torch_model, flax_model, variables, torch_loss, flax_los
     import optax
     import torch
 
-    from train.torch_backend import zero_unused_grads
+    from jax_models.xla_flags import parity_compiler_options
 
     if float64:
         torch_model = torch_model.double()
         torch_batches = [tuple(t.double() if t.is_floating_point() else t for t in b) for b in torch_batches]
-    torch_model.train()
-    opt = torch.optim.AdamW(torch_model.parameters(), lr=lr, betas=betas, eps=eps,
-                            weight_decay=weight_decay)
-    losses_t = []
-    for batch in torch_batches:
-        opt.zero_grad()
-        loss = torch_loss(torch_model, batch)
-        loss.backward()
-        zero_unused_grads(torch_model)
-        opt.step()
-        losses_t.append(loss.item())
-    del opt, loss  # Adam's moments and the graph: 4 copies of the weights that JAX doesn't need
-    torch_model.zero_grad(set_to_none=True)
-    gc.collect()
+    losses_t = torch_trajectory(torch_model, torch_loss, torch_batches, lr, betas, eps, weight_decay)
 
     cast = ((lambda t: jnp.asarray(t, jnp.float64) if jnp.issubdtype(t.dtype, jnp.floating) else t)
             if float64 else jnp.asarray)
@@ -164,7 +207,7 @@ def _adamw_trajectories(torch_model, flax_model, variables, torch_loss, flax_los
     variables = {k: jax.tree_util.tree_map(cast, v) for k, v in variables.items() if k != "params"}
     opt_state = tx.init(params)
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    @functools.partial(jax.jit, donate_argnums=(0, 1), compiler_options=parity_compiler_options())
     def step(params, opt_state, batch):
         loss, grads = jax.value_and_grad(flax_loss)(params, variables, batch)
         updates, opt_state = tx.update(grads, opt_state, params)

@@ -41,6 +41,7 @@ TRAJECTORY_LR = {
 }
 
 STEPS = 100
+CONTROL_SEEDS = 4  # torch runs, each with every weight nudged 1 ulp, for a preset over the loss tolerance
 
 
 def full_size(names) -> list[str]:
@@ -81,6 +82,7 @@ class PresetResult:
     losses_flax: list[float]
     tolerances: dict
     error: str | None = None          # what a preset that could not be measured raised
+    loss_control: float | None = None  # over the loss tolerance: torch against itself 1 ulp apart (`rounding_control`)
 
     @classmethod
     def broken(cls, name: str, steps: int, error: BaseException, seconds: float) -> "PresetResult":
@@ -125,7 +127,7 @@ def check_preset(name: str, steps: int = STEPS, batch_size: int | None = None, s
     from train.tasks import get_task
     from twin_models.presets import get_preset, without_dropout
 
-    from .parity import adamw_trajectories, gradient_errors, worst_leaf
+    from .parity import adamw_trajectories, gradient_errors, rounding_control, worst_leaf
     from .verify import build_twins, compare_layers
 
     start = time.perf_counter()
@@ -158,7 +160,7 @@ def check_preset(name: str, steps: int = STEPS, batch_size: int | None = None, s
             log(f"{name}: forward {forward.output.rel:.2e}" + (f", first over tolerance: {first.path}" if first else ""))
             losses = task.parity.losses(flax_model)
             (tb,), (fb,) = task.parity.batches(preset, 1, 2 if large else 4, seed=0)
-            errs, _, _ = gradient_errors(fresh(), flax_model, variables, losses[0], jax.jit(losses[1]), tb, fb)
+            errs, _, _ = gradient_errors(fresh(), flax_model, variables, losses[0], losses[1], tb, fb)
             param = max(errs, key=errs.get)
             log(f"{name}: worst gradient {param} {errs[param]:.2e}")
 
@@ -166,9 +168,13 @@ def check_preset(name: str, steps: int = STEPS, batch_size: int | None = None, s
             tbs, fbs = task.parity.batches(preset, steps, batch_size, seed=1)
             kwargs = dict(lr=lr, weight_decay=preset.train["weight_decay"])
             losses_t, losses_f, _, _ = adamw_trajectories(fresh(), flax_model, variables, losses[0],
-                                                          jax.jit(losses[1]), tbs, fbs, **kwargs)
+                                                          losses[1], tbs, fbs, **kwargs)
             log(f"{name}: {steps} steps in float32, losses {losses_t[0]:.4f} -> {losses_t[-1]:.4f}")
-            l64_t, l64_f, w_t, w_f = adamw_trajectories(fresh(), flax_model, variables, losses[0], jax.jit(losses[1]),
+            control = None
+            if np.max(np.abs(losses_t - losses_f)) > REPORT_LOSS_TOL * (np.max(np.abs(losses_t)) or 1.0):
+                control = rounding_control(fresh, losses[0], tbs, seeds=CONTROL_SEEDS, **kwargs)
+                log(f"{name}: over the loss tolerance; torch against itself, weights 1 ulp apart: {control:.2e}")
+            l64_t, l64_f, w_t, w_f = adamw_trajectories(fresh(), flax_model, variables, losses[0], losses[1],
                                                 tbs, fbs, float64=True, **kwargs)
             weights_param, weights = worst_leaf(w_t, w_f)
             log(f"{name}: {steps} steps in float64, worst final weight {weights_param} {weights:.2e}")
@@ -181,7 +187,7 @@ def check_preset(name: str, steps: int = STEPS, batch_size: int | None = None, s
         loss_float64=float(np.max(np.abs(l64_t - l64_f)) / (np.max(np.abs(l64_t)) or 1.0)),
         weights_param=weights_param, seconds=0.0, steps=steps, lr=lr, batch_size=batch_size,
         losses_torch=[float(x) for x in losses_t], losses_flax=[float(x) for x in losses_f],
-        tolerances=tolerances())
+        tolerances=tolerances(), loss_control=control)
     diffs = result.loss_differences()
     result.loss, result.loss_step = float(np.max(diffs)), int(np.argmax(diffs)) + 1
     result.seconds = time.perf_counter() - start
@@ -207,6 +213,9 @@ def markdown(results: list[PresetResult], header: str = "") -> str:
         named = r.first_divergent and "forward" in r.failures
         forward = _e(r.forward) + (f" (first over: `{r.first_divergent}`)" if named else "")
         verdict = "pass" if r.ok else "FAIL: " + (r.error or ", ".join(r.failures))
+        if "loss" in r.failures and r.loss_control is not None:
+            verdict += (f" (in float64 {_e(r.loss_float64)}; torch against itself, every weight 1 ulp apart: "
+                        f"{_e(r.loss_control)})")
         lines.append(f"| `{r.preset}` | {forward} | {_e(r.gradient)} (`{r.gradient_param}`) "
                      f"| {_e(r.loss)} (step {r.loss_step} of {r.steps}) | {_e(r.weights)} | {verdict} "
                      f"| {r.seconds:.0f} s |")
@@ -243,15 +252,43 @@ def plot(result: PresetResult, path: str) -> str:
     return path
 
 
-def run_all(names: list[str], out: str, steps: int = STEPS, log=print) -> list[PresetResult]:
+def earlier(out: str, steps: int) -> dict[str, PresetResult]:
+    """The presets OUT/report.json holds that were measured with `steps` steps, the current
+    tolerances and no error (what `--resume` keeps); {} without a readable report."""
+    try:
+        with open(os.path.join(out, "report.json")) as f:
+            rows = json.load(f)["presets"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    fields = {f.name for f in dataclasses.fields(PresetResult)}
+    kept = {}
+    for row in rows:
+        try:
+            r = PresetResult(**{k: (float("nan") if v is None and k != "first_divergent" and k != "error"
+                                    and k != "loss_control" else v) for k, v in row.items() if k in fields})
+        except TypeError:
+            continue
+        if r.steps == steps and r.error is None and r.tolerances == tolerances():
+            kept[r.preset] = r
+    return kept
+
+
+def run_all(names: list[str], out: str, steps: int = STEPS, log=print, resume: bool = False) -> list[PresetResult]:
     """Every preset of `names`, in order: OUT/report.md, OUT/report.json, OUT/PRESET.png. The
-    Markdown and JSON are rewritten after each preset, so a long run shows its progress."""
+    Markdown and JSON are rewritten after each preset, so a long run shows its progress; with
+    `resume`, a preset OUT/report.json already holds (`earlier`) is kept, not run again."""
     os.makedirs(out, exist_ok=True)
     where = machine()
     start = time.perf_counter()
+    done = earlier(out, steps) if resume else {}
     results = []
     for name in names:
         began = time.perf_counter()
+        if name in done:
+            log(f"{name}: kept from {out}/report.json ({done[name].seconds:.0f} s then)")
+            results.append(done[name])
+            write(results, out, time.perf_counter() - start, where, kept=len([r for r in results if r.preset in done]))
+            continue
         try:
             results.append(check_preset(name, steps, log=log))
             plot(results[-1], os.path.join(out, f"{name}.png"))
@@ -260,7 +297,7 @@ def run_all(names: list[str], out: str, steps: int = STEPS, log=print) -> list[P
 
             log(traceback.format_exc())
             results.append(PresetResult.broken(name, steps, e, time.perf_counter() - began))
-        write(results, out, time.perf_counter() - start, where)
+        write(results, out, time.perf_counter() - start, where, kept=len([r for r in results if r.preset in done]))
     return results
 
 
@@ -285,10 +322,13 @@ def _finite(x):
     return None if isinstance(x, float) and not np.isfinite(x) else x
 
 
-def write(results: list[PresetResult], out: str, seconds: float, machine: str):
-    """OUT/report.md and OUT/report.json (strict JSON: null where a value is not finite)."""
+def write(results: list[PresetResult], out: str, seconds: float, machine: str, kept: int = 0):
+    """OUT/report.md and OUT/report.json (strict JSON: null where a value is not finite). `seconds`:
+    this run's wall time; `kept`: how many presets came from an earlier run (`--resume`)."""
+    resumed = (f" ({kept} kept from an earlier run; the presets' own times add up to "
+               f"{sum(r.seconds for r in results):.0f} s)") if kept else ""
     header = (f"`python -m bridge verify --all`: {len(results)} presets, {results[0].steps if results else 0} "
-              f"AdamW steps each, {seconds:.0f} s in all on {machine}, "
+              f"AdamW steps each, {seconds:.0f} s in all on {machine}{resumed}, "
               f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.")
     with open(os.path.join(out, "report.md"), "w") as f:
         f.write(markdown(results, header))

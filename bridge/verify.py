@@ -127,16 +127,20 @@ def torch_layers(torch_model, torch_inputs, autocast: bool = False):
 def flax_layers(flax_model, variables, flax_inputs, dtype=None):
     """(every submodule's output by torch name, the model's output) via `capture_intermediates`,
     at the highest matmul precision; `dtype` (bfloat16, say): parameters and float inputs cast to
-    it, as the trainer's `--precision bf16` runs Flax."""
+    it, as the trainer's `--precision bf16` runs Flax. On CPU, XLA's own dots, not YNNPACK's
+    (`jax_models.xla_flags.parity_compiler_options`)."""
     import jax.numpy as jnp
 
     if dtype is not None:
         cast = lambda t: t.astype(dtype) if jnp.issubdtype(t.dtype, jnp.floating) else t  # noqa: E731
         variables = {**variables, "params": jax.tree_util.tree_map(cast, variables["params"])}
         flax_inputs = [cast(jnp.asarray(x)) for x in flax_inputs]
+    from jax_models.xla_flags import parity_compiler_options
+
     with jax.default_matmul_precision("highest"):
         out, state = jax.jit(lambda v, *x: flax_model.apply(v, *x, capture_intermediates=True,
-                                                            mutable=["intermediates"]))(variables, *flax_inputs)
+                                                            mutable=["intermediates"]),
+                             compiler_options=parity_compiler_options())(variables, *flax_inputs)
     outs = {}
     modules = module_paths(variables["params"]) | module_paths(state["intermediates"])
     for path, value in flatten_dict(state["intermediates"]).items():

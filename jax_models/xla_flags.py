@@ -15,6 +15,12 @@ YNNPACK also takes the reductions, with the elementwise work around them. It sum
 64) map over its spatial axes in 0.5 ms where XLA's own reduce takes 1.9, which makes GroupNorm's
 statistics cheap; a training step, with the backward's reductions, came out 3-6% slower with it,
 so it is not in `CPU_FLAGS`.
+
+Parity measurements (`bridge`: `verify`, `verify --all`) are compiled with
+`parity_compiler_options()`: no YNNPACK at all, so XLA emits its own dots. YNNPACK's float32 dot
+rounds 3-6x more than XLA's or MKL's: a (394, 3072) x (3072, 768) product is 1.5e-6 from float64
+with it, 2.6e-7 without (torch 3.5e-7), which took `vit-b16`'s forward from 1.4e-6 to 2.2e-6 of
+torch's. It is the CPU's counterpart of `jax.default_matmul_precision("highest")` on a GPU.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from importlib import metadata
 YNN_FLAG = "xla_cpu_experimental_ynn_fusion_type"
 CPU_FLAGS = (f"--{YNN_FLAG}=individual_dot",)
 INFERENCE_OPTIONS = {YNN_FLAG: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
+PARITY_OPTIONS = {YNN_FLAG: ""}
 JAXLIB_KNOWN = ((0, 10), (0, 13))  # the jaxlib releases (>=, <) whose XLA reads these flags; others abort on them
 
 
@@ -84,13 +91,24 @@ def _known_jaxlib() -> bool:
     return version is not None and JAXLIB_KNOWN[0] <= version < JAXLIB_KNOWN[1]
 
 
-def inference_compiler_options() -> dict[str, str] | None:
-    """`jax.jit(..., compiler_options=...)` for an inference program: `INFERENCE_OPTIONS` on the
-    CPU backend of a known jaxlib, unless `XLA_FLAGS` sets the YNNPACK flag otherwise than
-    `CPU_FLAGS` does (the user's choice holds); None elsewhere (GPU, TPU)."""
+def _cpu_options(options: dict[str, str]) -> dict[str, str] | None:
     import jax
 
     user_flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if f not in CPU_FLAGS]
     if jax.default_backend() != "cpu" or not _known_jaxlib() or any(YNN_FLAG in f for f in user_flags):
         return None
-    return dict(INFERENCE_OPTIONS)
+    return dict(options)
+
+
+def inference_compiler_options() -> dict[str, str] | None:
+    """`jax.jit(..., compiler_options=...)` for an inference program: `INFERENCE_OPTIONS` on the
+    CPU backend of a known jaxlib, unless `XLA_FLAGS` sets the YNNPACK flag otherwise than
+    `CPU_FLAGS` does (the user's choice holds); None elsewhere (GPU, TPU)."""
+    return _cpu_options(INFERENCE_OPTIONS)
+
+
+def parity_compiler_options() -> dict[str, str] | None:
+    """`jax.jit(..., compiler_options=...)` for a parity measurement: `PARITY_OPTIONS` (XLA's own
+    dots, not YNNPACK's) on the CPU backend of a known jaxlib, unless `XLA_FLAGS` sets the YNNPACK
+    flag otherwise than `CPU_FLAGS` does; None elsewhere."""
+    return _cpu_options(PARITY_OPTIONS)

@@ -79,7 +79,7 @@ def test_the_selection_of_presets():
 
 @pytest.mark.parametrize("argv, message", [
     (["verify"], "verify needs a PRESET, or --all for every preset"),
-    (["verify", "--full"], "--full, --preset, --steps and --out go with --all"),
+    (["verify", "--full"], "--full, --preset, --steps, --out and --resume go with --all"),
     (["verify", "vit-digits", "--all"], "give either a PRESET (vit-digits) or --all, not both"),
     (["verify", "--all", "--preset", "no-such-*"], "--preset 'no-such-*' matches no small preset"),
     (["verify", "--all", "--steps", "0"], "--steps must be a positive integer, not 0"),
