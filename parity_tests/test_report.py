@@ -91,6 +91,71 @@ def test_usage_errors(argv, message, capsys):
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_resume_keeps_what_an_earlier_report_holds_and_runs_the_rest(tmp_path, capsys, monkeypatch):
+    """`--resume` runs only the presets OUT/report.json lacks, or holds with an error or with
+    another number of steps; the table then holds every preset."""
+    ran = []
+
+    def check(name, steps, log=None):
+        ran.append((name, steps))
+        if name == "swin-digits" and len(ran) <= 2:
+            raise RuntimeError("killed")
+        return dataclasses.replace(failing(name, forward=1e-7, first=None), steps=steps)
+
+    monkeypatch.setattr(report, "check_preset", check)
+    argv = ["verify", "--all", "--preset", "vit-digits,swin-digits", "--steps", "3", "--out", str(tmp_path)]
+    assert main(argv) == 1
+    assert main(argv + ["--resume"]) == 0
+    assert ran == [("vit-digits", 3), ("swin-digits", 3), ("swin-digits", 3)]
+    assert "vit-digits: kept from" in capsys.readouterr().out
+    table = (tmp_path / "report.md").read_text()
+    assert table.count("| pass |") == 2 and "(1 kept from an earlier run" in table
+    assert main(argv[:-4] + ["--steps", "4", "--out", str(tmp_path), "--resume"]) == 0
+    assert ran[-2:] == [("vit-digits", 4), ("swin-digits", 4)]
+
+
+def test_a_loss_over_tolerance_is_shown_beside_its_float64_run_and_its_rounding_control():
+    r = dataclasses.replace(failing(forward=1e-7, first=None), loss=5e-4, loss_control=7e-5)
+    row = report.markdown([r]).splitlines()[-1]
+    assert "FAIL: loss (in float64 1.0e-15; torch against itself, every weight 1 ulp apart: 7.0e-05)" in row
+
+
+def test_nudge_moves_every_weight_one_ulp_up_or_down():
+    import torch
+
+    from bridge.parity import nudge
+
+    model = torch.nn.Linear(16, 8)
+    before = {k: v.detach().numpy().copy() for k, v in model.named_parameters()}
+    nudge(model, seed=0)
+    for k, p in model.named_parameters():
+        after, b = p.detach().numpy(), before[k]
+        up, down = after == np.nextafter(b, np.inf), after == np.nextafter(b, -np.inf)
+        assert (up | down).all() and up.any() and down.any(), k
+
+
+def test_the_rounding_control_of_a_smooth_model_is_rounding_sized():
+    """A linear regressor trained with AdamW: weights 1 ulp apart give losses that differ by a few
+    float32 roundings, not 0 (the nudge moved them) and not more."""
+    import torch
+
+    from bridge.parity import rounding_control
+
+    torch.manual_seed(0)
+    start = torch.nn.Linear(16, 1).state_dict()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(32, 16, generator=g), torch.randn(32, 1, generator=g)) for _ in range(20)]
+
+    def make():
+        m = torch.nn.Linear(16, 1)
+        m.load_state_dict(start)
+        return m
+
+    loss = lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])  # noqa: E731
+    control = rounding_control(make, loss, batches, seeds=2, lr=1e-2, weight_decay=0.0)
+    assert 0 < control < 1e-5
+
+
 @pytest.mark.slow
 def test_every_small_preset_for_100_steps(tmp_path):
     """The whole report: every small preset within every tolerance over 100 AdamW steps; a preset
@@ -103,6 +168,7 @@ def test_every_small_preset_for_100_steps(tmp_path):
         assert p["steps"] == report.STEPS and (tmp_path / f"{p['preset']}.png").is_file()
         if p["preset"] in LONG_RUN_RELU_TIES:
             assert p["failures"] in ([], ["loss"]) and p["loss_float64"] <= report.REPORT_LOSS_TOL, table
+            assert not p["failures"] or p["loss_control"] > 0, table
         else:
             assert p["ok"], table
 
