@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import struct
 import sys
+import time
 
 import pytest
 from PIL import Image
@@ -84,6 +85,12 @@ def test_tensorboard_events_follow_the_metrics(tmp_path):
     run = tmp_path / "run"
     write_run(run, "jax", records()[:3])
     c = curves.Curves(str(run), tensorboard=True)
+    c.scalars()   # tensorboardX's thread has the events on disk within TENSORBOARD_FLUSH_SECONDS
+    deadline = time.monotonic() + 6 * curves.TENSORBOARD_FLUSH_SECONDS
+    while "train/loss" not in read_events(run / "tensorboard") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert [s for s, _ in read_events(run / "tensorboard")["train/loss"]] == [1, 2]
+    assert not (run / "curves.png").exists()
     c.refresh()
     with open(run / "metrics.jsonl", "a") as f:   # the cut line ends, more records come
         f.write('ss": 1}\n' + "".join(json.dumps(r) + "\n" for r in records()[3:]))

@@ -12,6 +12,7 @@ import sys
 import warnings
 
 TENSORBOARD_DIR = "tensorboard"
+TENSORBOARD_FLUSH_SECONDS = 5  # tensorboardX writes from a thread: a logged step is on disk this soon after
 TENSORBOARD_MISSING = ("--tensorboard needs the tensorboardX package (pip install tensorboardX, or the "
                        "project's extra: pip install 'twin-models[tensorboard]')")
 
@@ -125,7 +126,8 @@ def check_tensorboard():
 
 class Curves:
     """What the training loop refreshes at each evaluation and at the end: WORKDIR/curves.png and,
-    with `tensorboard`, the records of metrics.jsonl not yet written as TensorBoard scalars
+    with `tensorboard` (also at each logged step, `scalars`), the records of metrics.jsonl not yet
+    written as TensorBoard scalars
     (WORKDIR/tensorboard; a resumed run hides what its first run logged after `start_step`). Only
     an enabled (primary) process draws; a failure is a warning, never the end of the run."""
 
@@ -146,11 +148,20 @@ class Curves:
             except Exception as e:   # noqa: BLE001
                 warnings.warn(f"could not write TensorBoard events to {self.workdir}: {e!r}", stacklevel=2)
 
+    def scalars(self):
+        """The TensorBoard scalars only (no picture), after each logged step: TensorBoard follows
+        the training loss as it is logged; the picture waits for the next evaluation."""
+        if self.tensorboard:
+            try:
+                self._write_events()
+            except Exception as e:   # noqa: BLE001
+                warnings.warn(f"could not write TensorBoard events to {self.workdir}: {e!r}", stacklevel=2)
+
     def _write_events(self):
         if self.writer is None:
             from tensorboardX import SummaryWriter
 
-            self.writer = SummaryWriter(os.path.join(self.workdir, TENSORBOARD_DIR),
+            self.writer = SummaryWriter(os.path.join(self.workdir, TENSORBOARD_DIR), flush_secs=TENSORBOARD_FLUSH_SECONDS,
                                         purge_step=self.start_step + 1 if self.start_step else None)
         with open(metrics_path(self.workdir)) as f:
             f.seek(self.offset)

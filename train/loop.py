@@ -162,6 +162,7 @@ def _train(r: Run, backend, ckpt: Checkpoints, watch: Watchdog, stop: StopSignal
                            "lr": r.lr(step), "nonfinite_steps": guard.total + int(
                                backend.read(metrics).get("nonfinite", 0)),
                            "examples_per_second": speed.window_rate()})
+                curves.scalars()
             if r.eval_every and done % r.eval_every == 0 and done != r.total_steps:
                 with watch.phase("evaluate", done):
                     log.write({"step": done, **backend.evaluate()})
