@@ -265,6 +265,10 @@ def parse_args(argv):
     ap.add_argument("--markdown", metavar="PATH", help="write a markdown report")
     ap.add_argument("--plot", metavar="PATH", help="write a PNG chart (needs matplotlib)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="profile one training step of each framework per layer kind (attention, MLP, "
+                         "norms, ..., forward and backward, the optimizer update, the rest): "
+                         "benchmarks/breakdown.py")
     gen = ap.add_argument_group("--mode generate")
     gen.add_argument("--max-length", type=int, default=None,
                      help="generated tokens per caption (default: the preset recipe's max_length)")
@@ -296,6 +300,9 @@ def parse_args(argv):
     if a.batch_size and min(a.batch_size) < 1:
         ap.error(f"batch sizes must be positive; got {a.batch_size}")
     a.modes = ["train", "infer"] if a.mode == "both" else [a.mode]
+    if a.breakdown:
+        from .breakdown import check_args
+        check_args(ap, a)
     if a.mode == "generate":
         not_captioning = [p for p in a.presets if PRESETS[p].task != "captioning"]
         if not_captioning:
@@ -354,6 +361,9 @@ def main(argv=None) -> int:
     print(report.machine_header(info), flush=True)
     if a.mode == "generate":
         return generate_main(a, info)
+    if a.breakdown:
+        from . import breakdown
+        return breakdown.main(a, info, device)
 
     groups = [(p, m, b, prec) for p in a.presets for b in (a.batch_size or [default_batch(p)])
               for prec in a.precision for m in a.modes]
