@@ -131,8 +131,10 @@ _SUBCOMPUTATION = re.compile(r"\b(calls|to_apply|body|condition|branch_computati
 
 def hlo_op_names(hlo_text: str) -> tuple[str, dict[str, str]]:
     """The module name and instruction name -> `op_name` of an HLO module's text. An instruction
-    XLA made without metadata (a copy, the reduce-window of a split reduction) takes its first
-    operand's, as it works on that operand's result."""
+    XLA made without metadata (a copy, the reduce-window of a split reduction) takes its
+    operands': the first that comes from the program (an op_name with a path), else the first
+    (a parameter's). A convolution or dot XLA rewrote has none ("rest"): its operands do not say
+    whose it is."""
     module = re.search(r"HloModule ([^\s,]+)", hlo_text)
     if not module:
         raise ValueError("not HLO text: no `HloModule` line")
@@ -144,16 +146,21 @@ def hlo_op_names(hlo_text: str) -> tuple[str, dict[str, str]]:
             names[m.group(1)] = op_name.group(1)
         else:
             operands[m.group(1)] = re.findall(r"%([\w.\-]+)", _SUBCOMPUTATION.sub("", rhs.split("metadata=")[0]))
+    inherited = {}
     for name in operands:
-        seen, todo = set(), list(operands[name])
-        while todo and name not in names:
+        if name.startswith(("convolution", "dot", "custom-call")):
+            continue
+        seen, todo, found = set(), list(operands[name]), []
+        while todo and not any("/" in f for f in found):
             op = todo.pop(0)
             if op in names:
-                names[name] = names[op]
+                found.append(names[op])
             elif op not in seen:
                 seen.add(op)
                 todo += operands.get(op, [])
-    return module.group(1), names
+        if found:
+            inherited[name] = next((f for f in found if "/" in f), found[0])
+    return module.group(1), {**names, **inherited}
 
 
 def xla_op_times(trace_dir: str, module: str) -> dict[str, float]:
