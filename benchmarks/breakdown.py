@@ -405,7 +405,7 @@ def check_args(ap, a):
 def main(a, info, device) -> int:
     """`--breakdown`: each preset, batch size and precision profiled; tables printed and written."""
     from . import report
-    from .harness import default_batch
+    from .options import default_batch
     from .workloads import ParityError
 
     records, failed = [], False

@@ -40,13 +40,7 @@ import traceback
 
 from jax_models import compile_cache
 
-from .options import check_options
-
-def default_batch(preset: str) -> int:
-    """The preset's `bench_batch`: CPU-sized, to keep `--all` to about half an hour on 2 cores
-    (the recipes', up to 32768, are for accelerators)."""
-    from twin_models.presets import get_preset
-    return get_preset(preset).bench_batch
+from .options import check_options, default_batch
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """The checks every benchmark command makes of its options before anything runs (shared by
-`benchmarks`, `benchmarks.sampling`, `.generation` and `.parallel`)."""
+`benchmarks`, `benchmarks.sampling`, `.generation` and `.parallel`), and the default batch."""
 
 from __future__ import annotations
 
@@ -37,3 +37,10 @@ def check_options(ap, a, counts=(), outputs=(), seed=None):
             base = os.path.dirname(base)
         if not os.path.isdir(base) or not os.access(base, os.W_OK | os.X_OK):
             ap.error(f"--{name} {path}: cannot write there ({base} is not a writable folder)")
+
+
+def default_batch(preset: str) -> int:
+    """The preset's `bench_batch`: CPU-sized, to keep `--all` to about half an hour on 2 cores
+    (the recipes', up to 32768, are for accelerators)."""
+    from twin_models.presets import get_preset
+    return get_preset(preset).bench_batch
