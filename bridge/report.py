@@ -261,11 +261,12 @@ def earlier(out: str, steps: int) -> dict[str, PresetResult]:
     except (OSError, ValueError, KeyError, TypeError):
         return {}
     fields = {f.name for f in dataclasses.fields(PresetResult)}
+    optional = {"first_divergent", "error", "loss_control"}   # None in the JSON is None; elsewhere not finite
     kept = {}
     for row in rows:
         try:
-            r = PresetResult(**{k: (float("nan") if v is None and k != "first_divergent" and k != "error"
-                                    and k != "loss_control" else v) for k, v in row.items() if k in fields})
+            r = PresetResult(**{k: float("nan") if v is None and k not in optional else v
+                                for k, v in row.items() if k in fields})
         except TypeError:
             continue
         if r.steps == steps and r.error is None and r.tolerances == tolerances():
@@ -287,17 +288,16 @@ def run_all(names: list[str], out: str, steps: int = STEPS, log=print, resume: b
         if name in done:
             log(f"{name}: kept from {out}/report.json ({done[name].seconds:.0f} s then)")
             results.append(done[name])
-            write(results, out, time.perf_counter() - start, where, kept=len([r for r in results if r.preset in done]))
-            continue
-        try:
-            results.append(check_preset(name, steps, log=log))
-            plot(results[-1], os.path.join(out, f"{name}.png"))
-        except Exception as e:   # noqa: BLE001 (one broken preset is a failure in the table; the others run)
-            import traceback
+        else:
+            try:
+                results.append(check_preset(name, steps, log=log))
+                plot(results[-1], os.path.join(out, f"{name}.png"))
+            except Exception as e:   # noqa: BLE001 (one broken preset is a failure in the table; the others run)
+                import traceback
 
-            log(traceback.format_exc())
-            results.append(PresetResult.broken(name, steps, e, time.perf_counter() - began))
-        write(results, out, time.perf_counter() - start, where, kept=len([r for r in results if r.preset in done]))
+                log(traceback.format_exc())
+                results.append(PresetResult.broken(name, steps, e, time.perf_counter() - began))
+        write(results, out, time.perf_counter() - start, where, kept=sum(r.preset in done for r in results))
     return results
 
 
