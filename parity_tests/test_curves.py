@@ -72,8 +72,10 @@ def read_events(folder) -> dict[str, list[tuple[int, float]]]:
     for path in sorted(folder.glob("events.out.tfevents.*")):
         data = path.read_bytes()
         i = 0
-        while i < len(data):
+        while i + 12 <= len(data):
             (n,) = struct.unpack("<Q", data[i:i + 8])
+            if i + 12 + n + 4 > len(data):
+                break   # a record still being written
             event = Event.FromString(data[i + 12:i + 12 + n])
             i += 12 + n + 4
             for v in event.summary.value:
@@ -87,9 +89,10 @@ def test_tensorboard_events_follow_the_metrics(tmp_path):
     c = curves.Curves(str(run), tensorboard=True)
     c.scalars()   # tensorboardX's thread has the events on disk within TENSORBOARD_FLUSH_SECONDS
     deadline = time.monotonic() + 6 * curves.TENSORBOARD_FLUSH_SECONDS
-    while "train/loss" not in read_events(run / "tensorboard") and time.monotonic() < deadline:
+    logged = lambda: [s for s, _ in read_events(run / "tensorboard").get("train/loss", [])]  # noqa: E731
+    while logged() != [1, 2] and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert [s for s, _ in read_events(run / "tensorboard")["train/loss"]] == [1, 2]
+    assert logged() == [1, 2]
     assert not (run / "curves.png").exists()
     c.refresh()
     with open(run / "metrics.jsonl", "a") as f:   # the cut line ends, more records come

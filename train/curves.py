@@ -127,8 +127,7 @@ def check_tensorboard():
 class Curves:
     """What the training loop refreshes at each evaluation and at the end: WORKDIR/curves.png and,
     with `tensorboard` (also at each logged step, `scalars`), the records of metrics.jsonl not yet
-    written as TensorBoard scalars
-    (WORKDIR/tensorboard; a resumed run hides what its first run logged after `start_step`). Only
+    written as TensorBoard scalars (WORKDIR/tensorboard; a resumed run hides what its first run logged after `start_step`). Only
     an enabled (primary) process draws; a failure is a warning, never the end of the run."""
 
     def __init__(self, workdir: str, start_step: int = 0, enabled: bool = True, tensorboard: bool = False):
@@ -142,11 +141,7 @@ class Curves:
             draw(self.workdir)
         except Exception as e:   # noqa: BLE001 (a picture must not end a run)
             warnings.warn(f"could not draw {os.path.join(self.workdir, 'curves.png')}: {e!r}", stacklevel=2)
-        if self.tensorboard:
-            try:
-                self._write_events()
-            except Exception as e:   # noqa: BLE001
-                warnings.warn(f"could not write TensorBoard events to {self.workdir}: {e!r}", stacklevel=2)
+        self.scalars()
 
     def scalars(self):
         """The TensorBoard scalars only (no picture), after each logged step: TensorBoard follows
