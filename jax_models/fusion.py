@@ -135,11 +135,13 @@ class VQAModel(nn.Module):
 def VQA(image_size=224, patch_size=16, in_channels=3, vision_width=768, vision_layers=12, vision_heads=12,
         vocab_size=49408, context_length=77, text_width=512, text_layers=12, text_heads=8, dim=768,
         fusion_layers=6, fusion_heads=8, num_answers=3000, mlp_ratio=4, dropout=0.0, vision_pos_embed_std=0.02,
-        attention_impl="xla"):
+        vision_pos_embed_init="normal", attention_impl="xla"):
     """A `VQAModel` of a ViT image tower and a causal `TextTransformer`, from plain config values
-    (the presets' entry point). `vision_pos_embed_std` is the ViT's `pos_embed_std` (init only)."""
+    (the presets' entry point). `vision_pos_embed_std` and `vision_pos_embed_init` are the ViT's `pos_embed_std`
+    and `pos_embed_init` (init only)."""
     image = VisionTransformer(image_size, patch_size, in_channels, 0, vision_width, vision_layers, vision_heads,
-                              mlp_ratio, dropout, attention_impl, pos_embed_std=vision_pos_embed_std, parent=None)
+                              mlp_ratio, dropout, attention_impl, pos_embed_std=vision_pos_embed_std,
+                              pos_embed_init=vision_pos_embed_init, parent=None)
     text = TextTransformer(vocab_size, context_length, text_width, text_layers, text_heads, mlp_ratio, dropout,
                            attention_impl, parent=None)
     return VQAModel(image, text, num_answers, dim, fusion_layers, fusion_heads, mlp_ratio, dropout, attention_impl)

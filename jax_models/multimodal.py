@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax.numpy as jnp
 import flax.linen as nn
 
+from twin_models.model_math import position_table
+
 from .layers import (LN_EPS, Mlp, MultiheadAttention, PatchEmbedding, check_token_ids, torch_bias_init,
                      torch_linear_init)
 
@@ -57,7 +59,8 @@ class MultimodalTransformer(nn.Module):
     `num_layers` layers, LayerNorm. Without `cross_attention`, `cross_attn` and `norm3` are
     created at init (so the source's state dicts convert) and never run. `image_positions` adds a
     learned position table `image_pos_embed` for the patches (the source has none), N(0, 1) at init
-    like the text's `pos_embed`."""
+    like the text's `pos_embed`, or with `image_pos_init="sincos2d"` the 2D sine-cosine table
+    (`twin_models.model_math.sincos_2d`) of standard deviation 1."""
     dim: int
     num_heads: int
     num_layers: int
@@ -70,6 +73,7 @@ class MultimodalTransformer(nn.Module):
     cross_attention: bool = False
     image_positions: bool = False
     attention_impl: str = "xla"
+    image_pos_init: str = "normal"
 
     @nn.compact
     def __call__(self, text_ids, image, text_mask=None, train: bool = False):
@@ -85,7 +89,11 @@ class MultimodalTransformer(nn.Module):
                                name="image_patch_embed")(image)
         image = image + self.param("image_type_embed", nn.initializers.zeros, (1, 1, self.dim))
         if self.image_positions:
-            pos = self.param("image_pos_embed", nn.initializers.normal(1.0), (1, image.shape[1], self.dim))
+            table = position_table(self.image_pos_init, self.image_size // self.patch_size, self.dim, 1.0,
+                                   class_token=False)
+            init = (nn.initializers.normal(1.0) if table is None
+                    else lambda key, shape, dtype=jnp.float32: jnp.asarray(table, dtype))
+            pos = self.param("image_pos_embed", init, (1, image.shape[1], self.dim))
             image = image + pos
         x = jnp.concatenate([text, image], axis=1)
         mask = None
@@ -116,10 +124,11 @@ class MultimodalTransformerClassifier(nn.Module):
 
 def MMTVQA(image_size=224, patch_size=16, in_channels=3, vocab_size=49408, context_length=77, dim=768,
            num_heads=12, num_layers=12, num_answers=3000, dropout=0.1, cross_attention=False, image_positions=True,
-           attention_impl="xla"):
+           image_pos_init="normal", attention_impl="xla"):
     """A `MultimodalTransformerClassifier` from plain config values (the presets' entry point); its
-    patches have positions by default (questions ask where objects are)."""
+    patches have positions by default (questions ask where objects are), `image_pos_init` their
+    table's start ("normal" or "sincos2d")."""
     transformer = MultimodalTransformer(dim, num_heads, num_layers, vocab_size, context_length, image_size,
                                         patch_size, in_channels, dropout, cross_attention, image_positions,
-                                        attention_impl, parent=None)
+                                        attention_impl, image_pos_init, parent=None)
     return MultimodalTransformerClassifier(transformer, num_answers)

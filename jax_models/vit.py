@@ -12,6 +12,8 @@ from __future__ import annotations
 import flax.linen as nn
 import jax.numpy as jnp
 
+from twin_models.model_math import position_table
+
 from .layers import (LN_EPS, Mlp, PatchEmbedding, TransformerEncoder, TransformerEncoderLayer,
                      add_class_token, attend, torch_bias_init, torch_linear_init, trunc_normal_02)
 
@@ -70,8 +72,9 @@ class VisionTransformer(nn.Module):
     (every LayerNorm), `act` (the MLPs' activation), `patch_bias` (the patch conv's bias),
     `pre_norm` (a LayerNorm `norm_pre` after the position embedding, as CLIP's `ln_pre`) and
     `head_act` (an activation after the head: "tanh" for Hugging Face ViT's pooler); and
-    `pos_embed_std`, the standard deviation of the position table at init (the source's 0.02;
-    init only, no weights change)."""
+    `pos_embed_std`, the standard deviation of the position table at init (the source's 0.02), and
+    `pos_embed_init`, its kind: "normal" (truncated, the source's) or "sincos2d" (`sincos_2d`'s
+    fixed 2D sine-cosine table as the learned table's start); both init only, no weights change."""
     image_size: int = 224
     patch_size: int = 16
     in_channels: int = 3
@@ -89,6 +92,7 @@ class VisionTransformer(nn.Module):
     pre_norm: bool = False
     head_act: str | None = None
     pos_embed_std: float = 0.02
+    pos_embed_init: str = "normal"
 
     @property
     def output_dim(self) -> int:
@@ -101,8 +105,11 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"head_act must be None or 'tanh'; got {self.head_act!r}")
         x = PatchEmbedding(self.image_size, self.patch_size, self.in_channels, self.embed_dim,
                            bias=self.patch_bias, name="patch_embed")(x)
-        pos_embed = self.param("pos_embed", nn.initializers.truncated_normal(self.pos_embed_std),
-                               (1, x.shape[1] + 1, self.embed_dim))
+        table = position_table(self.pos_embed_init, self.image_size // self.patch_size, self.embed_dim,
+                               self.pos_embed_std)
+        init = (nn.initializers.truncated_normal(self.pos_embed_std) if table is None
+                else lambda key, shape, dtype=jnp.float32: jnp.asarray(table, dtype))
+        pos_embed = self.param("pos_embed", init, (1, x.shape[1] + 1, self.embed_dim))
         cls_token = self.param("cls_token", trunc_normal_02, (1, 1, self.embed_dim))
         x = add_class_token(x, cls_token, pos_embed)
         if self.pre_norm:

@@ -256,3 +256,15 @@ def test_image_positions_make_where_answerable():
             moved = (model(swapped, q) - model(x, q)).abs().max().item()
         assert (moved > 1e-3) == positions, (positions, moved)
         assert ("transformer.image_pos_embed" in model.state_dict()) == positions
+
+
+def test_sincos2d_image_positions_start_alike_in_both_twins():
+    """image_pos_init="sincos2d": both twins start from the same 2D sine-cosine table of standard
+    deviation 1, one row per patch (no class token)."""
+    preset = with_overrides(get_preset("mmt-vqa-scenes"), image_pos_init="sincos2d")
+    tm = torch_reference.create_model(preset)
+    fm = jax_models.create_model(preset)
+    x, q = np.zeros((1, 32, 32, 3), np.float32), np.ones((1, 16), np.int32)
+    init = np.asarray(fm.init(jax.random.key(0), x, q)["params"]["transformer"]["image_pos_embed"])
+    np.testing.assert_array_equal(init, tm.transformer.image_pos_embed.detach().numpy())
+    assert init.shape == (1, 16, 64) and abs(init.std() - 1.0) < 1e-5

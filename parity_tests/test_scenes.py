@@ -196,6 +196,23 @@ def test_scenes_options_that_cannot_be_met_are_named(tmp_path, recipe, message):
         _resolve(tmp_path, **recipe).set_up()
 
 
+def test_train_num_objects_changes_the_training_scenes_alone(tmp_path):
+    """`train_num_objects=[2, 3]`: every training scene holds 2 or 3 objects (one shape question
+    per object), the held-out scenes keep `num_objects`; a bad value is named."""
+    from train.tasks.vqa import FAMILIES
+
+    r = _resolve(tmp_path, num_scenes=12, train_num_objects=[2, 3])
+
+    def objects_per_scene(data):
+        shape = data.extras["family"] == FAMILIES.index("shape")
+        return np.bincount(data.image_index[shape], minlength=len(data.images))
+
+    assert set(objects_per_scene(r.train_data)) == {2, 3}
+    assert set(objects_per_scene(r.test_data)) == {6}
+    with pytest.raises(ValueError, match=r"train_num_objects=\[3, 2\]: train_num_objects must be null"):
+        _resolve(tmp_path / "bad", train_num_objects=[3, 2])
+
+
 def test_the_report_splits_relational_from_nonrelational():
     from train.tasks.vqa import FAMILIES, accuracy_report, question_dataset
 

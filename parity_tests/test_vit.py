@@ -221,3 +221,35 @@ def test_verify_bf16_reports_the_drift_of_each_backend(capsys):
     o = report.output
     print(f"vit-digits bf16 output drift: torch {o.torch:.2e}, flax {o.flax:.2e}, between {o.between:.2e}")
     assert 0 < o.torch < 5e-2 and 0 < o.flax < 5e-2 and 0 < o.between < 5e-2
+
+
+def test_sincos_2d_rows_are_alike_as_their_patches_are_near():
+    """The sine-cosine table's row similarity falls with the distance between two patches along
+    each axis, and a width not divisible by 4 is refused."""
+    from twin_models.model_math import sincos_2d
+
+    grid = 4
+    table = sincos_2d(grid, 64)
+    assert table.shape == (grid * grid, 64) and table.dtype == np.float32
+    row = lambda y, x: table[y * grid + x]  # noqa: E731
+    along_x = [row(1, 0) @ row(1, x) for x in range(grid)]
+    along_y = [row(0, 2) @ row(y, 2) for y in range(grid)]
+    assert all(a > b for a, b in zip(along_x, along_x[1:])), along_x
+    assert all(a > b for a, b in zip(along_y, along_y[1:])), along_y
+    with pytest.raises(ValueError, match="divisible by 4; got 30"):
+        sincos_2d(grid, 30)
+
+
+def test_sincos2d_position_init_is_the_same_table_in_both_twins():
+    """pos_embed_init="sincos2d": both twins start from the same table, scaled to pos_embed_std,
+    the class token's row zero; any other kind is refused by the preset check."""
+    preset = with_overrides(get_preset("vit-digits"), pos_embed_init="sincos2d", pos_embed_std=0.5)
+    tm = torch_reference.create_model(preset)
+    fm = jax_models.create_model(preset)
+    variables = fm.init(jax.random.key(0), jnp.zeros((1, 32, 32, 1)))
+    ours, theirs = np.asarray(variables["params"]["pos_embed"]), tm.pos_embed.detach().numpy()
+    np.testing.assert_array_equal(ours, theirs)
+    assert not ours[0, 0].any() and ours.shape == (1, 17, preset.kwargs["embed_dim"])
+    assert abs(ours[0, 1:].std() - 0.5) < 1e-6
+    with pytest.raises(ValueError, match="pos_embed_init='learned': pos_embed_init must be one of 'normal', 'sincos2d'"):
+        with_overrides(get_preset("vit-digits"), pos_embed_init="learned")

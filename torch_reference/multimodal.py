@@ -7,14 +7,17 @@ without a text mask, give the same outputs. Fixed: the text mask becomes a key p
 takes `image_size` / `patch_size` / `in_channels` (the source fixes 224, 16, 3), and
 `cross_attn` / `norm3`, built and never called by the source, run with `cross_attention=True`.
 The source gives image patches no position: `image_positions=True` adds a learned table
-`image_pos_embed`, N(0, 1) at init like the text's `pos_embed` (without it, where-questions cannot
-be answered: every output is invariant to a permutation of the patches).
+`image_pos_embed`, N(0, 1) at init like the text's `pos_embed`, or with `image_pos_init="sincos2d"`
+the 2D sine-cosine table of standard deviation 1 (without a table, where-questions cannot be
+answered: every output is invariant to a permutation of the patches).
 """
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
+
+from twin_models.model_math import position_table
 
 from .layers import Mlp, PatchEmbedding, check_token_ids
 
@@ -61,7 +64,7 @@ class MultimodalTransformer(nn.Module):
     are additions; their defaults are the source's."""
 
     def __init__(self, dim, num_heads, num_layers, vocab_size, max_seq_len=512, image_size=224, patch_size=16,
-                 in_channels=3, dropout=0.1, cross_attention=False, image_positions=False):
+                 in_channels=3, dropout=0.1, cross_attention=False, image_positions=False, image_pos_init="normal"):
         super().__init__()
         self.dim = dim
         self.max_seq_len = max_seq_len
@@ -71,7 +74,9 @@ class MultimodalTransformer(nn.Module):
         self.text_type_embed = nn.Parameter(torch.zeros(1, 1, dim))
         self.image_type_embed = nn.Parameter(torch.zeros(1, 1, dim))
         if image_positions:
-            self.image_pos_embed = nn.Parameter(torch.randn(1, self.image_patch_embed.num_patches, dim))
+            table = position_table(image_pos_init, image_size // patch_size, dim, 1.0, class_token=False)
+            self.image_pos_embed = nn.Parameter(torch.randn(1, self.image_patch_embed.num_patches, dim)
+                                                if table is None else torch.from_numpy(table).clone())
         self.layers = nn.ModuleList([MultimodalTransformerLayer(dim, num_heads, dropout, cross_attention)
                                      for _ in range(num_layers)])
         self.norm = nn.LayerNorm(dim)
@@ -115,9 +120,11 @@ class MultimodalTransformerClassifier(nn.Module):
 
 def MMTVQA(image_size=224, patch_size=16, in_channels=3, vocab_size=49408, context_length=77, dim=768,
            num_heads=12, num_layers=12, num_answers=3000, dropout=0.1, cross_attention=False,
-           image_positions=True):
+           image_positions=True, image_pos_init="normal"):
     """A `MultimodalTransformerClassifier` from plain config values (the presets' entry point); its
-    patches have positions by default (questions ask where objects are)."""
+    patches have positions by default (questions ask where objects are), `image_pos_init` their
+    table's start ("normal" or "sincos2d")."""
     transformer = MultimodalTransformer(dim, num_heads, num_layers, vocab_size, context_length, image_size,
-                                        patch_size, in_channels, dropout, cross_attention, image_positions)
+                                        patch_size, in_channels, dropout, cross_attention, image_positions,
+                                        image_pos_init)
     return MultimodalTransformerClassifier(transformer, num_answers)

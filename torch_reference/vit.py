@@ -10,6 +10,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from twin_models.model_math import position_table
+
 from .layers import Mlp, PatchEmbedding, add_class_token, attend
 
 
@@ -63,15 +65,17 @@ class VisionTransformer(nn.Module):
     (every LayerNorm), `act` (the MLPs' activation), `patch_bias` (the patch conv's bias),
     `pre_norm` (a LayerNorm `norm_pre` after the position embedding, as CLIP's `ln_pre`) and
     `head_act` (an activation after the head: "tanh" for Hugging Face ViT's pooler); and
-    `pos_embed_std`, the standard deviation of the position table at init (the source's 0.02;
-    init only, no weights change)."""
+    `pos_embed_std`, the standard deviation of the position table at init (the source's 0.02), and
+    `pos_embed_init`, its kind: "normal" (truncated, the source's) or "sincos2d" (`sincos_2d`'s
+    fixed 2D sine-cosine table as the learned table's start); both init only, no weights change."""
 
     def __init__(self, image_size=224, patch_size=16, in_channels=3, num_classes=1000,
                  embed_dim=768, depth=12, num_heads=12, mlp_ratio=4, dropout=0.1, qkv_bias=False,
                  norm_eps=1e-5, act="gelu", patch_bias=True, pre_norm=False, head_act=None,
-                 pos_embed_std=0.02):
+                 pos_embed_std=0.02, pos_embed_init="normal"):
         super().__init__()
         self.pos_embed_std = pos_embed_std
+        self.pos_table = position_table(pos_embed_init, image_size // patch_size, embed_dim, pos_embed_std)
         self.embed_dim = embed_dim
         self.num_classes = num_classes
         self.patch_embed = PatchEmbedding(image_size, patch_size, in_channels, embed_dim, bias=patch_bias)
@@ -96,7 +100,11 @@ class VisionTransformer(nn.Module):
         return self.embed_dim if self.num_classes == 0 else self.num_classes
 
     def init_weights(self):
-        nn.init.trunc_normal_(self.pos_embed, std=self.pos_embed_std)
+        if self.pos_table is None:
+            nn.init.trunc_normal_(self.pos_embed, std=self.pos_embed_std)
+        else:
+            with torch.no_grad():
+                self.pos_embed.copy_(torch.from_numpy(self.pos_table))
         nn.init.trunc_normal_(self.cls_token, std=0.02)
         self.apply(self._init_weights)
 

@@ -103,6 +103,7 @@ RECIPE_RULES = {
     "object_size": (lambda v: v is None or _count(1)[0](v), "null or a positive integer"),
     "questions_per_scene": (lambda v: v is None or _count(1)[0](v), "null or a positive integer"),
     "num_objects": (_objects, "a positive integer or a pair [lo, hi] of them"),
+    "train_num_objects": (lambda v: v is None or _objects(v), "null (num_objects) or a positive integer or a pair [lo, hi] of them"),
     "ema_decay": _rate(False), "beta_start": _rate(True), "beta_end": _rate(True),
     "clip_denoised": (lambda v: isinstance(v, bool), "true or false"),
 }

@@ -1,10 +1,43 @@
 """Framework-free helpers both model packages use, written once (numpy only): Swin's window
-geometry and buffers, DDPM's noise schedule and DDIM's timesteps. `torch_reference` turns the
+geometry and buffers, DDPM's noise schedule and DDIM's timesteps, ViT's sine-cosine position table. `torch_reference` turns the
 arrays into tensors and `jax_models` into jax arrays, so both twins start from the same bits."""
 
 from __future__ import annotations
 
 import numpy as np
+
+
+POS_EMBED_INITS = ("normal", "sincos2d")
+
+
+def sincos_2d(grid: int, dim: int, temperature: float = 10000.0) -> np.ndarray:
+    """(grid * grid, dim) float32: the fixed 2D sine-cosine position table of MAE and big_vision's
+    `posemb_sincos_2d`, patches row-major. A quarter of the channels each holds sin(x w), cos(x w),
+    sin(y w), cos(y w) at dim / 4 frequencies w from 1 to 1 / temperature, so the dot product of two
+    rows falls with their distance along each axis from the first step on."""
+    if dim % 4:
+        raise ValueError(f"a 2D sine-cosine position table needs a width divisible by 4; got {dim}")
+    y, x = np.meshgrid(np.arange(grid, dtype=np.float64), np.arange(grid, dtype=np.float64), indexing="ij")
+    quarter = dim // 4
+    omega = 1.0 / temperature ** (np.arange(quarter) / max(quarter - 1, 1))
+    x, y = x.reshape(-1, 1) * omega, y.reshape(-1, 1) * omega
+    return np.concatenate([np.sin(x), np.cos(x), np.sin(y), np.cos(y)], axis=1).astype(np.float32)
+
+
+def position_table(kind: str, grid: int, dim: int, std: float, class_token: bool = True) -> np.ndarray | None:
+    """The initial position table (1, [1 +] grid * grid, dim) of a grid of patches, a class-token
+    row first with `class_token`, for the init `kind`: "sincos2d", `sincos_2d` scaled to standard
+    deviation `std` (the class token's row zero); None for "normal" (each framework draws its own
+    normal table of `std`)."""
+    if kind not in POS_EMBED_INITS:
+        raise ValueError(f"the position table's init must be one of {POS_EMBED_INITS}; got {kind!r}")
+    if kind == "normal":
+        return None
+    table = sincos_2d(grid, dim)
+    table = table * np.float32(std / table.std())
+    if class_token:
+        table = np.concatenate([np.zeros((1, dim), np.float32), table])
+    return table[None]
 
 
 def relative_position_index(window_size) -> np.ndarray:

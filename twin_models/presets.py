@@ -18,6 +18,8 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 
+from .model_math import POS_EMBED_INITS
+
 
 @dataclasses.dataclass(frozen=True)
 class Preset:
@@ -220,13 +222,14 @@ SCENES_VOCAB_SIZE, SCENES_CONTEXT_LENGTH, SCENES_NUM_ANSWERS = 37, 16, 12
 
 def _vqa(name, image_size, patch_size, in_channels, vision_width, vision_layers, vision_heads, vocab_size,
          context_length, text_width, text_layers, text_heads, dim, fusion_layers, fusion_heads, num_answers,
-         mlp_ratio=4, dropout=0.0, vision_pos_embed_std=0.02, train=None, bench_batch=64, description=""):
+         mlp_ratio=4, dropout=0.0, vision_pos_embed_std=0.02, vision_pos_embed_init="normal", train=None,
+         bench_batch=64, description=""):
     kwargs = dict(image_size=image_size, patch_size=patch_size, in_channels=in_channels,
                   vision_width=vision_width, vision_layers=vision_layers, vision_heads=vision_heads,
                   vocab_size=vocab_size, context_length=context_length, text_width=text_width,
                   text_layers=text_layers, text_heads=text_heads, dim=dim, fusion_layers=fusion_layers,
                   fusion_heads=fusion_heads, num_answers=num_answers, mlp_ratio=mlp_ratio, dropout=dropout,
-                  vision_pos_embed_std=vision_pos_embed_std)
+                  vision_pos_embed_std=vision_pos_embed_std, vision_pos_embed_init=vision_pos_embed_init)
     return Preset(name, "fusion", "VQA", kwargs, image_size, in_channels, task="vqa",
                   train=dict(train or {}), description=description, inputs=("image", "question"),
                   bench_batch=bench_batch)
@@ -250,8 +253,8 @@ def _mmt_vqa(name, image_size, patch_size, in_channels, vocab_size, context_leng
 # curriculum: the first `nonrelational_steps` batches hold non-relational questions only.
 VQA_SCENES_RECIPE = dict(lr=1e-3, weight_decay=0.05, warmup_steps=100, batch_size=64, steps=6000,
                          grad_clip=1.0, label_smoothing=0.0, data="scenes", num_scenes=3000,
-                         num_test_scenes=500, num_objects=6, questions_per_scene=None, cell=8,
-                         nonrelational_steps=800)
+                         num_test_scenes=500, num_objects=6, train_num_objects=None, questions_per_scene=None,
+                         cell=8, nonrelational_steps=800)
 MMT_VQA_SCENES_RECIPE = dict(VQA_SCENES_RECIPE)
 
 PRESETS.update({p.name: p for p in [
@@ -302,8 +305,10 @@ SIZE_ARGS = ("image_size", "img_size", "patch_size", "in_channels", "out_channel
 COUNT_ARGS = ("num_classes",)   # 0: no head, the pooled features (timm's convention)
 RATE_ARGS = ("dropout", "drop_path_rate", "attn_dropout", "attention_dropout")
 POSITIVE_ARGS = ("mlp_ratio",)
-NONNEGATIVE_ARGS = ("vision_pos_embed_std",)
+NONNEGATIVE_ARGS = ("vision_pos_embed_std", "pos_embed_std")
 FLAG_ARGS = ("cross_attention", "image_positions", "qkv_bias")
+CHOICE_ARGS = {"pos_embed_init": POS_EMBED_INITS, "vision_pos_embed_init": POS_EMBED_INITS,
+               "image_pos_init": POS_EMBED_INITS}
 # (width, heads): the width splits evenly over the heads; (image, patch): patches tile the image
 DIVIDES = (("embed_dim", "num_heads"), ("vision_width", "vision_heads"), ("text_width", "text_heads"),
            ("width", "heads"), ("dim", "num_heads"), ("dim", "fusion_heads"),
@@ -345,6 +350,8 @@ def check_kwargs(kwargs: dict[str, Any], names: Iterable[str] | None = None) -> 
             bad(name, v, "a finite number >= 0")
         elif name in FLAG_ARGS and not isinstance(v, (bool, np.bool_)):
             bad(name, v, "true or false")
+        elif name in CHOICE_ARGS and v not in CHOICE_ARGS[name]:
+            bad(name, v, "one of " + ", ".join(repr(c) for c in CHOICE_ARGS[name]))
     for a, b in DIVIDES:
         if a in kwargs and b in kwargs and (a in names or b in names) and _is_int(kwargs[a]) \
                 and _is_int(kwargs[b]) and kwargs[a] % kwargs[b]:

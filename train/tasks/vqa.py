@@ -3,7 +3,9 @@ model maps (image, question tokens) to logits over the answer words.
 
 `--data scenes` draws `num_scenes` training and `num_test_scenes` held-out scenes (recipe keys,
 e.g. `--recipe num_scenes=2000`) with every question that has a unique answer, or
-`questions_per_scene` of them. The recipe key `nonrelational_steps` is a curriculum: each of the
+`questions_per_scene` of them, with `num_objects` objects per scene (`train_num_objects`, when
+set, for the training scenes alone: e.g. [3, 6] mixes scenes of 3 to 6 objects, where closest and
+furthest cannot be guessed from the other objects' majority shape). The recipe key `nonrelational_steps` is a curriculum: each of the
 first `nonrelational_steps` batches is drawn (with replacement, from (seed, step) alone, so a
 resumed run draws the same) from the non-relational training questions only, so the model first
 learns to find the object a colour names and where it is. The summary gives the held-out accuracy overall, on relational and
@@ -88,12 +90,13 @@ def load_scenes(spec: str, preset, recipe: dict) -> tuple[QuestionDataset, Quest
         if not isinstance(recipe[key], int) or recipe[key] < 1:
             raise ValueError(f"{key} must be a positive number of scenes; got {recipe[key]!r}")
     tokenizer = check_preset(preset)
-    objects = recipe["num_objects"]
-    objects = tuple(objects) if isinstance(objects, (list, tuple)) else objects
-    make = lambda n, seed: question_dataset(scenes.make_vqa(  # noqa: E731
-        n, seed, preset.image_size, objects, cell=recipe.get("cell"),
+    pair = lambda v: tuple(v) if isinstance(v, (list, tuple)) else v  # noqa: E731
+    objects = pair(recipe["num_objects"])
+    train_objects = objects if recipe.get("train_num_objects") is None else pair(recipe["train_num_objects"])
+    make = lambda n, seed, k: question_dataset(scenes.make_vqa(  # noqa: E731
+        n, seed, preset.image_size, k, cell=recipe.get("cell"),
         questions_per_scene=recipe["questions_per_scene"], tokenizer=tokenizer))
-    return make(recipe["num_scenes"], TRAIN_SEED), make(recipe["num_test_scenes"], TEST_SEED)
+    return make(recipe["num_scenes"], TRAIN_SEED, train_objects), make(recipe["num_test_scenes"], TEST_SEED, objects)
 
 
 def vqa_step(state: steps.TrainState, batch: dict, rng: jax.Array, *, label_smoothing: float = 0.0,
