@@ -169,6 +169,8 @@ def test_incompatible_checkpoint_is_an_error(finished):
                     model_overrides={**TINY, "embed_dim": 32}))
     with pytest.raises(CheckpointError, match="batch_size"):
         run(_config(finished, steps=3, resume=True, batch_size=32))
+    with pytest.raises(CheckpointError, match="decay_fraction: checkpoint 1.0, this run 0.5"):
+        run(_config(finished, steps=3, resume=True, recipe_overrides={"decay_fraction": 0.5}))
 
 
 def test_shape_mismatch_is_an_error_even_with_matching_records(finished):

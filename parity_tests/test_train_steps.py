@@ -26,6 +26,26 @@ def test_schedule_warms_up_then_decays():
     assert all(a >= b for a, b in zip(values[4:], values[5:]))
 
 
+def test_decay_fraction_holds_the_peak_then_decays_over_the_last_steps():
+    """Warm-up, stable, decay: with decay_fraction 0.25 the rate stays at the peak until the last
+    quarter of the steps after the warm-up; 1.0 is the plain cosine, the same float32 rates."""
+    wsd, cosine = steps.warmup_cosine(1.0, 4, 44, decay_fraction=0.25), steps.warmup_cosine(1.0, 4, 44)
+    values = [float(wsd(i)) for i in range(45)]
+    assert values[:4] == [float(cosine(i)) for i in range(4)]
+    assert values[4:35] == [1.0] * 31 and values[35] < 1.0 and values[44] == 0.0
+    assert all(a > b for a, b in zip(values[34:], values[35:]))
+    np.testing.assert_allclose([float(wsd(jax.numpy.asarray(i))) for i in range(34, 45)], values[34:],
+                               rtol=1e-6, atol=1e-7)   # the traced count: an ulp or two of the cosine
+    same = steps.warmup_cosine(1.0, 4, 44, decay_fraction=1.0)
+    assert [float(same(i)) for i in range(45)] == [float(cosine(i)) for i in range(45)]
+    r = _run(model_overrides=TINY, steps_=44, recipe_overrides={"decay_fraction": 0.25})
+    expected = steps.warmup_cosine(r.recipe["lr"], 5, 44, decay_fraction=0.25)
+    assert [r.lr(i) for i in range(45)] == [float(expected(i)) for i in range(45)]
+    assert r.lr(34) == pytest.approx(r.recipe["lr"]) and r.lr(35) < r.lr(34)
+    with pytest.raises(ValueError, match=r"decay_fraction=1.5: .*a number in \(0, 1\]"):
+        _run(model_overrides=TINY, recipe_overrides={"decay_fraction": 1.5})
+
+
 def test_decay_mask_covers_weight_matrices_only():
     from train.tasks import init_variables
     r = _run(model_overrides=TINY)

@@ -16,6 +16,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from train.settings import SCHEDULE_DEFAULTS
+
 
 class CheckpointError(RuntimeError):
     pass
@@ -23,7 +25,9 @@ class CheckpointError(RuntimeError):
 
 # What a resumed run must share with the run that wrote the checkpoint for it to be the same run.
 RUN_KEYS = ("preset", "model_kwargs", "backend", "data", "seed", "batch_size", "total_steps",
-            "lr", "weight_decay", "warmup_steps", "label_smoothing", "grad_clip", "precision")
+            "lr", "weight_decay", "warmup_steps", "decay_fraction", "label_smoothing", "grad_clip",
+            "precision")
+RUN_DEFAULTS = SCHEDULE_DEFAULTS  # what a checkpoint written before these keys existed ran with
 
 
 class Checkpoints:
@@ -70,8 +74,9 @@ class Checkpoints:
         except Exception as e:
             raise CheckpointError(f"checkpoint {where} is unreadable (its run record failed to "
                                   f"load: {type(e).__name__}: {e})") from e
-        diffs = [f"{k}: checkpoint {meta.get(k)!r}, this run {_jsonable(run[k])!r}"
-                 for k in RUN_KEYS if k in run and _jsonable(meta.get(k)) != _jsonable(run[k])]
+        diffs = [f"{k}: checkpoint {meta.get(k, RUN_DEFAULTS.get(k))!r}, this run {_jsonable(run[k])!r}"
+                 for k in RUN_KEYS
+                 if k in run and _jsonable(meta.get(k, RUN_DEFAULTS.get(k))) != _jsonable(run[k])]
         if diffs:
             raise CheckpointError(f"checkpoint {where} was written by a different run; resuming "
                                   "would not continue it:\n  " + "\n  ".join(diffs))

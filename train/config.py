@@ -12,8 +12,8 @@ import jax
 
 from train import data as data_lib
 from train import steps
-from train.settings import (BACKENDS, PARALLEL, PRECISIONS, RECIPE_FLAGS, Config, add_arguments,  # noqa: F401
-                            check_config, config_from_args)
+from train.settings import (BACKENDS, PARALLEL, PRECISIONS, RECIPE_FLAGS, SCHEDULE_DEFAULTS, Config,  # noqa: F401
+                            add_arguments, check_config, config_from_args)
 from train.tasks import get_task
 from twin_models import presets
 
@@ -44,12 +44,13 @@ class Run:
                     precision=self.config.precision,
                     batch_size=self.recipe["batch_size"], total_steps=self.total_steps,
                     **{k: self.recipe[k] for k in ("lr", "weight_decay", "warmup_steps",
-                                                   "label_smoothing", "grad_clip")})
+                                                   "decay_fraction", "label_smoothing", "grad_clip")})
 
     @functools.cached_property
     def schedule(self):
         """The learning rate of each update (an optax schedule; both backends read it)."""
-        return steps.warmup_cosine(self.recipe["lr"], self.recipe["warmup_steps"], self.total_steps)
+        return steps.warmup_cosine(self.recipe["lr"], self.recipe["warmup_steps"], self.total_steps,
+                                   decay_fraction=self.recipe["decay_fraction"])
 
     @functools.cached_property
     def lr(self):
@@ -174,7 +175,7 @@ def check_classes(preset, data, spec: str, overridden: bool):
 
 def resolve_recipe(config: Config, preset) -> dict:
     """The preset's recipe with the config's recipe flags and --recipe keys over it."""
-    recipe = dict(preset.train)
+    recipe = {**SCHEDULE_DEFAULTS, **preset.train}
     for key in RECIPE_FLAGS:
         value = getattr(config, key)
         if value is not None:

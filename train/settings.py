@@ -94,6 +94,9 @@ def _objects(v):
     return pair or _count(1)[0](v)
 
 
+# Recipe keys every preset has, with the value a preset's recipe that does not name them gets.
+SCHEDULE_DEFAULTS = {"decay_fraction": 1.0}   # the cosine over every step after the warm-up
+
 # The --recipe keys of the tasks: what each value must be (the preset's default gives its type).
 RECIPE_RULES = {
     "steps": _count(1), "epochs": _count(1), "checkpoint_every": _count(0), "timesteps": _count(1),
@@ -104,6 +107,8 @@ RECIPE_RULES = {
     "questions_per_scene": (lambda v: v is None or _count(1)[0](v), "null or a positive integer"),
     "num_objects": (_objects, "a positive integer or a pair [lo, hi] of them"),
     "train_num_objects": (lambda v: v is None or _objects(v), "null (num_objects) or a positive integer or a pair [lo, hi] of them"),
+    "decay_fraction": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1,
+                       "a number in (0, 1]"),
     "ema_decay": _rate(False), "beta_start": _rate(True), "beta_end": _rate(True),
     "clip_denoised": (lambda v: isinstance(v, bool), "true or false"),
 }

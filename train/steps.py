@@ -36,10 +36,13 @@ class TrainState(train_state.TrainState):
 # Recipe: schedule, weight-decay mask, optimizer
 
 
-def warmup_cosine(peak: float, warmup_steps: int, total_steps: int, end: float = 0.0
-                  ) -> Callable[[Any], Any]:
+def warmup_cosine(peak: float, warmup_steps: int, total_steps: int, end: float = 0.0,
+                  decay_fraction: float = 1.0) -> Callable[[Any], Any]:
     """Learning rate of update `count` (0-based): linear from peak/warmup up to `peak` over
-    `warmup_steps`, then half a cosine down to `end` at `total_steps`. An optax schedule (a
+    `warmup_steps`, then half a cosine down to `end` at `total_steps`. With `decay_fraction` < 1
+    the rate holds at `peak` after the warm-up and the cosine takes only the last
+    `decay_fraction` of the steps after it (warm-up, stable, decay: the learning rate stays high
+    while a slow transition is still to come). An optax schedule (a
     function of the step count) written out in float32 rather than `optax.join_schedules` of
     `linear_schedule` and `cosine_decay_schedule`: those compute the same rates in another order
     and differ in the last bits (up to 1.7e-5 relative on vit-digits), which moves a 440-step run
@@ -47,14 +50,18 @@ def warmup_cosine(peak: float, warmup_steps: int, total_steps: int, end: float =
     measured on. In float32 on a traced count (inside optax) and in float32 numpy on a host int
     (the torch backend, through `host_schedule`); the two agree to an ulp or two of the cosine."""
     warmup_steps = max(int(warmup_steps), 0)
-    decay_steps = max(int(total_steps) - warmup_steps, 1)
+    if not 0 < decay_fraction <= 1:
+        raise ValueError(f"decay_fraction must be in (0, 1], not {decay_fraction!r}")
+    after_warmup = max(int(total_steps) - warmup_steps, 0)
+    decay_start = int(total_steps) - int(round(decay_fraction * after_warmup))
+    decay_steps = max(int(total_steps) - decay_start, 1)
 
     def schedule(count):
         xp = jnp if isinstance(count, jax.Array) else np
         count = xp.asarray(count, xp.float32)
         f32 = lambda v: xp.asarray(v, xp.float32)  # noqa: E731
         warm = f32(peak) * (count + f32(1.0)) / f32(max(warmup_steps, 1))
-        t = xp.clip((count - f32(warmup_steps)) / f32(decay_steps), f32(0.0), f32(1.0))
+        t = xp.clip((count - f32(decay_start)) / f32(decay_steps), f32(0.0), f32(1.0))
         cosine = f32(end) + f32(0.5 * (peak - end)) * (f32(1.0) + xp.cos(f32(np.pi) * t))
         return xp.where(count < warmup_steps, warm, cosine).astype(xp.float32)
     schedule.numpy_on_host = True
