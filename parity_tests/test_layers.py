@@ -19,6 +19,8 @@ import jax_models
 import torch_reference.layers
 from jax_models import layers, xla_flags
 from parity_tests import harness
+from parity_tests.cases import SMALL
+from twin_models.presets import get_preset
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -207,6 +209,29 @@ def test_parity_compiler_options_give_dots_to_xla_which_rounds_less_than_ynnpack
     assert xla_err <= 1.5 * torch_err and xla_err * 3 <= ynn_err, (xla_err, torch_err, ynn_err)
     monkeypatch.setenv("XLA_FLAGS", f"{os.environ.get('XLA_FLAGS', '')} --{xla_flags.YNN_FLAG}=individual_dot,individual_convolution")
     assert xla_flags.parity_compiler_options() is None
+
+
+@pytest.mark.parametrize("name", [p if p in ("vit-tiny-digits", "ddpm-digits") else
+                                  pytest.param(p, marks=pytest.mark.slow) for p in SMALL])
+def test_init_compiled_at_level_1_gives_the_same_weights(name, monkeypatch):
+    """`init_variables` compiles `model.init` with `init_compiler_options()` (LLVM level 1, a
+    third to a half of the compile time): the same bits as XLA's default level. A user's own
+    level in `XLA_FLAGS` turns the options off."""
+    from train.tasks import get_task, init_variables
+
+    preset = get_preset(name)
+    task = get_task(preset)
+    model, fast, _ = init_variables(task, preset, 3)
+    args = task.jax_training.init_args(preset)
+    init_key = jax.random.split(jax.random.key(3))[0]
+    default = jax.jit(lambda k: model.init(k, *args))(init_key)
+    assert xla_flags.init_compiler_options() == xla_flags.INIT_OPTIONS
+    a, b = jax.tree_util.tree_leaves_with_path(fast), jax.tree_util.tree_leaves_with_path(default)
+    assert [p for p, _ in a] == [p for p, _ in b]
+    differ = [jax.tree_util.keystr(p) for (p, x), (_, y) in zip(a, b) if not np.array_equal(x, y)]
+    assert not differ, f"{name}: init at level 1 differs from the default in {differ[:5]}"
+    monkeypatch.setenv("XLA_FLAGS", f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=2")
+    assert xla_flags.init_compiler_options() is None
 
 
 def test_xla_flags_take_convolutions_off_ynnpack_unless_the_user_says_otherwise(monkeypatch):

@@ -11,6 +11,7 @@ import numpy as np
 import optax
 import torch
 
+from jax_models.xla_flags import init_compiler_options
 from twin_models.presets import get_preset, with_overrides
 from train import steps
 from train.tasks import diffusion
@@ -25,7 +26,8 @@ def tiny_preset():
 def _state(p, tx=None, seed=0):
     import optax
     ddpm = diffusion.build(p)
-    variables = ddpm.init(jax.random.key(seed), *diffusion.Diffusion().jax_training.init_args(p))
+    args = diffusion.Diffusion().jax_training.init_args(p)
+    variables = jax.jit(lambda k: ddpm.init(k, *args), compiler_options=init_compiler_options())(jax.random.key(seed))
     return diffusion.create_state(ddpm, variables, tx or optax.adam(1e-3), jax.random.key(seed + 1))
 
 

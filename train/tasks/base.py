@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 import jax_models
+from jax_models.xla_flags import init_compiler_options
 import torch_reference
 from bridge import flax_to_torch
 from train import data as data_lib
@@ -59,7 +60,7 @@ def init_variables(task: "Task", preset, seed: int, attention_impl: str = "xla")
     model = role.model(preset, attention_impl)
     init_key, train_key = jax.random.split(jax.random.key(seed))
     args = role.init_args(preset)
-    variables = jax.jit(lambda k: model.init(k, *args))(init_key)
+    variables = jax.jit(lambda k: model.init(k, *args), compiler_options=init_compiler_options())(init_key)
     return model, variables, train_key
 
 
