@@ -72,6 +72,10 @@ SLOW_CHECKS = {
                               "65-170 s a case at load 10" for check in FAST_PATH_CHECKS},
     **{("mmt-vqa-scenes", check): "nn.MultiheadAttention's twin, as encoder-vit-digits' (whose cases run); "
                                   "30-45 s a case" for check in FAST_PATH_CHECKS},
+    **{(name, "bfloat16"): "the same attention, MLP, LayerNorm and patch embedding in bfloat16 as vit-digits' "
+                           "case, which runs by default (with ddpm-digits' convolutions and GroupNorm, and "
+                           "swin-digits' windows); 20-31 s a case"
+       for name in ("vit-tiny-digits", "encoder-vit-digits", "clip-digits")},
 }
 
 

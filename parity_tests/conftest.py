@@ -1,5 +1,5 @@
-"""Test-wide set-up: 8 fake CPU devices and the models' XLA:CPU flags (before JAX starts), highest
-matmul precision, no TF32."""
+"""Test-wide set-up: 8 fake CPU devices, the models' XLA:CPU flags and the suite's LLVM level
+(`parity_tests.SUITE_XLA_FLAGS`) before JAX starts, highest matmul precision, no TF32."""
 
 import ctypes
 import gc
@@ -8,9 +8,11 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
-from jax_models.xla_flags import apply_cpu_flags  # noqa: E402
+from jax_models.xla_flags import add_flags, apply_cpu_flags  # noqa: E402
+from parity_tests import SUITE_XLA_FLAGS  # noqa: E402
 
 apply_cpu_flags()   # the CLIs' XLA:CPU flags, before JAX starts its backend
+add_flags([SUITE_XLA_FLAGS])   # LLVM level 1: compiles in a third of the time (parity_tests/__init__.py)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

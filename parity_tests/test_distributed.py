@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from bridge import load_safetensors
-from parity_tests import harness
+from parity_tests import SUITE_XLA_FLAGS, harness
 
 pytestmark = pytest.mark.xdist_group("distributed")   # one worker: the module fixture runs once
 
@@ -25,7 +25,7 @@ TINY_ARGS = ["--set", "depth=1", "--set", "embed_dim=16", "--set", "num_heads=2"
 
 
 def _env(tmp_path, devices):
-    return {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    return {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {SUITE_XLA_FLAGS}",
             "JAX_COMPILATION_CACHE_DIR": str(tmp_path.parent / "jax_cache"),
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 

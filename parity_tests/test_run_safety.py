@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from bridge import load_safetensors
+from parity_tests import SUITE_XLA_FLAGS
 from train import steps
 from train.watchdog import EXIT_PEER_LOST, EXIT_STALL, FIRST_FACTOR, STEP_FACTOR, Watchdog
 
@@ -46,7 +47,7 @@ sys.exit(main(sys.argv[2:]))
 
 
 def _env(tmp_path, devices=2):
-    return {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    return {**os.environ, "PYTHONPATH": ROOT, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices} {SUITE_XLA_FLAGS}",
             "JAX_COMPILATION_CACHE_DIR": str(tmp_path.parent / "jax_cache"),
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
 
