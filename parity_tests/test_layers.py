@@ -211,7 +211,7 @@ def test_parity_compiler_options_give_dots_to_xla_which_rounds_less_than_ynnpack
     assert xla_flags.parity_compiler_options() is None
 
 
-@pytest.mark.parametrize("name", [p if p in ("vit-tiny-digits", "ddpm-digits") else
+@pytest.mark.parametrize("name", [p if p in ("vit-tiny-digits", "encoder-vit-digits") else
                                   pytest.param(p, marks=pytest.mark.slow) for p in SMALL])
 def test_init_compiled_at_level_1_gives_the_same_weights(name, monkeypatch):
     """`init_variables` compiles `model.init` with `init_compiler_options()` (LLVM level 1, a
