@@ -12,7 +12,7 @@ from jax_models.xla_flags import add_flags, apply_cpu_flags  # noqa: E402
 from parity_tests import SUITE_XLA_FLAGS  # noqa: E402
 
 apply_cpu_flags()   # the CLIs' XLA:CPU flags, before JAX starts its backend
-add_flags([SUITE_XLA_FLAGS])   # LLVM level 1: compiles in a third of the time (parity_tests/__init__.py)
+add_flags([SUITE_XLA_FLAGS])   # LLVM level 1: faster compiles (parity_tests/__init__.py)
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
