@@ -23,7 +23,7 @@ import optax
 import flax.linen as nn
 from flax import struct
 
-from .layers import attend, check_token_ids
+from .layers import Dropout, attend, check_token_ids
 from .vit import VisionTransformer
 
 normal_02 = nn.initializers.normal(0.02)
@@ -121,10 +121,10 @@ class CausalSelfAttention(nn.Module):
             start, cache = cache.index, cache.write(layer, k, v)
             k, v = cache.self_k[layer], cache.self_v[layer]
         mask = jnp.arange(k.shape[2])[None, :] <= (start + jnp.arange(T))[:, None]
-        drop = nn.Dropout(self.dropout, deterministic=not train, name="attn_dropout")
+        drop = Dropout(self.dropout, deterministic=not train, name="attn_dropout")
         out = attend(q, k, v, q.shape[-1] ** -0.5, mask=mask, dropout=drop, impl=self.attention_impl)
         out = _dense(self.width, "c_proj", self.proj_std)(merge_heads(out))
-        return nn.Dropout(self.dropout, name="resid_dropout")(out, deterministic=not train), cache
+        return Dropout(self.dropout, name="resid_dropout")(out, deterministic=not train), cache
 
 
 class CrossAttention(nn.Module):
@@ -152,10 +152,10 @@ class CrossAttention(nn.Module):
     def __call__(self, x, encoder_hidden_states=None, key_values=None, train: bool = False):
         k, v = self.key_values(encoder_hidden_states) if key_values is None else key_values
         q = split_heads(self.q_attn(x), self.heads)
-        drop = nn.Dropout(self.dropout, deterministic=not train, name="attn_dropout")
+        drop = Dropout(self.dropout, deterministic=not train, name="attn_dropout")
         out = attend(q, k, v, q.shape[-1] ** -0.5, dropout=drop, impl=self.attention_impl)
         out = self.c_proj(merge_heads(out))
-        return nn.Dropout(self.dropout, name="resid_dropout")(out, deterministic=not train)
+        return Dropout(self.dropout, name="resid_dropout")(out, deterministic=not train)
 
 
 class MLP(nn.Module):
@@ -169,7 +169,7 @@ class MLP(nn.Module):
     def __call__(self, x, train: bool = False):
         x = nn.gelu(_dense(self.hidden, "c_fc")(x), approximate=True)
         x = _dense(self.width, "c_proj", self.proj_std)(x)
-        return nn.Dropout(self.dropout, name="dropout")(x, deterministic=not train)
+        return Dropout(self.dropout, name="dropout")(x, deterministic=not train)
 
 
 class Block(nn.Module):
@@ -232,7 +232,7 @@ class TextDecoder(nn.Module):
         self.config  # noqa: B018  (checks the special ids)
         self.wte = nn.Embed(self.vocab_size, self.width, embedding_init=normal_02)
         self.wpe = nn.Embed(self.max_positions, self.width, embedding_init=normal_02)
-        self.drop = nn.Dropout(self.dropout)
+        self.drop = Dropout(self.dropout)
         proj_std = 0.02 / math.sqrt(2 * self.layers)
         self.h = [Block(self.width, self.heads, self.mlp_ratio, self.dropout, self.layer_norm_eps, proj_std,
                         self.attention_impl) for _ in range(self.layers)]

@@ -18,7 +18,7 @@ import numpy as np
 
 from twin_models.model_math import ddim_timesteps, linear_schedule
 
-from .layers import (ConvTranspose2d, GroupNorm, attend, check_feature_map, check_timesteps,  # noqa: F401
+from .layers import (ConvTranspose2d, Dropout, GroupNorm, attend, check_feature_map, check_timesteps,  # noqa: F401
                      compute_dtype, conv, gelu, torch_linear_init)
 
 class SinusoidalPositionEmbeddings(nn.Module):
@@ -55,7 +55,7 @@ class _NormActConv(nn.Module):
         x = nn.silu(GroupNorm(8, name="0")(x))
         if self.dropout is None:
             return conv(self.features, 3, padding=1, name="2")(x)
-        x = nn.Dropout(self.dropout, deterministic=not train, name="2")(x)
+        x = Dropout(self.dropout, deterministic=not train, name="2")(x)
         return conv(self.features, 3, padding=1, name="3")(x)
 
 

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import flax.linen as nn
 
 from .clip import TextTransformer
-from .layers import Mlp, MultiheadAttention, attend, torch_bias_init, torch_linear_init
+from .layers import Dropout, Mlp, MultiheadAttention, attend, torch_bias_init, torch_linear_init
 from .vit import VisionTransformer
 
 PAD_ID = 0
@@ -39,7 +39,7 @@ class CrossModalAttention(nn.Module):
         k = heads(dense("k_proj")(key_value_features))
         v = heads(dense("v_proj")(key_value_features))
         allowed = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]
-        drop = nn.Dropout(self.dropout, deterministic=not train)
+        drop = Dropout(self.dropout, deterministic=not train)
         x = attend(q, k, v, hd ** -0.5, mask=allowed, dropout=drop, impl=self.attention_impl)
         x = x.swapaxes(-3, -2).reshape(*x.shape[:-3], x.shape[-2], self.dim)
         return dense("o_proj")(x)
@@ -57,7 +57,7 @@ class FusionLayer(nn.Module):
 
     @nn.compact
     def __call__(self, text_features, image_features, text_key_padding_mask=None, train: bool = False):
-        drop = lambda x: nn.Dropout(self.dropout, deterministic=not train)(x)
+        drop = lambda x: Dropout(self.dropout, deterministic=not train)(x)
         self_attn = lambda name: MultiheadAttention(self.dim, self.num_heads, self.dropout,
                                                     attention_impl=self.attention_impl, name=name)
         cross = lambda name: CrossModalAttention(self.dim, self.num_heads, self.dropout, self.attention_impl,

@@ -185,7 +185,7 @@ def compute_dtype(dtype):
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def attend(q, k, v, scale, bias=None, mask=None, dropout: nn.Dropout | None = None, impl: str = "xla"):
+def attend(q, k, v, scale, bias=None, mask=None, dropout: Dropout | None = None, impl: str = "xla"):
     """softmax(q k^T * scale + bias) v over (..., N, D) heads; `mask` is True where attention is allowed.
 
     Logits and softmax are in `compute_dtype` (float32 for bfloat16 inputs), the result in v's dtype.
@@ -270,10 +270,10 @@ class Mlp(nn.Module):
             raise ValueError(f"dropout {self.dropout} needs dropout_layers=True")
         x = nn.Dense(self.hidden_features, kernel_init=self.kernel_init, name="0")(x)
         x = activation(self.act)(x)
-        x = nn.Dropout(self.dropout)(x, deterministic=not train)
+        x = Dropout(self.dropout)(x, deterministic=not train)
         x = nn.Dense(self.out_features or self.in_features, kernel_init=self.kernel_init,
                      name="3" if self.dropout_layers else "2")(x)
-        return nn.Dropout(self.dropout)(x, deterministic=not train)
+        return Dropout(self.dropout)(x, deterministic=not train)
 
 
 class MultiheadAttention(nn.Module):
@@ -307,7 +307,7 @@ class MultiheadAttention(nn.Module):
         if attn_mask is not None:
             m = ~attn_mask if attn_mask.ndim == 2 else ~attn_mask[:, None]
             allowed = m if allowed is None else allowed & m
-        drop = nn.Dropout(self.dropout, deterministic=not train)
+        drop = Dropout(self.dropout, deterministic=not train)
         x = attend(q, k, v, (E // H) ** -0.5, mask=allowed, dropout=drop, impl=self.attention_impl)
         x = x.swapaxes(-3, -2).reshape(*x.shape[:-3], x.shape[-2], E)
         return nn.Dense(E, use_bias=self.bias, kernel_init=torch_linear_init, name="out_proj")(x)
@@ -328,7 +328,7 @@ class TransformerEncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x, src_key_padding_mask=None, train: bool = False):
         act = {"relu": nn.relu, "gelu": gelu}[self.activation]
-        drop = lambda: nn.Dropout(self.dropout, deterministic=not train)
+        drop = lambda: Dropout(self.dropout, deterministic=not train)
         self_attn = MultiheadAttention(self.d_model, self.nhead, self.dropout,
                                        attention_impl=self.attention_impl, name="self_attn")
         linear1 = nn.Dense(self.dim_feedforward, kernel_init=torch_linear_init, name="linear1")
@@ -363,6 +363,77 @@ class TransformerEncoder(nn.Module):
         return x
 
 
+_THREEFRY_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))
+
+
+def _threefry2x32(k0, k1, x0, x1):
+    """The Threefry-2x32 block cipher (20 rounds) on uint32 arrays, unrolled: one elementwise
+    fusion. JAX lowers its `threefry2x32` primitive on CPU as a loop of 5 trips that writes whole
+    u32 arrays each trip; this gives the same words 4-5x faster there."""
+    ks = (k0, k1, k0 ^ k1 ^ np.uint32(0x1BD11BDA))
+    x0, x1 = x0 + ks[0], x1 + ks[1]
+    for i in range(5):
+        for r in _THREEFRY_ROTATIONS[i % 2]:
+            x0 = x0 + x1
+            x1 = x0 ^ ((x1 << np.uint32(r)) | (x1 >> np.uint32(32 - r)))
+        x0, x1 = x0 + ks[(i + 1) % 3], x1 + ks[(i + 2) % 3] + np.uint32(i + 1)
+    return x0, x1
+
+
+def _threefry_key_data(key):
+    """(2,) uint32 of a threefry key (typed or raw) when `jax.random` would draw from it with the
+    partitionable threefry (JAX's default), else None."""
+    if not jax.config.jax_threefry_partitionable:
+        return None
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.shape or str(jax.random.key_impl(key)) != "threefry2x32":
+            return None
+        return jax.random.key_data(key)
+    if key.shape != (2,) or key.dtype != jnp.uint32 or jax.config.jax_default_prng_impl != "threefry2x32":
+        return None
+    return key
+
+
+def bernoulli(key, p: float, shape):
+    """`jax.random.bernoulli(key, p, shape)`, the same bits, through the unrolled threefry for
+    float32 `p` and a threefry key (the trainer's), JAX's own draw otherwise. Dropout's masks are
+    the bulk of a training step's random numbers on CPU."""
+    shape = tuple(shape)
+    data = _threefry_key_data(key)
+    size = math.prod(shape)
+    if data is None or jnp.result_type(float) != jnp.float32 or not 0 < size < 2 ** 32:
+        return jax.random.bernoulli(key, p, shape)
+    counts = jax.lax.iota(jnp.uint32, size).reshape(shape)
+    b0, b1 = _threefry2x32(data[0], data[1], jnp.zeros(shape, jnp.uint32), counts)
+    mantissa = ((b0 ^ b1) >> np.uint32(9)) | np.uint32(0x3F800000)
+    uniform = jax.lax.bitcast_convert_type(mantissa, jnp.float32) - np.float32(1.0)
+    return jnp.maximum(np.float32(0.0), uniform) < np.float32(p)
+
+
+class Dropout(nn.Module):
+    """`flax.linen.Dropout` with the same fields, rng stream and masks (its auto-name is the same
+    "Dropout_N"), drawing through `bernoulli`."""
+    rate: float
+    broadcast_dims: tuple = ()
+    deterministic: bool | None = None
+    rng_collection: str = "dropout"
+
+    @nn.compact
+    def __call__(self, inputs, deterministic: bool | None = None, rng=None):
+        deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
+        if self.rate == 0.0 or deterministic:
+            return inputs
+        if self.rate == 1.0:
+            return jnp.zeros_like(inputs)
+        keep_prob = 1.0 - self.rate
+        if rng is None:
+            rng = self.make_rng(self.rng_collection)
+        dims = {d % inputs.ndim for d in self.broadcast_dims}
+        shape = [1 if d in dims else n for d, n in enumerate(inputs.shape)]
+        mask = jnp.broadcast_to(bernoulli(rng, keep_prob, shape), inputs.shape)
+        return jax.lax.select(mask, inputs / keep_prob, jnp.zeros_like(inputs))
+
+
 class DropPath(nn.Module):
     """Stochastic depth: with `train=True` (and a 'dropout' rng), zero a whole sample's residual
     branch with probability `drop_prob` and scale the kept ones by 1/(1-drop_prob)."""
@@ -373,7 +444,7 @@ class DropPath(nn.Module):
         if self.drop_prob == 0.0 or not train:
             return x
         keep = 1.0 - self.drop_prob
-        mask = jax.random.bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+        mask = bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
         return x * mask.astype(x.dtype) / keep
 
 

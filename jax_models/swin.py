@@ -17,7 +17,7 @@ import flax.linen as nn
 
 from twin_models.model_math import check_resolution, effective_window, relative_position_index, shifted_window_mask
 
-from .layers import LN_EPS, DropPath, Mlp, PatchEmbedding, attend, trunc_normal_02
+from .layers import LN_EPS, DropPath, Dropout, Mlp, PatchEmbedding, attend, trunc_normal_02
 
 
 def window_partition(x, window_size):
@@ -61,12 +61,12 @@ class WindowAttention(nn.Module):
             nW = mask.shape[0]
             q, k, v = (t.reshape(B_ // nW, nW, *t.shape[1:]) for t in (q, k, v))
             bias = bias + mask[:, None]
-        drop = nn.Dropout(self.attn_drop, deterministic=not train, name="attn_drop")
+        drop = Dropout(self.attn_drop, deterministic=not train, name="attn_drop")
         x = attend(q, k, v, (self.dim // self.num_heads) ** -0.5, bias=bias, dropout=drop,
                    impl=self.attention_impl)
         x = x.reshape(B_, self.num_heads, N, -1).transpose(0, 2, 1, 3).reshape(B_, N, C)
         x = nn.Dense(self.dim, kernel_init=trunc_normal_02, name="proj")(x)
-        return nn.Dropout(self.proj_drop, deterministic=not train, name="proj_drop")(x)
+        return Dropout(self.proj_drop, deterministic=not train, name="proj_drop")(x)
 
 
 class SwinTransformerBlock(nn.Module):
@@ -185,7 +185,7 @@ class SwinTransformer(nn.Module):
         x = PatchEmbedding(self.image_size, self.patch_size, self.in_channels, self.embed_dim,
                            rearrange=False, name="patch_embed")(x)
         x = nn.LayerNorm(epsilon=LN_EPS, name="patch_norm")(x)
-        x = nn.Dropout(self.dropout, deterministic=not train, name="pos_drop")(x)
+        x = Dropout(self.dropout, deterministic=not train, name="pos_drop")(x)
         dpr = np.linspace(0, self.drop_path_rate, sum(self.depths), dtype=np.float32).tolist()
         res = self.image_size // self.patch_size
         for i, depth in enumerate(self.depths):

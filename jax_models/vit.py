@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from twin_models.model_math import position_table
 
-from .layers import (LN_EPS, Mlp, PatchEmbedding, TransformerEncoder, TransformerEncoderLayer,
+from .layers import (LN_EPS, Dropout, Mlp, PatchEmbedding, TransformerEncoder, TransformerEncoderLayer,
                      add_class_token, attend, torch_bias_init, torch_linear_init, trunc_normal_02)
 
 
@@ -36,7 +36,7 @@ class MultiHeadAttention(nn.Module):
         qkv = nn.Dense(self.embed_dim * 3, use_bias=self.qkv_bias, kernel_init=trunc_normal_02, name="qkv")(x)
         qkv = qkv.reshape(B, N, 3, self.num_heads, head_dim).transpose(2, 0, 3, 1, 4)
         q, k, v = qkv[0], qkv[1], qkv[2]
-        drop = nn.Dropout(self.dropout, deterministic=not train, name="dropout")
+        drop = Dropout(self.dropout, deterministic=not train, name="dropout")
         x = attend(q, k, v, head_dim ** -0.5, mask=mask, dropout=drop, impl=self.attention_impl)
         x = x.transpose(0, 2, 1, 3).reshape(B, N, C)
         return nn.Dense(self.embed_dim, kernel_init=trunc_normal_02, name="proj")(x)

@@ -1,6 +1,6 @@
 """The shared layers against torch's built-ins and their own contracts: the convolution,
 transposed convolution and GroupNorm twins (both of `Conv2d`'s forms), GELU's hand-written
-derivative, and stochastic depth."""
+derivative, stochastic depth and dropout's draw."""
 
 from __future__ import annotations
 
@@ -156,6 +156,63 @@ def test_drop_path_only_in_training_and_per_sample():
         assert abs(np.mean(out[:, 0, 0] == 0) - p) < 5 * sigma
     with pytest.raises(Exception, match="dropout"):
         dp.apply({}, jnp.asarray(x), train=True)
+
+
+@pytest.mark.parametrize("shape", [(), (1,), (7,), (3, 5), (16, 4, 9, 9), (2, 1, 3)])
+@pytest.mark.parametrize("key", ["typed", "raw", "folded", "rbg"])
+def test_bernoulli_draws_the_bits_of_jax_random(shape, key):
+    """The unrolled threefry gives jax.random.bernoulli's masks bit for bit (so dropout, and every
+    training run, is what it was), and other key kinds go to JAX's own draw."""
+    k = {"typed": lambda: jax.random.key(3), "raw": lambda: jax.random.PRNGKey(3),
+         "folded": lambda: jax.random.fold_in(jax.random.key(9), 5),
+         "rbg": lambda: jax.random.key(3, impl="rbg")}[key]()
+    for p in (0.9, 0.5, 0.1):
+        want = jax.jit(lambda k: jax.random.bernoulli(k, p, shape))(k)
+        got = jax.jit(lambda k: layers.bernoulli(k, p, shape))(k)
+        assert got.dtype == want.dtype and got.shape == want.shape
+        np.testing.assert_array_equal(got, want)
+
+
+def test_dropout_gives_flax_dropout_s_outputs():
+    """`layers.Dropout` keeps flax's fields, auto-names ("Dropout_0") and rng stream: same outputs."""
+    import flax.linen as nn
+
+    class Net(nn.Module):
+        drop: type
+
+        @nn.compact
+        def __call__(self, x, train):
+            x = self.drop(0.3)(x, deterministic=not train)
+            x = self.drop(0.5, broadcast_dims=(-1,))(x, deterministic=not train)
+            return self.drop(1.0)(x, deterministic=not train) + self.drop(0.0)(x, deterministic=not train)
+
+    x = jnp.arange(1.0, 61.0).reshape(3, 4, 5)
+    ours, flax_s = Net(layers.Dropout), Net(nn.Dropout)
+    for train in (False, True):
+        got = ours.apply({}, x, train, rngs={"dropout": jax.random.key(1)})
+        np.testing.assert_array_equal(got, flax_s.apply({}, x, train, rngs={"dropout": jax.random.key(1)}))
+        assert (np.asarray(got) == 0).any() == train
+    with pytest.raises(Exception, match="dropout"):
+        ours.apply({}, x, True)
+
+
+def test_a_training_loss_with_dropout_is_unchanged_by_the_unrolled_threefry(monkeypatch):
+    """A vit-tiny-digits loss and gradient in training mode (dropout 0.1 in attention, MLP and
+    embedding) are the same bits through `layers.bernoulli` as through `jax.random.bernoulli`."""
+    model = jax_models.create_model("vit-tiny-digits")
+    x = jnp.asarray(np.random.default_rng(0).random((4, 32, 32, 1), np.float32))
+    variables = model.init(jax.random.key(0), x)
+
+    def loss(params):
+        out = model.apply({**variables, "params": params}, x, train=True, rngs={"dropout": jax.random.key(2)})
+        return jnp.sum(out ** 2)
+
+    fast = jax.jit(jax.value_and_grad(loss))(variables["params"])
+    monkeypatch.setattr(layers, "bernoulli", jax.random.bernoulli)
+    slow = jax.jit(jax.value_and_grad(loss))(variables["params"])
+    assert float(fast[0]) == float(slow[0])
+    for a, b in zip(jax.tree.leaves(fast[1]), jax.tree.leaves(slow[1])):
+        np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("with_mask", [False, True], ids=["lengths", "mask"])
