@@ -394,14 +394,20 @@ def _threefry_key_data(key):
     return key
 
 
+# Masks smaller than this take JAX's own draw: they cost nothing either way, and in one program
+# (swin-digits' training step, whose DropPath masks are (128, 1, 1)) LLVM's loop vectorizer spent
+# more than 20 minutes on the unrolled rounds (`isUniformAcrossVFsAndUFs`, recursing over them).
+UNROLLED_MIN_SIZE = 2 ** 16
+
+
 def bernoulli(key, p: float, shape):
-    """`jax.random.bernoulli(key, p, shape)`, the same bits, through the unrolled threefry for
-    float32 `p` and a threefry key (the trainer's), JAX's own draw otherwise. Dropout's masks are
-    the bulk of a training step's random numbers on CPU."""
+    """`jax.random.bernoulli(key, p, shape)`, the same bits, through the unrolled threefry for a
+    mask of at least `UNROLLED_MIN_SIZE` elements, float32 `p` and a threefry key (the trainer's);
+    JAX's own draw otherwise. Dropout's masks are the bulk of a training step's random numbers."""
     shape = tuple(shape)
     data = _threefry_key_data(key)
     size = math.prod(shape)
-    if data is None or jnp.result_type(float) != jnp.float32 or not 0 < size < 2 ** 32:
+    if data is None or jnp.result_type(float) != jnp.float32 or not UNROLLED_MIN_SIZE <= size < 2 ** 32:
         return jax.random.bernoulli(key, p, shape)
     counts = jax.lax.iota(jnp.uint32, size).reshape(shape)
     b0, b1 = _threefry2x32(data[0], data[1], jnp.zeros(shape, jnp.uint32), counts)

@@ -158,7 +158,7 @@ def test_drop_path_only_in_training_and_per_sample():
         dp.apply({}, jnp.asarray(x), train=True)
 
 
-@pytest.mark.parametrize("shape", [(), (1,), (7,), (3, 5), (16, 4, 9, 9), (2, 1, 3)])
+@pytest.mark.parametrize("shape", [(), (7,), (2, 1, 3), (16, 4, 33, 33), (1, 3, 7, 5, 7, 90)])
 @pytest.mark.parametrize("key", ["typed", "raw", "folded", "rbg"])
 def test_bernoulli_draws_the_bits_of_jax_random(shape, key):
     """The unrolled threefry gives jax.random.bernoulli's masks bit for bit (so dropout, and every
@@ -171,6 +171,14 @@ def test_bernoulli_draws_the_bits_of_jax_random(shape, key):
         got = jax.jit(lambda k: layers.bernoulli(k, p, shape))(k)
         assert got.dtype == want.dtype and got.shape == want.shape
         np.testing.assert_array_equal(got, want)
+
+
+def test_bernoulli_unrolls_only_masks_that_pay_for_it():
+    """Large masks skip JAX's threefry primitive (its rolled loop on CPU); small ones keep it (the
+    unrolled rounds once sent LLVM's vectorizer into a 20-minute compile)."""
+    big = (2, layers.UNROLLED_MIN_SIZE // 2)
+    assert "random_bits" not in str(jax.make_jaxpr(lambda k: layers.bernoulli(k, 0.9, big))(jax.random.key(0)))
+    assert "random_bits" in str(jax.make_jaxpr(lambda k: layers.bernoulli(k, 0.9, (128, 1, 1)))(jax.random.key(0)))
 
 
 def test_dropout_gives_flax_dropout_s_outputs():
@@ -186,7 +194,7 @@ def test_dropout_gives_flax_dropout_s_outputs():
             x = self.drop(0.5, broadcast_dims=(-1,))(x, deterministic=not train)
             return self.drop(1.0)(x, deterministic=not train) + self.drop(0.0)(x, deterministic=not train)
 
-    x = jnp.arange(1.0, 61.0).reshape(3, 4, 5)
+    x = jnp.arange(1.0, 66561.0).reshape(4, 128, 130)        # over UNROLLED_MIN_SIZE
     ours, flax_s = Net(layers.Dropout), Net(nn.Dropout)
     for train in (False, True):
         got = ours.apply({}, x, train, rngs={"dropout": jax.random.key(1)})
@@ -198,9 +206,10 @@ def test_dropout_gives_flax_dropout_s_outputs():
 
 def test_a_training_loss_with_dropout_is_unchanged_by_the_unrolled_threefry(monkeypatch):
     """A vit-tiny-digits loss and gradient in training mode (dropout 0.1 in attention, MLP and
-    embedding) are the same bits through `layers.bernoulli` as through `jax.random.bernoulli`."""
+    embedding; at batch 128 each mask is over `UNROLLED_MIN_SIZE`) are the same bits through
+    `layers.bernoulli` as through `jax.random.bernoulli`."""
     model = jax_models.create_model("vit-tiny-digits")
-    x = jnp.asarray(np.random.default_rng(0).random((4, 32, 32, 1), np.float32))
+    x = jnp.asarray(np.random.default_rng(0).random((128, 32, 32, 1), np.float32))
     variables = model.init(jax.random.key(0), x)
 
     def loss(params):
