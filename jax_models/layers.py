@@ -1,6 +1,7 @@
 """Layers shared by the Flax models: one patch embedding, one attention, one MLP, and the twins of
 the torch built-ins the models use (`nn.MultiheadAttention`, `nn.TransformerEncoder(Layer)`,
-`nn.GroupNorm`, `nn.Conv2d`, `nn.ConvTranspose2d`).
+`nn.GroupNorm`, `nn.Conv2d`, `nn.ConvTranspose2d`), and `Dropout`, flax's with its masks drawn
+through an unrolled Threefry (`bernoulli`: the same bits, cheaper on CPU).
 
 Twins of `torch_reference/layers.py`. Submodule names follow the torch attribute names, and the
 children of a torch `nn.Sequential` are named by their index ('0', '3'), so the bridge maps keys
