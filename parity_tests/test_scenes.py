@@ -242,6 +242,33 @@ def test_the_curriculum_draws_nonrelational_batches_first_and_leaves_the_evaluat
     assert np.array_equal(later["question"], batch["question"]) and np.array_equal(later["label"], batch["label"])
 
 
+def test_family_weights_draw_the_named_families_that_many_times_as_often(tmp_path):
+    """`family_weights`: batches drawn from (seed, step) alone with each question weighted by its
+    family; weight 0 leaves a family out, the curriculum's steps keep to the non-relational ones."""
+    from train.tasks.vqa import FAMILIES
+
+    only = {"shape": 0, "horizontal": 0, "vertical": 0, "count_same_shape": 0}
+    r = _resolve(tmp_path, nonrelational_steps=2, family_weights=only)
+    _, batch = next(iter(r.batches_from(0)))
+    family = {tuple(t): f for t, f in zip(r.train_data.extras["question"], r.train_data.extras["family"])}
+    drawn = lambda b: {FAMILIES[family[tuple(t)]] for t in b["question"]}  # noqa: E731
+    assert drawn(r.task.batch(batch, 2, r)) <= {"closest_shape", "furthest_shape"}
+    assert np.array_equal(r.task.batch(batch, 2, r)["question"], r.task.batch(batch, 2, r)["question"])
+    assert drawn(r.task.batch(batch, 0, r)) <= {"shape", "horizontal", "vertical"}
+    favoured = _resolve(tmp_path / "favoured", nonrelational_steps=0, family_weights={"closest_shape": 50})
+    counts = [FAMILIES[family[tuple(t)]] == "closest_shape" for s in range(20)
+              for t in favoured.task.batch(batch, s, favoured)["question"]]
+    assert np.mean(counts) > 0.8
+
+
+@pytest.mark.parametrize("weights", [{"closest": 2}, {"shape": -1}, {f: 0 for f in scenes.FAMILIES}, [1, 2]])
+def test_family_weights_that_cannot_be_drawn_are_refused_before_any_work(tmp_path, weights):
+    from train.settings import Config, check_config
+
+    with pytest.raises(ValueError, match=r"--recipe family_weights=.*mapping of question families"):
+        check_config(Config(preset="vqa-scenes", workdir=str(tmp_path), recipe_overrides={"family_weights": weights}))
+
+
 def test_the_confusion_picture_counts_each_relational_question_once(tmp_path):
     from train.tasks.vqa import FAMILIES, confusion, draw_confusion, question_dataset
 

@@ -89,6 +89,13 @@ def _rate(lo_open):
     return ok, "a number in (0, 1)" if lo_open else "a number in [0, 1)"
 
 
+def _family_weights(v):
+    from train.scenes import FAMILIES  # numpy only
+    number = lambda w: isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and w >= 0  # noqa: E731
+    return v is None or (isinstance(v, dict) and set(v) <= set(FAMILIES) and all(number(w) for w in v.values())
+                         and any(v.get(f, 1) > 0 for f in FAMILIES))
+
+
 def _objects(v):
     pair = isinstance(v, (list, tuple)) and len(v) == 2 and all(_count(1)[0](x) for x in v) and v[0] <= v[1]
     return pair or _count(1)[0](v)
@@ -109,6 +116,8 @@ RECIPE_RULES = {
     "train_num_objects": (lambda v: v is None or _objects(v), "null (num_objects) or a positive integer or a pair [lo, hi] of them"),
     "decay_fraction": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0 < v <= 1,
                        "a number in (0, 1]"),
+    "family_weights": (_family_weights, "null or a mapping of question families (shape, horizontal, vertical, "
+                       "closest_shape, furthest_shape, count_same_shape) to weights >= 0, not all 0"),
     "ema_decay": _rate(False), "beta_start": _rate(True), "beta_end": _rate(True),
     "clip_denoised": (lambda v: isinstance(v, bool), "true or false"),
 }

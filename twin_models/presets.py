@@ -255,7 +255,7 @@ def _mmt_vqa(name, image_size, patch_size, in_channels, vocab_size, context_leng
 # example) count varies with the seed, and on this CPU a batch of 24 costs 44 ms a step against 68
 # for 32 (docs/vqa.md).
 SCENES_DATA = dict(data="scenes", num_scenes=3000, num_test_scenes=500, num_objects=6, train_num_objects=None,
-                   questions_per_scene=None, cell=8, nonrelational_steps=800)
+                   questions_per_scene=None, cell=8, nonrelational_steps=800, family_weights=None)
 VQA_SCENES_RECIPE = dict(lr=6e-4, weight_decay=0.05, warmup_steps=100, batch_size=24, steps=16000,
                          grad_clip=1.0, label_smoothing=0.0, **SCENES_DATA)
 MMT_VQA_SCENES_RECIPE = dict(lr=1e-3, weight_decay=0.05, warmup_steps=100, batch_size=64, steps=6000,

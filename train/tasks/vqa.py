@@ -8,7 +8,9 @@ set, for the training scenes alone: e.g. [3, 6] mixes scenes of 3 to 6 objects, 
 furthest cannot be guessed from the other objects' majority shape). The recipe key `nonrelational_steps` is a curriculum: each of the
 first `nonrelational_steps` batches is drawn (with replacement, from (seed, step) alone, so a
 resumed run draws the same) from the non-relational training questions only, so the model first
-learns to find the object a colour names and where it is. The summary gives the held-out accuracy overall, on relational and
+learns to find the object a colour names and where it is. `family_weights` (e.g.
+`--recipe 'family_weights={"closest_shape": 3, "furthest_shape": 3}'`) draws every batch the same
+way, a question of a named family that many times as often as one of another. The summary gives the held-out accuracy overall, on relational and
 non-relational questions, and per question family (`accuracy_<family>`); the run's `finish` draws
 the confusion matrices of the relational families to WORKDIR/relational_confusion.png.
 """
@@ -97,6 +99,14 @@ def load_scenes(spec: str, preset, recipe: dict) -> tuple[QuestionDataset, Quest
         n, seed, preset.image_size, k, cell=recipe.get("cell"),
         questions_per_scene=recipe["questions_per_scene"], tokenizer=tokenizer))
     return make(recipe["num_scenes"], TRAIN_SEED, train_objects), make(recipe["num_test_scenes"], TEST_SEED, objects)
+
+
+def question_weights(data: QuestionDataset, family_weights: dict | None) -> np.ndarray | None:
+    """(N,) each training question's weight in the batches drawn with `family_weights` (its family's
+    weight, 1 for a family not named), or None where every question is drawn as often."""
+    if not family_weights:
+        return None
+    return np.array([family_weights.get(f, 1.0) for f in FAMILIES], np.float64)[data.extras["family"]]
 
 
 def vqa_step(state: steps.TrainState, batch: dict, rng: jax.Array, *, label_smoothing: float = 0.0,
@@ -273,10 +283,19 @@ class VQA(Task):
         return {}, {}
 
     def batch(self, batch: dict, step: int, r) -> dict:
+        weights = question_weights(r.train_data, r.recipe.get("family_weights"))
+        rs = np.random.default_rng((r.config.seed, jax.process_index(), step))
         if step < (r.recipe.get("nonrelational_steps") or 0):
-            pool = np.flatnonzero(r.train_data.extras["relational"] == 0)
-            rs = np.random.default_rng((r.config.seed, jax.process_index(), step))
-            batch = r.train_data.rows(np.sort(rs.choice(pool, len(batch["label"]))))
+            nonrelational = r.train_data.extras["relational"] == 0
+            if weights is None or not weights[nonrelational].any():
+                pick = rs.choice(np.flatnonzero(nonrelational), len(batch["label"]))
+            else:
+                weights = np.where(nonrelational, weights, 0.0)
+                pick = rs.choice(len(weights), len(batch["label"]), p=weights / weights.sum())
+            batch = r.train_data.rows(np.sort(pick))
+        elif weights is not None:
+            pick = rs.choice(len(weights), len(batch["label"]), p=weights / weights.sum())
+            batch = r.train_data.rows(np.sort(pick))
         return {"image": batch["image"], "question": batch["question"], "label": batch["label"],
                 "mask": np.ones(len(batch["label"]), np.float32)}
 
