@@ -23,7 +23,7 @@ import optax
 import flax.linen as nn
 from flax import struct
 
-from .layers import Dropout, attend, check_token_ids
+from .layers import Dropout, LayerNorm, attend, check_token_ids
 from .vit import VisionTransformer
 
 normal_02 = nn.initializers.normal(0.02)
@@ -184,7 +184,7 @@ class Block(nn.Module):
     attention_impl: str = "xla"
 
     def setup(self):
-        ln = lambda: nn.LayerNorm(epsilon=self.layer_norm_eps)
+        ln = lambda: LayerNorm(epsilon=self.layer_norm_eps)
         self.ln_1, self.ln_cross_attn, self.ln_2 = ln(), ln(), ln()
         self.attn = CausalSelfAttention(self.width, self.heads, self.dropout, self.proj_std, self.attention_impl)
         self.crossattention = CrossAttention(self.width, self.heads, self.dropout, self.proj_std,
@@ -236,7 +236,7 @@ class TextDecoder(nn.Module):
         proj_std = 0.02 / math.sqrt(2 * self.layers)
         self.h = [Block(self.width, self.heads, self.mlp_ratio, self.dropout, self.layer_norm_eps, proj_std,
                         self.attention_impl) for _ in range(self.layers)]
-        self.ln_f = nn.LayerNorm(epsilon=self.layer_norm_eps)
+        self.ln_f = LayerNorm(epsilon=self.layer_norm_eps)
         if self._image_width != self.width:
             self.image_proj = _dense(self.width, "image_proj")
 

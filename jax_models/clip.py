@@ -18,7 +18,7 @@ import numpy as np
 import optax
 import flax.linen as nn
 
-from .layers import LN_EPS, check_token_ids, compute_dtype, torch_linear_init
+from .layers import LN_EPS, LayerNorm, check_token_ids, compute_dtype, torch_linear_init
 from .vit import TransformerBlock, VisionTransformer
 
 NORMALIZE_EPS = 1e-12  # torch F.normalize's clamp on the norm
@@ -101,7 +101,7 @@ class TextTransformer(nn.Module):
         for i in range(self.layers):
             x = TransformerBlock(self.width, self.heads, self.mlp_ratio, self.dropout, self.attention_impl,
                                  self.qkv_bias, self.norm_eps, self.act, name=f"blocks_{i}")(x, mask, train=train)
-        x = nn.LayerNorm(epsilon=self.norm_eps, name="ln_final")(x)
+        x = LayerNorm(epsilon=self.norm_eps, name="ln_final")(x)
         if return_tokens:
             return x
         return x[jnp.arange(x.shape[0]), jnp.argmax(text, axis=-1)]

@@ -334,8 +334,8 @@ class TransformerEncoderLayer(nn.Module):
                                        attention_impl=self.attention_impl, name="self_attn")
         linear1 = nn.Dense(self.dim_feedforward, kernel_init=torch_linear_init, name="linear1")
         linear2 = nn.Dense(self.d_model, kernel_init=torch_linear_init, name="linear2")
-        norm1 = nn.LayerNorm(epsilon=self.layer_norm_eps, name="norm1")
-        norm2 = nn.LayerNorm(epsilon=self.layer_norm_eps, name="norm2")
+        norm1 = LayerNorm(epsilon=self.layer_norm_eps, name="norm1")
+        norm2 = LayerNorm(epsilon=self.layer_norm_eps, name="norm2")
 
         def sa_block(h):
             return drop()(self_attn(h, h, h, key_padding_mask=src_key_padding_mask, train=train))
@@ -453,6 +453,54 @@ class DropPath(nn.Module):
         keep = 1.0 - self.drop_prob
         mask = bernoulli(self.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
         return x * mask.astype(x.dtype) / keep
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer norm: torch's LayerNorm over the last axis, with its backward written out
+
+
+def _layer_stats(h, epsilon):
+    """(normalized h, 1/std) over the last axis of h, in two passes (the mean, then the mean
+    square of h less it), as torch does: no cancellation when the mean is large."""
+    d = h - h.mean(-1, keepdims=True)
+    rstd = jax.lax.rsqrt(jnp.square(d).mean(-1, keepdims=True) + epsilon)
+    return d * rstd, rstd
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(1,))
+def layer_normalize(h, epsilon):
+    """h (..., C) normalized over its last axis. Its backward is written out, (g - mean(g) -
+    y mean(g y)) / std: on XLA:CPU 1.1-1.9x faster than the derivative JAX takes through the
+    statistics (docs/benchmarks.md)."""
+    return _layer_stats(h, epsilon)[0]
+
+
+def _layer_normalize_fwd(h, epsilon):
+    y, rstd = _layer_stats(h, epsilon)
+    return y, (y, rstd)
+
+
+def _layer_normalize_bwd(epsilon, res, g):
+    y, rstd = res
+    return (rstd * (g - g.mean(-1, keepdims=True) - y * (g * y).mean(-1, keepdims=True)),)
+
+
+layer_normalize.defvjp(_layer_normalize_fwd, _layer_normalize_bwd)
+
+
+class LayerNorm(nn.Module):
+    """Twin of `torch.nn.LayerNorm(C)` with flax's `nn.LayerNorm` params (`scale`, `bias`) and its
+    auto-name: statistics over the last axis in `compute_dtype` (float32 for bfloat16 inputs)
+    through `layer_normalize`, the result in the dtype of x, scale and bias, as flax's."""
+    epsilon: float = LN_EPS
+
+    @nn.compact
+    def __call__(self, x):
+        C = x.shape[-1]
+        scale = self.param("scale", nn.initializers.ones, (C,))
+        bias = self.param("bias", nn.initializers.zeros, (C,))
+        y = layer_normalize(x.astype(compute_dtype(x.dtype)), self.epsilon)
+        return (y * scale + bias).astype(jnp.result_type(x, scale, bias))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import flax.linen as nn
 
 from twin_models.model_math import position_table
 
-from .layers import (LN_EPS, Mlp, MultiheadAttention, PatchEmbedding, check_token_ids, torch_bias_init,
+from .layers import (LN_EPS, LayerNorm, Mlp, MultiheadAttention, PatchEmbedding, check_token_ids, torch_bias_init,
                      torch_linear_init)
 
 PAD_ID = 0
@@ -28,29 +28,39 @@ class MultimodalTransformerLayer(nn.Module):
     """Post-norm layer over the joint sequence: x = norm1(x + self_attn(x)), then, with
     `cross_attention`, x = norm3(x + cross_attn(x)) where each token attends only to the other
     modality's tokens, then x = norm2(x + mlp(x)). `mask` (B, L) is True at real tokens; without
-    `cross_attention`, `cross_attn` and `norm3` get weights at init and never run (the source's)."""
+    `cross_attention`, `cross_attn` and `norm3` get weights at init and never run (the source's).
+    `norm_first` (an addition, torch's `nn.TransformerEncoderLayer` option; the source's is False)
+    puts each norm before its sublayer instead, x = x + self_attn(norm1(x)) and so on, the same
+    weights."""
     dim: int
     num_heads: int
     dropout: float = 0.1
     cross_attention: bool = False
     attention_impl: str = "xla"
+    norm_first: bool = False
 
     @nn.compact
     def __call__(self, x, mask=None, num_text_tokens=None, train: bool = False):
         mha = lambda name: MultiheadAttention(self.dim, self.num_heads, self.dropout,
                                               attention_impl=self.attention_impl, name=name)
-        norm = lambda name: nn.LayerNorm(epsilon=LN_EPS, name=name)
+        norm = lambda name: LayerNorm(epsilon=LN_EPS, name=name)
         padding = None if mask is None else ~mask.astype(bool)
-        x = norm("norm1")(x + mha("self_attn")(x, x, x, key_padding_mask=padding, train=train))
+
+        def sublayer(x, norm_name, f):
+            if self.norm_first:
+                return x + f(norm(norm_name)(x))
+            return norm(norm_name)(x + f(x))
+
+        x = sublayer(x, "norm1", lambda h: mha("self_attn")(h, h, h, key_padding_mask=padding, train=train))
         if self.cross_attention:
             if num_text_tokens is None:
                 raise ValueError("cross_attention=True needs num_text_tokens (the text tokens come first)")
             other = modality_mask(num_text_tokens, x.shape[1] - num_text_tokens)
-            x = norm("norm3")(x + mha("cross_attn")(x, x, x, key_padding_mask=padding, attn_mask=other,
-                                                    train=train))
+            x = sublayer(x, "norm3", lambda h: mha("cross_attn")(h, h, h, key_padding_mask=padding, attn_mask=other,
+                                                                 train=train))
         elif self.is_initializing():
             norm("norm3")(mha("cross_attn")(x, x, x))
-        return norm("norm2")(x + Mlp(self.dim, self.dim * 4, dropout=self.dropout, name="mlp")(x, train))
+        return sublayer(x, "norm2", lambda h: Mlp(self.dim, self.dim * 4, dropout=self.dropout, name="mlp")(h, train))
 
 
 class MultimodalTransformer(nn.Module):
@@ -74,6 +84,7 @@ class MultimodalTransformer(nn.Module):
     image_positions: bool = False
     attention_impl: str = "xla"
     image_pos_init: str = "normal"
+    norm_first: bool = False
 
     @nn.compact
     def __call__(self, text_ids, image, text_mask=None, train: bool = False):
@@ -101,8 +112,8 @@ class MultimodalTransformer(nn.Module):
             mask = jnp.concatenate([text_mask.astype(bool), jnp.ones(image.shape[:2], bool)], axis=1)
         for n in range(self.num_layers):
             x = MultimodalTransformerLayer(self.dim, self.num_heads, self.dropout, self.cross_attention,
-                                           self.attention_impl, name=f"layers_{n}")(x, mask, L, train)
-        return nn.LayerNorm(epsilon=LN_EPS, name="norm")(x)
+                                           self.attention_impl, self.norm_first, name=f"layers_{n}")(x, mask, L, train)
+        return LayerNorm(epsilon=LN_EPS, name="norm")(x)
 
 
 class MultimodalTransformerClassifier(nn.Module):
@@ -124,11 +135,11 @@ class MultimodalTransformerClassifier(nn.Module):
 
 def MMTVQA(image_size=224, patch_size=16, in_channels=3, vocab_size=49408, context_length=77, dim=768,
            num_heads=12, num_layers=12, num_answers=3000, dropout=0.1, cross_attention=False, image_positions=True,
-           image_pos_init="normal", attention_impl="xla"):
+           image_pos_init="normal", attention_impl="xla", norm_first=False):
     """A `MultimodalTransformerClassifier` from plain config values (the presets' entry point); its
     patches have positions by default (questions ask where objects are), `image_pos_init` their
     table's start ("normal" or "sincos2d")."""
     transformer = MultimodalTransformer(dim, num_heads, num_layers, vocab_size, context_length, image_size,
                                         patch_size, in_channels, dropout, cross_attention, image_positions,
-                                        attention_impl, image_pos_init, parent=None)
+                                        attention_impl, image_pos_init, norm_first, parent=None)
     return MultimodalTransformerClassifier(transformer, num_answers)

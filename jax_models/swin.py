@@ -17,7 +17,7 @@ import flax.linen as nn
 
 from twin_models.model_math import check_resolution, effective_window, relative_position_index, shifted_window_mask
 
-from .layers import LN_EPS, DropPath, Dropout, Mlp, PatchEmbedding, attend, trunc_normal_02
+from .layers import LN_EPS, DropPath, Dropout, LayerNorm, Mlp, PatchEmbedding, attend, trunc_normal_02
 
 
 def window_partition(x, window_size):
@@ -97,7 +97,7 @@ class SwinTransformerBlock(nn.Module):
                                  lambda: jnp.asarray(shifted_window_mask(H, W, ws, s))).value
         drop_path = DropPath(self.drop_path, name="drop_path")
         shortcut = x
-        x = nn.LayerNorm(epsilon=LN_EPS, name="norm1")(x).reshape(B, H, W, C)
+        x = LayerNorm(epsilon=LN_EPS, name="norm1")(x).reshape(B, H, W, C)
         if s > 0:
             x = jnp.roll(x, (-s, -s), axis=(1, 2))
         attn = WindowAttention(self.dim, (ws, ws), self.num_heads, self.qkv_bias, self.attn_drop,
@@ -107,7 +107,7 @@ class SwinTransformerBlock(nn.Module):
         if s > 0:
             x = jnp.roll(x, (s, s), axis=(1, 2))
         x = shortcut + drop_path(x.reshape(B, H * W, C), train)
-        y = nn.LayerNorm(epsilon=LN_EPS, name="norm2")(x)
+        y = LayerNorm(epsilon=LN_EPS, name="norm2")(x)
         y = Mlp(self.dim, int(self.dim * self.mlp_ratio), dropout=self.drop,
                 kernel_init=trunc_normal_02, name="mlp")(y, train)
         return x + drop_path(y, train)
@@ -126,7 +126,7 @@ class PatchMerging(nn.Module):
         B, _, C = x.shape
         x = x.reshape(B, H, W, C)
         x = jnp.concatenate([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], -1)
-        x = nn.LayerNorm(epsilon=LN_EPS, name="norm")(x.reshape(B, -1, 4 * C))
+        x = LayerNorm(epsilon=LN_EPS, name="norm")(x.reshape(B, -1, 4 * C))
         return nn.Dense(2 * self.dim, use_bias=False, kernel_init=trunc_normal_02, name="reduction")(x)
 
 
@@ -184,7 +184,7 @@ class SwinTransformer(nn.Module):
     def __call__(self, x, train: bool = False):
         x = PatchEmbedding(self.image_size, self.patch_size, self.in_channels, self.embed_dim,
                            rearrange=False, name="patch_embed")(x)
-        x = nn.LayerNorm(epsilon=LN_EPS, name="patch_norm")(x)
+        x = LayerNorm(epsilon=LN_EPS, name="patch_norm")(x)
         x = Dropout(self.dropout, deterministic=not train, name="pos_drop")(x)
         dpr = np.linspace(0, self.drop_path_rate, sum(self.depths), dtype=np.float32).tolist()
         res = self.image_size // self.patch_size
@@ -195,7 +195,7 @@ class SwinTransformer(nn.Module):
                            tuple(dpr[sum(self.depths[:i]):sum(self.depths[:i + 1])]),
                            downsample=i < len(self.depths) - 1, attention_impl=self.attention_impl,
                            name=f"layers_{i}")(x, train)
-        x = nn.LayerNorm(epsilon=LN_EPS, name="norm")(x).mean(1)
+        x = LayerNorm(epsilon=LN_EPS, name="norm")(x).mean(1)
         if self.num_classes == 0:
             return x
         return nn.Dense(self.num_classes, kernel_init=trunc_normal_02, name="head")(x)

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from twin_models.model_math import position_table
 
-from .layers import (LN_EPS, Dropout, Mlp, PatchEmbedding, TransformerEncoder, TransformerEncoderLayer,
+from .layers import (LN_EPS, Dropout, LayerNorm, Mlp, PatchEmbedding, TransformerEncoder, TransformerEncoderLayer,
                      add_class_token, attend, torch_bias_init, torch_linear_init, trunc_normal_02)
 
 
@@ -58,10 +58,10 @@ class TransformerBlock(nn.Module):
     def __call__(self, x, mask=None, train: bool = False):
         x = x + MultiHeadAttention(self.embed_dim, self.num_heads, self.dropout, self.attention_impl,
                                    self.qkv_bias, name="attn")(
-            nn.LayerNorm(epsilon=self.norm_eps, name="norm1")(x), mask, train)
+            LayerNorm(epsilon=self.norm_eps, name="norm1")(x), mask, train)
         x = x + Mlp(self.embed_dim, int(self.embed_dim * self.mlp_ratio), dropout=self.dropout,
                     kernel_init=trunc_normal_02, act=self.act, name="mlp")(
-            nn.LayerNorm(epsilon=self.norm_eps, name="norm2")(x), train)
+            LayerNorm(epsilon=self.norm_eps, name="norm2")(x), train)
         return x
 
 
@@ -113,12 +113,12 @@ class VisionTransformer(nn.Module):
         cls_token = self.param("cls_token", trunc_normal_02, (1, 1, self.embed_dim))
         x = add_class_token(x, cls_token, pos_embed)
         if self.pre_norm:
-            x = nn.LayerNorm(epsilon=self.norm_eps, name="norm_pre")(x)
+            x = LayerNorm(epsilon=self.norm_eps, name="norm_pre")(x)
         for i in range(self.depth):
             x = TransformerBlock(self.embed_dim, self.num_heads, self.mlp_ratio, self.dropout,
                                  self.attention_impl, self.qkv_bias, self.norm_eps, self.act,
                                  name=f"blocks_{i}")(x, train=train)
-        x = nn.LayerNorm(epsilon=self.norm_eps, name="norm")(x)
+        x = LayerNorm(epsilon=self.norm_eps, name="norm")(x)
         if return_tokens:
             return x
         if self.num_classes == 0:

@@ -206,22 +206,26 @@ def test_dropout_gives_flax_dropout_s_outputs():
 
 def test_a_training_loss_with_dropout_is_unchanged_by_the_unrolled_threefry(monkeypatch):
     """A vit-tiny-digits loss and gradient in training mode (dropout 0.1 in attention, MLP and
-    embedding; at batch 128 each mask is over `UNROLLED_MIN_SIZE`) are the same bits through
-    `layers.bernoulli` as through `jax.random.bernoulli`."""
+    embedding; at batch 128 each mask is over `UNROLLED_MIN_SIZE`) are the same through
+    `layers.bernoulli` as through `jax.random.bernoulli`. Not to the bit: the two programs fuse the
+    LayerNorms' reductions differently (1 ulp in the loss); one other dropout key moves the loss
+    by 1e-3 and more, so the masks are the same."""
     model = jax_models.create_model("vit-tiny-digits")
     x = jnp.asarray(np.random.default_rng(0).random((128, 32, 32, 1), np.float32))
     variables = model.init(jax.random.key(0), x)
 
-    def loss(params):
-        out = model.apply({**variables, "params": params}, x, train=True, rngs={"dropout": jax.random.key(2)})
+    def loss(params, key=jax.random.key(2)):
+        out = model.apply({**variables, "params": params}, x, train=True, rngs={"dropout": key})
         return jnp.sum(out ** 2)
 
     fast = jax.jit(jax.value_and_grad(loss))(variables["params"])
+    other = jax.jit(loss)(variables["params"], jax.random.key(3))
     monkeypatch.setattr(layers, "bernoulli", jax.random.bernoulli)
     slow = jax.jit(jax.value_and_grad(loss))(variables["params"])
-    assert float(fast[0]) == float(slow[0])
+    assert abs(float(fast[0]) - float(slow[0])) <= 1e-6 * abs(float(slow[0]))
+    assert abs(float(other) - float(slow[0])) >= 1e-3 * abs(float(slow[0]))
     for a, b in zip(jax.tree.leaves(fast[1]), jax.tree.leaves(slow[1])):
-        np.testing.assert_array_equal(a, b)
+        assert harness.rel_err(np.asarray(b), np.asarray(a)) <= 1e-5
 
 
 @pytest.mark.parametrize("with_mask", [False, True], ids=["lengths", "mask"])
@@ -260,7 +264,9 @@ def test_inference_compiler_options_give_reductions_to_ynnpack_unless_the_user_s
 def test_parity_compiler_options_give_dots_to_xla_which_rounds_less_than_ynnpack(monkeypatch):
     """A parity measurement's dot (`parity_compiler_options()`) is XLA's own, not a YNNPACK fusion
     as under `CPU_FLAGS`, and lands closer to float64: ViT-B's MLP output projection at batch 2,
-    1.5e-6 with YNNPACK, 2.6e-7 without (torch 3.5e-7). A user's own YNNPACK flag turns it off."""
+    1.5e-6 with YNNPACK, 2.6e-7 without (torch 3.5e-7) on an AVX2 AMD EPYC; 7.0e-7 and 3.8e-7
+    (torch 3.3e-7) on an AVX-512 one (Zen 4), whose YNNPACK kernel rounds less. A user's own
+    YNNPACK flag turns it off."""
     rs = np.random.RandomState(0)
     a = rs.standard_normal((394, 3072)).astype(np.float32)
     b = (rs.standard_normal((3072, 768)) / 55).astype(np.float32)
@@ -272,7 +278,7 @@ def test_parity_compiler_options_give_dots_to_xla_which_rounds_less_than_ynnpack
     assert "__ynn_fusion" in plain.as_text() and "__ynn_fusion" not in parity.as_text()
     ynn_err, xla_err = harness.rel_err(exact, np.asarray(plain(a, b))), harness.rel_err(exact, np.asarray(parity(a, b)))
     torch_err = harness.rel_err(exact, (torch.from_numpy(a) @ torch.from_numpy(b)).numpy())
-    assert xla_err <= 1.5 * torch_err and xla_err * 3 <= ynn_err, (xla_err, torch_err, ynn_err)
+    assert xla_err <= 1.5 * torch_err and xla_err < ynn_err, (xla_err, torch_err, ynn_err)
     monkeypatch.setenv("XLA_FLAGS", f"{os.environ.get('XLA_FLAGS', '')} --{xla_flags.YNN_FLAG}=individual_dot,individual_convolution")
     assert xla_flags.parity_compiler_options() is None
 
@@ -331,3 +337,35 @@ def test_xla_flags_take_convolutions_off_ynnpack_unless_the_user_says_otherwise(
     monkeypatch.setattr(xla_flags, "_backend_started", lambda: True)
     monkeypatch.setenv("XLA_FLAGS", "")
     assert xla_flags.apply_cpu_flags() == [] and os.environ["XLA_FLAGS"] == ""
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_layer_norm_matches_flax_and_torch_with_its_written_out_backward(dtype):
+    """`layers.LayerNorm` has flax's params and auto-name; its output and the gradients of x,
+    scale and bias are torch's `nn.LayerNorm`'s, also where the mean is large against the spread."""
+    import flax.linen as nn
+
+    rs = np.random.RandomState(0)
+    x = (rs.randn(3, 5, 48) * 2 + 50).astype(dtype)
+    g = rs.randn(*x.shape).astype(dtype)
+    scale, bias = (1 + 0.1 * rs.randn(48)).astype(dtype), (0.1 * rs.randn(48)).astype(dtype)
+    with jax.enable_x64(dtype == "float64"):
+        ours = layers.LayerNorm()
+        variables = ours.init(jax.random.key(0), jnp.asarray(x))
+        assert jax.tree.structure(variables) == jax.tree.structure(nn.LayerNorm().init(jax.random.key(0), jnp.asarray(x)))
+        assert set(nn.Sequential([layers.LayerNorm()]).init(jax.random.key(0), jnp.asarray(x))["params"]) == {"layers_0"}
+        params = {"params": {"scale": jnp.asarray(scale), "bias": jnp.asarray(bias)}}
+        y, pull = jax.vjp(ours.apply, params, jnp.asarray(x))
+        dp, dx = pull(jnp.asarray(g))
+        assert y.dtype == np.dtype(dtype) and dx.dtype == np.dtype(dtype)
+    ref = torch.nn.LayerNorm(48, eps=layers.LN_EPS).to(getattr(torch, dtype))
+    with torch.no_grad():
+        ref.weight.copy_(torch.from_numpy(scale))
+        ref.bias.copy_(torch.from_numpy(bias))
+    xt = torch.from_numpy(x).requires_grad_(True)
+    yt = ref(xt)
+    yt.backward(torch.from_numpy(g))
+    tol = (harness.FORWARD_TOL, 1e-5) if dtype == "float32" else (1e-13, 1e-12)
+    assert harness.rel_err(yt.detach().numpy(), y) <= tol[0]
+    for theirs, got in [(xt.grad, dx), (ref.weight.grad, dp["params"]["scale"]), (ref.bias.grad, dp["params"]["bias"])]:
+        assert harness.rel_err(theirs.numpy(), got) <= tol[1]

@@ -87,12 +87,15 @@ def torch_gradients(model, loss, batch):
             for k, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("cross_attention", [False, True], ids=["source", "cross_attention"])
-def test_forward_and_gradients_with_text_mask(cross_attention):
+@pytest.mark.parametrize("cross_attention,norm_first", [(False, False), (True, False), (False, True), (True, True)],
+                         ids=["source", "cross_attention", "norm_first", "cross_attention-norm_first"])
+def test_forward_and_gradients_with_text_mask(cross_attention, norm_first):
     """With `cross_attention=False` (the source's layer) `cross_attn` and `norm3` get no gradient
-    in torch (None) and exactly 0 in Flax; with it, every leaf is used and compared."""
-    tm, fm, variables, tb, fb = twins(cross_attention=cross_attention)
-    name = f"MultimodalTransformer ({'cross_attention' if cross_attention else 'source layer'})"
+    in torch (None) and exactly 0 in Flax; with it, every leaf is used and compared. The same with
+    the norms before their sublayers (`norm_first`)."""
+    tm, fm, variables, tb, fb = twins(cross_attention=cross_attention, norm_first=norm_first)
+    name = (f"MultimodalTransformer ({'cross_attention' if cross_attention else 'source layer'}"
+            f"{', norm_first' if norm_first else ''})")
     err = harness.forward_error(tm, jitted(fm), variables, tb[0][:-1], fb[0][:-1])
     print(f"{name}: forward rel err (text mask) {err:.2e}")
     assert err <= harness.FORWARD_TOL
@@ -107,6 +110,23 @@ def test_forward_and_gradients_with_text_mask(cross_attention):
     worst = max(errs, key=errs.get)
     print(f"{name}: worst gradient {worst} {errs[worst]:.2e} ({len(errs)} leaves)")
     assert errs[worst] <= harness.GRAD_TOL, f"{name}: gradient of {worst} rel err {errs[worst]:.3e}"
+
+
+def test_norm_first_puts_each_norm_before_its_sublayer():
+    """`norm_first=True` computes x + self_attn(norm1(x)), then x + mlp(norm2(x)) with the same
+    weights as the source's post-norm layer (whose output it then differs from)."""
+    torch.manual_seed(0)
+    layer = tm_.MultimodalTransformerLayer(32, 4, dropout=0.0, norm_first=True).eval()
+    x = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        h = layer.norm1(x)
+        h = x + layer.self_attn(h, h, h, need_weights=False)[0]
+        expected = h + layer.mlp(layer.norm2(h))
+        got = layer(x)
+        layer.norm_first = False
+        post = layer(x)
+    torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+    assert (got - post).abs().max() > 0.1
 
 
 @pytest.mark.parametrize("float64", [pytest.param(False, marks=pytest.mark.slow), True],

@@ -33,11 +33,15 @@ def modality_mask(num_text: int, num_image: int, device=None) -> torch.Tensor:
 class MultimodalTransformerLayer(nn.Module):
     """Post-norm layer over the joint sequence: x = norm1(x + self_attn(x)), then, with
     `cross_attention`, x = norm3(x + cross_attn(x)) where each token attends only to the other
-    modality's tokens, then x = norm2(x + mlp(x)). `mask` (B, L) is True / 1 at real tokens."""
+    modality's tokens, then x = norm2(x + mlp(x)). `mask` (B, L) is True / 1 at real tokens.
+    `norm_first` (an addition, torch's `nn.TransformerEncoderLayer` option; the source's is False)
+    puts each norm before its sublayer instead, x = x + self_attn(norm1(x)) and so on, the same
+    weights."""
 
-    def __init__(self, dim, num_heads, dropout=0.1, cross_attention=False):
+    def __init__(self, dim, num_heads, dropout=0.1, cross_attention=False, norm_first=False):
         super().__init__()
         self.cross_attention = cross_attention
+        self.norm_first = norm_first
         self.self_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
         self.cross_attn = nn.MultiheadAttention(dim, num_heads, dropout=dropout, batch_first=True)
         self.norm1 = nn.LayerNorm(dim)
@@ -47,14 +51,20 @@ class MultimodalTransformerLayer(nn.Module):
 
     def forward(self, x, mask=None, num_text_tokens=None):
         padding = None if mask is None else ~mask.bool()
-        x = self.norm1(x + self.self_attn(x, x, x, key_padding_mask=padding, need_weights=False)[0])
+
+        def sublayer(x, norm, f):
+            if self.norm_first:
+                return x + f(norm(x))
+            return norm(x + f(x))
+
+        x = sublayer(x, self.norm1, lambda h: self.self_attn(h, h, h, key_padding_mask=padding, need_weights=False)[0])
         if self.cross_attention:
             if num_text_tokens is None:
                 raise ValueError("cross_attention=True needs num_text_tokens (the text tokens come first)")
             other = modality_mask(num_text_tokens, x.shape[1] - num_text_tokens, x.device)
-            x = self.norm3(x + self.cross_attn(x, x, x, key_padding_mask=padding, attn_mask=other,
-                                               need_weights=False)[0])
-        return self.norm2(x + self.mlp(x))
+            x = sublayer(x, self.norm3, lambda h: self.cross_attn(h, h, h, key_padding_mask=padding, attn_mask=other,
+                                                                  need_weights=False)[0])
+        return sublayer(x, self.norm2, self.mlp)
 
 
 class MultimodalTransformer(nn.Module):
@@ -64,7 +74,8 @@ class MultimodalTransformer(nn.Module):
     are additions; their defaults are the source's."""
 
     def __init__(self, dim, num_heads, num_layers, vocab_size, max_seq_len=512, image_size=224, patch_size=16,
-                 in_channels=3, dropout=0.1, cross_attention=False, image_positions=False, image_pos_init="normal"):
+                 in_channels=3, dropout=0.1, cross_attention=False, image_positions=False, image_pos_init="normal",
+                 norm_first=False):
         super().__init__()
         self.dim = dim
         self.max_seq_len = max_seq_len
@@ -77,7 +88,7 @@ class MultimodalTransformer(nn.Module):
             table = position_table(image_pos_init, image_size // patch_size, dim, 1.0, class_token=False)
             self.image_pos_embed = nn.Parameter(torch.randn(1, self.image_patch_embed.num_patches, dim)
                                                 if table is None else torch.from_numpy(table).clone())
-        self.layers = nn.ModuleList([MultimodalTransformerLayer(dim, num_heads, dropout, cross_attention)
+        self.layers = nn.ModuleList([MultimodalTransformerLayer(dim, num_heads, dropout, cross_attention, norm_first)
                                      for _ in range(num_layers)])
         self.norm = nn.LayerNorm(dim)
 
@@ -120,11 +131,11 @@ class MultimodalTransformerClassifier(nn.Module):
 
 def MMTVQA(image_size=224, patch_size=16, in_channels=3, vocab_size=49408, context_length=77, dim=768,
            num_heads=12, num_layers=12, num_answers=3000, dropout=0.1, cross_attention=False,
-           image_positions=True, image_pos_init="normal"):
+           image_positions=True, image_pos_init="normal", norm_first=False):
     """A `MultimodalTransformerClassifier` from plain config values (the presets' entry point); its
     patches have positions by default (questions ask where objects are), `image_pos_init` their
     table's start ("normal" or "sincos2d")."""
     transformer = MultimodalTransformer(dim, num_heads, num_layers, vocab_size, context_length, image_size,
                                         patch_size, in_channels, dropout, cross_attention, image_positions,
-                                        image_pos_init)
+                                        image_pos_init, norm_first)
     return MultimodalTransformerClassifier(transformer, num_answers)

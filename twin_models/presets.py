@@ -237,11 +237,11 @@ def _vqa(name, image_size, patch_size, in_channels, vision_width, vision_layers,
 
 def _mmt_vqa(name, image_size, patch_size, in_channels, vocab_size, context_length, dim, num_heads, num_layers,
              num_answers, dropout=0.1, cross_attention=False, image_positions=True, image_pos_init="normal",
-             train=None, bench_batch=64, description=""):
+             norm_first=False, train=None, bench_batch=64, description=""):
     kwargs = dict(image_size=image_size, patch_size=patch_size, in_channels=in_channels, vocab_size=vocab_size,
                   context_length=context_length, dim=dim, num_heads=num_heads, num_layers=num_layers,
                   num_answers=num_answers, dropout=dropout, cross_attention=cross_attention,
-                  image_positions=image_positions, image_pos_init=image_pos_init)
+                  image_positions=image_positions, image_pos_init=image_pos_init, norm_first=norm_first)
     return Preset(name, "multimodal", "MMTVQA", kwargs, image_size, in_channels, task="vqa",
                   train=dict(train or {}), description=description, inputs=("image", "question"),
                   bench_batch=bench_batch)
