@@ -285,16 +285,16 @@ class VQA(Task):
     def batch(self, batch: dict, step: int, r) -> dict:
         weights = question_weights(r.train_data, r.recipe.get("family_weights"))
         rs = np.random.default_rng((r.config.seed, jax.process_index(), step))
+        pick = None
         if step < (r.recipe.get("nonrelational_steps") or 0):
             nonrelational = r.train_data.extras["relational"] == 0
             if weights is None or not weights[nonrelational].any():
                 pick = rs.choice(np.flatnonzero(nonrelational), len(batch["label"]))
             else:
                 weights = np.where(nonrelational, weights, 0.0)
-                pick = rs.choice(len(weights), len(batch["label"]), p=weights / weights.sum())
-            batch = r.train_data.rows(np.sort(pick))
-        elif weights is not None:
+        if pick is None and weights is not None:
             pick = rs.choice(len(weights), len(batch["label"]), p=weights / weights.sum())
+        if pick is not None:
             batch = r.train_data.rows(np.sort(pick))
         return {"image": batch["image"], "question": batch["question"], "label": batch["label"],
                 "mask": np.ones(len(batch["label"]), np.float32)}
