@@ -30,6 +30,7 @@ import torch
 
 import jax_models
 from bridge.verify import example_inputs
+from jax_models.xla_flags import train_compiler_options
 from train import steps
 from train.tasks import get_task, init_variables
 from train.torch_backend import torch_batch, trainer_from_variables
@@ -196,11 +197,11 @@ def build_workload(preset: str | Preset, mode: str, batch_size: int, precision: 
             theirs = _numpy(amp(pieces.infer_module(model))(*t_in))
         return ours, theirs
 
-    def jax_runner(fn, args) -> Runner:
+    def jax_runner(fn, args, options=None) -> Runner:
         box = {"args": args}
 
         def first():
-            box["compiled"] = fn.lower(*args).compile()
+            box["compiled"] = fn.lower(*args).compile(compiler_options=options)
             return step()
 
         def step():
@@ -237,7 +238,9 @@ def build_workload(preset: str | Preset, mode: str, batch_size: int, precision: 
         if framework == "jax":
             if mode == "train":
                 state = jax.tree.map(jnp.copy, pieces.state)   # donated by the step
-                return jax_runner(pieces.jax_step, (state, pieces.jax_batch))
+                # compiled as the trainer compiles it (the recipe's `cpu_dot_fusion`)
+                options = train_compiler_options(preset.train.get("cpu_dot_fusion", False))
+                return jax_runner(pieces.jax_step, (state, pieces.jax_batch), options)
             return jax_runner(jax_forward, (pieces.jax_forward_vars, *f_in))
         if framework in ("torch", "torch-compile"):
             return torch_runner(framework == "torch-compile")

@@ -16,6 +16,15 @@ YNNPACK also takes the reductions, with the elementwise work around them. It sum
 statistics cheap; a training step, with the backward's reductions, came out 3-6% slower with it,
 so it is not in `CPU_FLAGS`.
 
+A training step may be compiled with `train_compiler_options(dot_fusion=True)` (the recipe key
+`cpu_dot_fusion`): YNNPACK's `dot` fusion type, where a matmul takes the elementwise work around
+it into its library call. With XLA's default threading and small batches, `individual_dot` leaves
+GELU's derivative to XLA's loop fusions, which it duplicates into the bias gradient's reduction and
+into the transposed copy the weight gradient's dot reads; at two threads those run about 5x slower
+than one plain reduction of the same array. `mmt-vqa-scenes` at its batch of 24 took 30.5 ms a step
+with `individual_dot` and 18.8 with `dot` (23.0 and 22.4 on one thread); at batch 128 `vit-digits`,
+`clip-digits` and `swin-digits` were 10-25% slower with `dot`, so it is a recipe's choice.
+
 Parity measurements (`bridge`: `verify`, `verify --all`) are compiled with
 `parity_compiler_options()`: no YNNPACK at all, so XLA emits its own dots. YNNPACK's float32 dot
 rounds 3-6x more than XLA's or MKL's: a (394, 3072) x (3072, 768) product is 1.5e-6 from float64
@@ -40,6 +49,7 @@ YNN_FLAG = "xla_cpu_experimental_ynn_fusion_type"
 CPU_FLAGS = (f"--{YNN_FLAG}=individual_dot",)
 INFERENCE_OPTIONS = {YNN_FLAG: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"}
 PARITY_OPTIONS = {YNN_FLAG: ""}
+DOT_FUSION_OPTIONS = {YNN_FLAG: "LIBRARY_FUSION_TYPE_DOT"}
 INIT_OPTIONS = {"xla_backend_optimization_level": "1"}
 JAXLIB_KNOWN = ((0, 10), (0, 13))  # the jaxlib releases (>=, <) whose XLA reads these flags; others abort on them
 
@@ -120,6 +130,14 @@ def inference_compiler_options() -> dict[str, str] | None:
     CPU backend of a known jaxlib, unless `XLA_FLAGS` sets the YNNPACK flag otherwise than
     `CPU_FLAGS` does (the user's choice holds); None elsewhere (GPU, TPU)."""
     return _cpu_options(INFERENCE_OPTIONS)
+
+
+def train_compiler_options(dot_fusion: bool = False) -> dict[str, str] | None:
+    """`compile(compiler_options=...)` for a training step: `DOT_FUSION_OPTIONS` (YNNPACK's `dot`
+    fusions) when `dot_fusion` (the recipe's `cpu_dot_fusion`) on the CPU backend of a known jaxlib,
+    unless `XLA_FLAGS` sets the YNNPACK flag otherwise than `CPU_FLAGS` does; None otherwise
+    (`XLA_FLAGS` as it is)."""
+    return _cpu_options(DOT_FUSION_OPTIONS) if dot_fusion else None
 
 
 def parity_compiler_options() -> dict[str, str] | None:

@@ -261,6 +261,34 @@ def test_inference_compiler_options_give_reductions_to_ynnpack_unless_the_user_s
     assert xla_flags.inference_compiler_options() is None
 
 
+def test_train_compiler_options_let_ynnpack_fuse_the_elementwise_work_into_the_dots(monkeypatch):
+    """`train_compiler_options(True)` (the recipe's `cpu_dot_fusion`): an MLP's backward compiles
+    with GELU's derivative inside YNNPACK's dot fusions (with `CPU_FLAGS` alone each holds a dot and
+    nothing else), to the same result; off by default and when the user sets the flag."""
+    import re
+    mlp = layers.Mlp(32, 128)
+    x = jnp.asarray(np.random.RandomState(0).standard_normal((8, 16, 32)), jnp.float32)
+    v = mlp.init(jax.random.key(0), x)
+    grad = jax.grad(lambda v, x: jnp.sum(mlp.apply(v, x) ** 2))
+    options = xla_flags.train_compiler_options(True)
+    assert options == xla_flags.DOT_FUSION_OPTIONS and xla_flags.train_compiler_options() is None
+
+    def ynn_bodies(compiled):
+        text = compiled.as_text()
+        names = re.findall(r"calls=%([\w.]+)[^\n]*__ynn_fusion", text)
+        bodies = {n: re.search(rf"^%{re.escape(n)} .*?^}}", text, re.S | re.M).group(0) for n in names}
+        ops = lambda b: set(re.findall(r"= \S+ (\w[\w-]*)\(", b)) - {"parameter", "bitcast", "dot", "transpose"}  # noqa: E731
+        return {n: ops(b) for n, b in bodies.items()}
+    plain = jax.jit(grad, compiler_options={xla_flags.YNN_FLAG: "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT"}).lower(v, x).compile()
+    fused = jax.jit(grad, compiler_options=options).lower(v, x).compile()
+    assert ynn_bodies(plain) and not any(ynn_bodies(plain).values())
+    assert {"erf", "exponential", "multiply"} <= set().union(*ynn_bodies(fused).values())
+    ref, out = jax.tree_util.tree_leaves(plain(v, x)), jax.tree_util.tree_leaves(fused(v, x))
+    assert max(harness.rel_err(np.asarray(a), np.asarray(b)) for a, b in zip(ref, out)) <= harness.FORWARD_TOL
+    monkeypatch.setenv("XLA_FLAGS", f"{os.environ.get('XLA_FLAGS', '')} --{xla_flags.YNN_FLAG}=individual_dot,individual_convolution")
+    assert xla_flags.train_compiler_options(True) is None
+
+
 def test_parity_compiler_options_give_dots_to_xla_which_rounds_less_than_ynnpack(monkeypatch):
     """A parity measurement's dot (`parity_compiler_options()`) is XLA's own, not a YNNPACK fusion
     as under `CPU_FLAGS`, and lands closer to float64: ViT-B's MLP output projection at batch 2,

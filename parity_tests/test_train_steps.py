@@ -1,6 +1,8 @@
 """train.steps: pmap over 8 devices equals jit on the whole batch; JAX and eager PyTorch follow
 the same 20-step trajectory from the same weights."""
 
+import json
+
 import jax
 import numpy as np
 import pytest
@@ -44,6 +46,28 @@ def test_decay_fraction_holds_the_peak_then_decays_over_the_last_steps():
     assert r.lr(34) == pytest.approx(r.recipe["lr"]) and r.lr(35) < r.lr(34)
     with pytest.raises(ValueError, match=r"decay_fraction=1.5: .*a number in \(0, 1\]"):
         _run(model_overrides=TINY, recipe_overrides={"decay_fraction": 1.5})
+
+
+def test_cpu_dot_fusion_compiles_the_step_with_its_options_and_trains_the_same(tmp_path):
+    """The recipe's `cpu_dot_fusion` reaches the step's compile (the summary names the options)
+    and changes nothing but rounding: the same losses within the forward tolerance; a value that
+    is not a bool is refused."""
+    from jax_models import xla_flags
+    from train.loop import run
+    losses = {}
+    for fused in (False, True):
+        summary = run(Config(preset="vit-digits", model_overrides=TINY, steps=6, batch_size=16, log_every=1,
+                             progress=False, workdir=str(tmp_path / str(fused)),
+                             recipe_overrides={"cpu_dot_fusion": fused}))
+        expected = xla_flags.train_compiler_options(fused) or {}
+        assert summary["compiler_options"] == expected
+        assert (expected == xla_flags.DOT_FUSION_OPTIONS) == (fused and jax.default_backend() == "cpu")
+        lines = (tmp_path / str(fused) / "metrics.jsonl").read_text().splitlines()
+        losses[fused] = [json.loads(l)["loss"] for l in lines if '"loss"' in l]
+    assert len(losses[True]) == 6
+    np.testing.assert_allclose(losses[True], losses[False], rtol=harness.FORWARD_TOL)
+    with pytest.raises(ValueError, match=r"cpu_dot_fusion=1: cpu_dot_fusion must be true or false"):
+        _run(model_overrides=TINY, recipe_overrides={"cpu_dot_fusion": 1})
 
 
 def test_decay_mask_covers_weight_matrices_only():

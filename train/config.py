@@ -12,7 +12,7 @@ import jax
 
 from train import data as data_lib
 from train import steps
-from train.settings import (BACKENDS, PARALLEL, PRECISIONS, RECIPE_FLAGS, SCHEDULE_DEFAULTS, Config,  # noqa: F401
+from train.settings import (BACKENDS, COMPILE_DEFAULTS, PARALLEL, PRECISIONS, RECIPE_FLAGS, SCHEDULE_DEFAULTS, Config,  # noqa: F401
                             add_arguments, check_config, config_from_args)
 from train.tasks import get_task
 from twin_models import presets
@@ -175,7 +175,7 @@ def check_classes(preset, data, spec: str, overridden: bool):
 
 def resolve_recipe(config: Config, preset) -> dict:
     """The preset's recipe with the config's recipe flags and --recipe keys over it."""
-    recipe = {**SCHEDULE_DEFAULTS, **preset.train}
+    recipe = {**SCHEDULE_DEFAULTS, **COMPILE_DEFAULTS, **preset.train}
     for key in RECIPE_FLAGS:
         value = getattr(config, key)
         if value is not None:

@@ -13,6 +13,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 
 from jax_models import compile_cache
+from jax_models.xla_flags import train_compiler_options
 from train import data as data_lib
 from train import distributed
 from train import steps
@@ -102,9 +103,11 @@ class JaxBackend:
         the persistent cache held it go into the summary. Several processes then meet at a barrier
         (their first collective must find every peer within 30 s)."""
         hits, t0 = compile_cache.stats()["hits"], time.perf_counter()
-        compiled = self.step_fn.lower(self.state, batch).compile()
+        options = train_compiler_options(self.r.recipe.get("cpu_dot_fusion", False))
+        compiled = self.step_fn.lower(self.state, batch).compile(compiler_options=options)
         self.compiled = {"seconds": time.perf_counter() - t0,
-                         "cache": "warm" if compile_cache.stats()["hits"] > hits else "cold"}
+                         "cache": "warm" if compile_cache.stats()["hits"] > hits else "cold",
+                         "options": options or {}}
         if jax.process_count() > 1:
             distributed.barrier("train_first_step")
         return compiled
@@ -112,6 +115,7 @@ class JaxBackend:
     def info(self) -> dict:
         """What the summary reports of this backend beyond the task's figures."""
         return {"compile_seconds": (self.compiled or {}).get("seconds"),
+                "compiler_options": (self.compiled or {}).get("options"),
                 "compile_cache": (self.compiled or {}).get("cache") if jax.config.jax_compilation_cache_dir
                 else "off"}
 

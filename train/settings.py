@@ -103,6 +103,9 @@ def _objects(v):
 
 # Recipe keys every preset has, with the value a preset's recipe that does not name them gets.
 SCHEDULE_DEFAULTS = {"decay_fraction": 1.0}   # the cosine over every step after the warm-up
+# How the JAX step is compiled on CPU (`jax_models.xla_flags.train_compiler_options`); not a
+# hyperparameter: the same run either way, to rounding.
+COMPILE_DEFAULTS = {"cpu_dot_fusion": False}
 
 # The --recipe keys of the tasks: what each value must be (the preset's default gives its type).
 RECIPE_RULES = {
@@ -120,6 +123,7 @@ RECIPE_RULES = {
                        "closest_shape, furthest_shape, count_same_shape) to weights >= 0, not all 0"),
     "ema_decay": _rate(False), "beta_start": _rate(True), "beta_end": _rate(True),
     "clip_denoised": (lambda v: isinstance(v, bool), "true or false"),
+    "cpu_dot_fusion": (lambda v: isinstance(v, bool), "true or false"),
 }
 
 

@@ -262,7 +262,7 @@ VQA_SCENES_RECIPE = dict(lr=6e-4, weight_decay=0.05, warmup_steps=100, batch_siz
 # post-norm layers closest and furthest stay at the majority prior) makes the same late transition
 # as `vqa-scenes` and needs twice its updates: 32,000 steps of 24 (docs/vqa.md).
 MMT_VQA_SCENES_RECIPE = dict(lr=6e-4, weight_decay=0.05, warmup_steps=100, batch_size=24, steps=32000,
-                             grad_clip=1.0, label_smoothing=0.0, **SCENES_DATA)
+                             grad_clip=1.0, label_smoothing=0.0, cpu_dot_fusion=True, **SCENES_DATA)
 
 PRESETS.update({p.name: p for p in [
     _vqa("vqa-scenes", 32, 8, 3, 64, 2, 4, SCENES_VOCAB_SIZE, SCENES_CONTEXT_LENGTH, 64, 1, 4, 64, 4, 4,
