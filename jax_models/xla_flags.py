@@ -22,8 +22,11 @@ it into its library call. With XLA's default threading and small batches, `indiv
 GELU's derivative to XLA's loop fusions, which it duplicates into the bias gradient's reduction and
 into the transposed copy the weight gradient's dot reads; at two threads those run about 5x slower
 than one plain reduction of the same array. `mmt-vqa-scenes` at its batch of 24 took 30.5 ms a step
-with `individual_dot` and 18.8 with `dot` (23.0 and 22.4 on one thread); at batch 128 `vit-digits`,
-`clip-digits` and `swin-digits` were 10-25% slower with `dot`, so it is a recipe's choice.
+with `individual_dot` and 18.8 with `dot`; at batch 128 `vit-digits`, `clip-digits` and
+`swin-digits` were 10-25% slower with `dot`, so it is a recipe's choice. On one thread XLA makes
+other fusions and `dot` does not pay (`mmt-vqa-scenes` with its cross-modal sublayers: 34.2 ms a
+step with `individual_dot`, 40.0 with `dot`; 43.9 and 33.9 on two threads), so it applies only
+where XLA has more than one thread (`xla_cpu_threads()`).
 
 Parity measurements (`bridge`: `verify`, `verify --all`) are compiled with
 `parity_compiler_options()`: no YNNPACK at all, so XLA emits its own dots. YNNPACK's float32 dot
@@ -134,10 +137,20 @@ def inference_compiler_options() -> dict[str, str] | None:
 
 def train_compiler_options(dot_fusion: bool = False) -> dict[str, str] | None:
     """`compile(compiler_options=...)` for a training step: `DOT_FUSION_OPTIONS` (YNNPACK's `dot`
-    fusions) when `dot_fusion` (the recipe's `cpu_dot_fusion`) on the CPU backend of a known jaxlib,
-    unless `XLA_FLAGS` sets the YNNPACK flag otherwise than `CPU_FLAGS` does; None otherwise
-    (`XLA_FLAGS` as it is)."""
-    return _cpu_options(DOT_FUSION_OPTIONS) if dot_fusion else None
+    fusions) when `dot_fusion` (the recipe's `cpu_dot_fusion`) on the CPU backend of a known jaxlib
+    with more than one XLA thread (on one they cost: see the module's docstring), unless `XLA_FLAGS`
+    sets the YNNPACK flag otherwise than `CPU_FLAGS` does; None otherwise (`XLA_FLAGS` as it is)."""
+    return _cpu_options(DOT_FUSION_OPTIONS) if dot_fusion and xla_cpu_threads() > 1 else None
+
+
+def xla_cpu_threads() -> int:
+    """The threads of XLA:CPU's intra-op pool: `intra_op_parallelism_threads=N` in `XLA_FLAGS`,
+    else the CPUs this process may run on (`taskset` counts)."""
+    for flag in os.environ.get("XLA_FLAGS", "").split():
+        name, _, value = flag.lstrip("-").partition("=")
+        if name == "intra_op_parallelism_threads" and value.isdigit():
+            return int(value)
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
 def parity_compiler_options() -> dict[str, str] | None:

@@ -264,12 +264,14 @@ def test_inference_compiler_options_give_reductions_to_ynnpack_unless_the_user_s
 def test_train_compiler_options_let_ynnpack_fuse_the_elementwise_work_into_the_dots(monkeypatch):
     """`train_compiler_options(True)` (the recipe's `cpu_dot_fusion`): an MLP's backward compiles
     with GELU's derivative inside YNNPACK's dot fusions (with `CPU_FLAGS` alone each holds a dot and
-    nothing else), to the same result; off by default and when the user sets the flag."""
+    nothing else), to the same result; off by default, when the user sets the flag and on one thread."""
     import re
     mlp = layers.Mlp(32, 128)
     x = jnp.asarray(np.random.RandomState(0).standard_normal((8, 16, 32)), jnp.float32)
     v = mlp.init(jax.random.key(0), x)
     grad = jax.grad(lambda v, x: jnp.sum(mlp.apply(v, x) ** 2))
+    if xla_flags.xla_cpu_threads() < 2:
+        pytest.skip("one CPU: the options apply with several XLA threads")
     options = xla_flags.train_compiler_options(True)
     assert options == xla_flags.DOT_FUSION_OPTIONS and xla_flags.train_compiler_options() is None
 
@@ -287,6 +289,8 @@ def test_train_compiler_options_let_ynnpack_fuse_the_elementwise_work_into_the_d
     assert max(harness.rel_err(np.asarray(a), np.asarray(b)) for a, b in zip(ref, out)) <= harness.FORWARD_TOL
     monkeypatch.setenv("XLA_FLAGS", f"{os.environ.get('XLA_FLAGS', '')} --{xla_flags.YNN_FLAG}=individual_dot,individual_convolution")
     assert xla_flags.train_compiler_options(True) is None
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1")
+    assert xla_flags.xla_cpu_threads() == 1 and xla_flags.train_compiler_options(True) is None
 
 
 def test_parity_compiler_options_give_dots_to_xla_which_rounds_less_than_ynnpack(monkeypatch):
