@@ -261,7 +261,7 @@ VQA_SCENES_RECIPE = dict(lr=6e-4, weight_decay=0.05, warmup_steps=100, batch_siz
 # The multimodal transformer with its norms before the sublayers (`norm_first`: with the source's
 # post-norm layers closest and furthest stay at the majority prior) makes the same late transition
 # as `vqa-scenes` and needs twice its updates: 32,000 steps of 24 (docs/vqa.md).
-MMT_VQA_SCENES_RECIPE = dict(lr=6e-4, weight_decay=0.05, warmup_steps=100, batch_size=24, steps=32000,
+MMT_VQA_SCENES_RECIPE = dict(lr=6e-4, weight_decay=0.05, warmup_steps=100, batch_size=24, steps=24000,
                              grad_clip=1.0, label_smoothing=0.0, cpu_dot_fusion=True, **SCENES_DATA)
 
 PRESETS.update({p.name: p for p in [
@@ -270,10 +270,10 @@ PRESETS.update({p.name: p for p in [
          train=VQA_SCENES_RECIPE,
          description="VQA on 32x32 scenes: ViT 8x8 patches 64 wide x 2, text 64 wide x 1, 4 fusion layers"),
     _mmt_vqa("mmt-vqa-scenes", 32, 8, 3, SCENES_VOCAB_SIZE, SCENES_CONTEXT_LENGTH, 64, 4, 4,
-             SCENES_NUM_ANSWERS, dropout=0.0, image_pos_init="sincos2d", norm_first=True,
+             SCENES_NUM_ANSWERS, dropout=0.0, cross_attention=True, image_pos_init="sincos2d", norm_first=True,
              train=MMT_VQA_SCENES_RECIPE,
              description="the first source's multimodal transformer as a single-stream VQA classifier "
-                         "on 32x32 scenes: 8x8 patches, 64 wide x 4, norms first"),
+                         "on 32x32 scenes: 8x8 patches, 64 wide x 4, norms first, cross-modal sublayers"),
 ]})
 
 
