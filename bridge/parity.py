@@ -168,6 +168,22 @@ def rounding_control(make_model: Callable, torch_loss: Callable, torch_batches: 
                / scale for s in range(seeds))
 
 
+def flax_rounding_control(make_model: Callable, flax_model, flax_inputs: Sequence, flax_loss: Callable,
+                          flax_batches: Sequence, seeds: int = 4, **adamw) -> float:
+    """`rounding_control` of the Flax twin: its float32 trajectory from `make_model()`'s weights
+    against the same from those weights each moved one ulp (`nudge`, the same seeds), carried
+    into Flax by the bridge (`flax_inputs`: an input that gives the shapes)."""
+    from .convert import torch_to_flax
+
+    def trajectory(model):
+        variables = torch_to_flax(model.state_dict(), flax_model, *flax_inputs)
+        return flax_trajectory(flax_model, variables, flax_loss, flax_batches, **adamw)[0]
+
+    base = trajectory(make_model())
+    scale = np.max(np.abs(base)) or 1.0
+    return max(float(np.max(np.abs(trajectory(nudge(make_model(), s)) - base))) / scale for s in range(seeds))
+
+
 def adamw_trajectories(torch_model, flax_model, variables, torch_loss: Callable, flax_loss: Callable,
                        torch_batches: Sequence, flax_batches: Sequence, lr=1e-3, betas=(0.9, 0.999),
                        eps=1e-8, weight_decay=0.05, float64=False):
@@ -188,15 +204,31 @@ def adamw_trajectories(torch_model, flax_model, variables, torch_loss: Callable,
 
 def _adamw_trajectories(torch_model, flax_model, variables, torch_loss, flax_loss, torch_batches,
                         flax_batches, lr, betas, eps, weight_decay, float64):
-    import optax
     import torch
-
-    from jax_models.xla_flags import parity_compiler_options
 
     if float64:
         torch_model = torch_model.double()
         torch_batches = [tuple(t.double() if t.is_floating_point() else t for t in b) for b in torch_batches]
     losses_t = torch_trajectory(torch_model, torch_loss, torch_batches, lr, betas, eps, weight_decay)
+
+    losses_f, final_f = _flax_trajectory(flax_model, variables, flax_loss, flax_batches, lr, betas, eps,
+                                         weight_decay, float64)
+    return np.array(losses_t), losses_f, torch_params(torch_model), final_f
+
+
+def flax_trajectory(flax_model, variables, flax_loss: Callable, flax_batches: Sequence, lr=1e-3,
+                    betas=(0.9, 0.999), eps=1e-8, weight_decay=0.05, float64=False):
+    """Train the Flax twin's `variables` with optax's AdamW on `flax_batches`: (the loss of every
+    step, the final weights in torch keys). `adamw_trajectories`' Flax half."""
+    with precision(float64):
+        return _flax_trajectory(flax_model, variables, flax_loss, flax_batches, lr, betas, eps, weight_decay,
+                                float64)
+
+
+def _flax_trajectory(flax_model, variables, flax_loss, flax_batches, lr, betas, eps, weight_decay, float64):
+    import optax
+
+    from jax_models.xla_flags import parity_compiler_options
 
     cast = ((lambda t: jnp.asarray(t, jnp.float64) if jnp.issubdtype(t.dtype, jnp.floating) else t)
             if float64 else jnp.asarray)
@@ -217,5 +249,5 @@ def _adamw_trajectories(torch_model, flax_model, variables, torch_loss, flax_los
     for batch in flax_batches:
         params, opt_state, loss = step(params, opt_state, batch)
         losses_f.append(float(loss))
-    final_f = flax_params_as_torch(params)
-    return np.array(losses_t), np.array(losses_f), torch_params(torch_model), final_f
+    return np.array(losses_f), flax_params_as_torch(params)
+

@@ -83,6 +83,7 @@ class PresetResult:
     tolerances: dict
     error: str | None = None          # what a preset that could not be measured raised
     loss_control: float | None = None  # over the loss tolerance: torch against itself 1 ulp apart (`rounding_control`)
+    loss_control_flax: float | None = None  # and Flax against itself (`flax_rounding_control`)
 
     @classmethod
     def broken(cls, name: str, steps: int, error: BaseException, seconds: float) -> "PresetResult":
@@ -127,7 +128,7 @@ def check_preset(name: str, steps: int = STEPS, batch_size: int | None = None, s
     from train.tasks import get_task
     from twin_models.presets import get_preset, without_dropout
 
-    from .parity import adamw_trajectories, gradient_errors, rounding_control, worst_leaf
+    from .parity import adamw_trajectories, flax_rounding_control, gradient_errors, rounding_control, worst_leaf
     from .verify import build_twins, compare_layers
 
     start = time.perf_counter()
@@ -170,10 +171,13 @@ def check_preset(name: str, steps: int = STEPS, batch_size: int | None = None, s
             losses_t, losses_f, _, _ = adamw_trajectories(fresh(), flax_model, variables, losses[0],
                                                           losses[1], tbs, fbs, **kwargs)
             log(f"{name}: {steps} steps in float32, losses {losses_t[0]:.4f} -> {losses_t[-1]:.4f}")
-            control = None
+            control = control_flax = None
             if np.max(np.abs(losses_t - losses_f)) > REPORT_LOSS_TOL * (np.max(np.abs(losses_t)) or 1.0):
                 control = rounding_control(fresh, losses[0], tbs, seeds=CONTROL_SEEDS, **kwargs)
-                log(f"{name}: over the loss tolerance; torch against itself, weights 1 ulp apart: {control:.2e}")
+                control_flax = flax_rounding_control(fresh, flax_model, f_in, losses[1], fbs, seeds=CONTROL_SEEDS,
+                                                     **kwargs)
+                log(f"{name}: over the loss tolerance; each against itself, weights 1 ulp apart: "
+                    f"torch {control:.2e}, Flax {control_flax:.2e}")
             l64_t, l64_f, w_t, w_f = adamw_trajectories(fresh(), flax_model, variables, losses[0], losses[1],
                                                 tbs, fbs, float64=True, **kwargs)
             weights_param, weights = worst_leaf(w_t, w_f)
@@ -187,7 +191,7 @@ def check_preset(name: str, steps: int = STEPS, batch_size: int | None = None, s
         loss_float64=float(np.max(np.abs(l64_t - l64_f)) / (np.max(np.abs(l64_t)) or 1.0)),
         weights_param=weights_param, seconds=0.0, steps=steps, lr=lr, batch_size=batch_size,
         losses_torch=[float(x) for x in losses_t], losses_flax=[float(x) for x in losses_f],
-        tolerances=tolerances(), loss_control=control)
+        tolerances=tolerances(), loss_control=control, loss_control_flax=control_flax)
     diffs = result.loss_differences()
     result.loss, result.loss_step = float(np.max(diffs)), int(np.argmax(diffs)) + 1
     result.seconds = time.perf_counter() - start
@@ -214,8 +218,9 @@ def markdown(results: list[PresetResult], header: str = "") -> str:
         forward = _e(r.forward) + (f" (first over: `{r.first_divergent}`)" if named else "")
         verdict = "pass" if r.ok else "FAIL: " + (r.error or ", ".join(r.failures))
         if "loss" in r.failures and r.loss_control is not None:
-            verdict += (f" (in float64 {_e(r.loss_float64)}; torch against itself, every weight 1 ulp apart: "
-                        f"{_e(r.loss_control)})")
+            flax = "" if r.loss_control_flax is None else f", Flax {_e(r.loss_control_flax)}"
+            verdict += (f" (in float64 {_e(r.loss_float64)}; each against itself, every weight 1 ulp apart: "
+                        f"torch {_e(r.loss_control)}{flax})")
         lines.append(f"| `{r.preset}` | {forward} | {_e(r.gradient)} (`{r.gradient_param}`) "
                      f"| {_e(r.loss)} (step {r.loss_step} of {r.steps}) | {_e(r.weights)} | {verdict} "
                      f"| {r.seconds:.0f} s |")
@@ -261,7 +266,7 @@ def earlier(out: str, steps: int) -> dict[str, PresetResult]:
     except (OSError, ValueError, KeyError, TypeError):
         return {}
     fields = {f.name for f in dataclasses.fields(PresetResult)}
-    optional = {"first_divergent", "error", "loss_control"}   # None in the JSON is None; elsewhere not finite
+    optional = {"first_divergent", "error", "loss_control", "loss_control_flax"}   # None in the JSON is None; elsewhere not finite
     kept = {}
     for row in rows:
         try:

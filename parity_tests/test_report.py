@@ -115,9 +115,13 @@ def test_resume_keeps_what_an_earlier_report_holds_and_runs_the_rest(tmp_path, c
 
 
 def test_a_loss_over_tolerance_is_shown_beside_its_float64_run_and_its_rounding_control():
-    r = dataclasses.replace(failing(forward=1e-7, first=None), loss=5e-4, loss_control=7e-5)
+    r = dataclasses.replace(failing(forward=1e-7, first=None), loss=5e-4, loss_control=7e-5,
+                            loss_control_flax=9e-5)
     row = report.markdown([r]).splitlines()[-1]
-    assert "FAIL: loss (in float64 1.0e-15; torch against itself, every weight 1 ulp apart: 7.0e-05)" in row
+    assert "FAIL: loss (in float64 1.0e-15; each against itself, every weight 1 ulp apart: torch 7.0e-05, " \
+           "Flax 9.0e-05)" in row
+    older = dataclasses.replace(r, loss_control_flax=None)   # a report.json written before the Flax control
+    assert "apart: torch 7.0e-05)" in report.markdown([older]).splitlines()[-1]
 
 
 def test_nudge_moves_every_weight_one_ulp_up_or_down():
@@ -153,6 +157,40 @@ def test_the_rounding_control_of_a_smooth_model_is_rounding_sized():
 
     loss = lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])  # noqa: E731
     control = rounding_control(make, loss, batches, seeds=2, lr=1e-2, weight_decay=0.0)
+    assert 0 < control < 1e-5
+
+
+def test_the_flax_rounding_control_trains_the_flax_twin_from_the_nudged_torch_weights():
+    """The same regressor as a Flax Dense: its control is rounding-sized too, and its base
+    trajectory is `adamw_trajectories`' Flax half."""
+    import flax.linen as nn
+    import jax.numpy as jnp
+    import torch
+
+    from bridge import torch_to_flax
+    from bridge.parity import adamw_trajectories, flax_rounding_control, flax_trajectory
+
+    torch.manual_seed(0)
+    start = torch.nn.Linear(16, 1).state_dict()
+    g = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(32, 16, generator=g), torch.randn(32, 1, generator=g)) for _ in range(20)]
+    flax_batches = [tuple(jnp.asarray(t.numpy()) for t in b) for b in batches]
+
+    def make():
+        m = torch.nn.Linear(16, 1)
+        m.load_state_dict(start)
+        return m
+
+    dense = nn.Dense(1)
+    x0 = np.zeros((1, 16), np.float32)
+    flax_loss = lambda params, variables, b: jnp.mean((dense.apply({"params": params}, b[0]) - b[1]) ** 2)  # noqa: E731
+    torch_loss = lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])  # noqa: E731
+    adamw = dict(lr=1e-2, weight_decay=0.0)
+    variables = torch_to_flax(make().state_dict(), dense, x0)
+    alone, _ = flax_trajectory(dense, variables, flax_loss, flax_batches, **adamw)
+    _, both, _, _ = adamw_trajectories(make(), dense, variables, torch_loss, flax_loss, batches, flax_batches, **adamw)
+    np.testing.assert_array_equal(alone, both)
+    control = flax_rounding_control(make, dense, [x0], flax_loss, flax_batches, seeds=2, **adamw)
     assert 0 < control < 1e-5
 
 
