@@ -146,3 +146,109 @@ def plot(records: list[dict], path: str, info: dict):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def compare(before: list[dict], after: list[dict]) -> list[dict]:
+    """The row groups of `after` with their XLA/eager ratio before and after: preset, mode, batch,
+    precision, before, after (None where a side has no such group)."""
+    old = {_group_key(g): g for g in ratios(before)}
+    out = []
+    for g in ratios(after):
+        prev = old.get(_group_key(g), {})
+        out.append({"preset": g["preset"], "mode": g["mode"], "batch_size": g["batch_size"],
+                    "precision": g["precision"], "before": prev.get("xla_over_eager"),
+                    "after": g["xla_over_eager"], "after_compile": g["xla_over_compile"]})
+    return out
+
+
+def compare_markdown(rows: list[dict], before: str = "before", after: str = "after") -> str:
+    """One line per row group: XLA/eager before and after, and after against torch.compile."""
+    lines = [f"| preset | mode | batch | XLA/eager {before} | XLA/eager {after} | XLA/torch.compile {after} |",
+             "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for r in rows:
+        bold = lambda x: _fmt(x, ".2f") if x is None or x > 1 else f"**{x:.2f}**"  # noqa: E731
+        lines.append(f"| `{r['preset']}` | {r['mode']} | {r['batch_size']} | {_fmt(r['before'], '.2f')} | "
+                     f"{bold(r['after'])} | {_fmt(r['after_compile'], '.2f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot_compare(rows: list[dict], path: str, title: str, before: str = "before", after: str = "after",
+                 goal: float | None = 0.77):
+    """XLA/eager per preset, before and after side by side, one panel per mode, with the line of
+    parity (1.0) and `goal`."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    modes = [m for m in ("train", "infer") if any(r["mode"] == m for r in rows)]
+    labels = list(dict.fromkeys(f"{r['preset']} b{r['batch_size']}" for r in rows))
+    fig, axes = plt.subplots(1, len(modes), figsize=(5.5 * len(modes), 0.42 * len(labels) + 1.8),
+                             squeeze=False, sharey=True)
+    for ax, mode in zip(axes[0], modes):
+        by = {f"{r['preset']} b{r['batch_size']}": r for r in rows if r["mode"] == mode}
+        for offset, key, color, name in ((-0.2, "before", "#BBBBBB", before), (0.2, "after", "#4C72B0", after)):
+            ys = [i + offset for i, lab in enumerate(labels) if by.get(lab, {}).get(key)]
+            xs = [by[lab][key] for lab in labels if by.get(lab, {}).get(key)]
+            ax.barh(ys, xs, height=0.4, color=color, label=name)
+            if key == "after":
+                for y, x in zip(ys, xs):
+                    ax.text(x + 0.02, y, f"{x:.2f}", va="center", fontsize=7)
+        ax.axvline(1.0, color="black", lw=1, label="even with eager")
+        if goal:
+            ax.axvline(goal, color="tab:green", ls=":", lw=1, label=f"goal {goal:g}")
+        ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel("XLA time / eager torch time (below 1: XLA faster)")
+        ax.set_title(mode, fontsize=10)
+        ax.grid(axis="x", alpha=0.3)
+    axes[0][0].legend(loc="lower right", fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def main(argv=None) -> int:
+    """`python -m benchmarks.report compare BEFORE.json AFTER.json`: the XLA/eager ratios of two
+    runs of `python -m benchmarks --json`, as a Markdown table (stdout or --markdown) and a chart."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(prog="python -m benchmarks.report", description=main.__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("compare", help="XLA/eager before and after, per preset and mode")
+    c.add_argument("before")
+    c.add_argument("after")
+    c.add_argument("--plot", metavar="PATH", help="write the chart (PNG)")
+    c.add_argument("--markdown", metavar="PATH", help="write the table here instead of printing it")
+    c.add_argument("--title", default="XLA / eager torch per training step and inference call")
+    c.add_argument("--labels", default="before,after", help="the two runs' names (default: before,after)")
+    a = ap.parse_args(argv)
+    runs = []
+    for path in (a.before, a.after):
+        try:
+            with open(path) as f:
+                records = json.load(f)
+            if not isinstance(records, list) or not all(isinstance(r, dict) and "preset" in r for r in records):
+                raise ValueError("not a list of benchmark records")
+        except (OSError, ValueError) as e:
+            ap.error(f"{path}: {e}")
+        runs.append(records)
+    names = a.labels.split(",")
+    if len(names) != 2:
+        ap.error("--labels takes two names, comma-separated")
+    rows = compare(*runs)
+    table = compare_markdown(rows, *names)
+    if a.markdown:
+        with open(a.markdown, "w") as f:
+            f.write(table)
+    else:
+        print(table, end="")
+    if a.plot:
+        plot_compare(rows, a.plot, a.title, *names)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -141,3 +141,39 @@ def test_sampling_benchmark_alternates_frameworks_and_reports_each_run(monkeypat
     assert r["warmup"] == 1 and r["speedup"] > 0
     turns = "".join("t" if o == "torch" else "." for o in order)
     assert turns == "..t" + "...t." * 2 + "..", turns  # compile; warm-up; (jax, torch) x2; jax
+
+
+def _records(ms: dict) -> list[dict]:
+    return [{"preset": p, "mode": m, "batch_size": 8, "precision": "fp32", "framework": fw, "median_ms": t}
+            for (p, m), by_fw in ms.items() for fw, t in by_fw.items()]
+
+
+def test_compare_gives_each_row_its_ratio_before_and_after_and_draws_them(tmp_path, capsys):
+    from benchmarks.report import main as report_main
+
+    before = _records({("vit-digits", "train"): {"jax": 60.0, "torch": 50.0}})
+    after = _records({("vit-digits", "train"): {"jax": 40.0, "torch": 50.0, "torch-compile": 80.0},
+                      ("vit-digits", "infer"): {"jax": 9.0, "torch": 6.0}})
+    paths = []
+    for name, records in (("before", before), ("after", after)):
+        paths.append(tmp_path / f"{name}.json")
+        paths[-1].write_text(json.dumps(records))
+    assert report_main(["compare", *map(str, paths), "--plot", str(tmp_path / "c.png"), "--labels", "old,new"]) == 0
+    out = capsys.readouterr().out
+    assert "| XLA/eager old | XLA/eager new |" in out
+    assert "| `vit-digits` | train | 8 | 1.20 | **0.80** | 0.50 |" in out
+    assert "| `vit-digits` | infer | 8 | - | 1.50 | - |" in out
+    assert (tmp_path / "c.png").stat().st_size > 10_000
+
+
+def test_compare_refuses_what_is_not_a_benchmark_record(tmp_path, capsys):
+    from benchmarks.report import main as report_main
+
+    bad = tmp_path / "bad.json"
+    bad.write_text('{"preset": "vit-digits"}')
+    with pytest.raises(SystemExit) as e:
+        report_main(["compare", str(bad), str(bad)])
+    assert e.value.code == 2 and "not a list of benchmark records" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        report_main(["compare", str(tmp_path / "missing.json"), str(bad)])
+    assert "missing.json" in capsys.readouterr().err
