@@ -75,14 +75,18 @@ def _backend_started() -> bool:
 
 
 def add_flags(flags) -> list[str]:
-    """Append to `XLA_FLAGS` each of `flags` whose name it does not already hold; returns those
-    added (none once JAX's backend has started, where they would no longer take effect)."""
+    """Put in front of `XLA_FLAGS` each of `flags` whose name it does not already hold; returns
+    those added (none once JAX's backend has started, where they would no longer take effect).
+
+    In front, because XLA stops reading `XLA_FLAGS` at the first word that does not start with
+    `--`, silently: after the common single-thread recipe `--xla_cpu_multi_thread_eigen=false
+    intra_op_parallelism_threads=1`, an appended flag would never be read."""
     if _backend_started():
         return []
     current = os.environ.get("XLA_FLAGS", "")
     added = [f for f in flags if f.split("=")[0] not in current]
     if added:
-        os.environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
+        os.environ["XLA_FLAGS"] = " ".join([*added, current]).strip()
     return added
 
 

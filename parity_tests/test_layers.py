@@ -350,19 +350,21 @@ def test_xla_flags_take_convolutions_off_ynnpack_unless_the_user_says_otherwise(
             "dimension_numbers=('NHWC', 'HWIO', 'NHWC')))\n"
             "print('ynn' in f.lower(jnp.ones((4, 16, 16, 32)), jnp.ones((3, 3, 32, 32))).compile().as_text())")
     mine = "--xla_cpu_experimental_ynn_fusion_type=individual_dot,individual_convolution"
+    one_thread = "--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"  # XLA reads no flag after its 2nd word
     out = {}
-    for flags, call in (("", "apply"), (mine, "apply"), ("", "import only")):
+    for flags, call in (("", "apply"), (mine, "apply"), ("", "import only"), (one_thread, "apply")):
         env = {**os.environ, "XLA_FLAGS": flags, "PYTHONPATH": ROOT}
         r = subprocess.run([sys.executable, "-c", code, call], env=env, capture_output=True, text=True,
                            timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
         out[flags, call] = r.stdout.split()[-1]
-    assert out == {("", "apply"): "False", (mine, "apply"): "True", ("", "import only"): "True"}
+    assert out == {("", "apply"): "False", (mine, "apply"): "True", ("", "import only"): "True",
+                   (one_thread, "apply"): "False"}
 
     monkeypatch.setattr(xla_flags, "_backend_started", lambda: False)
     monkeypatch.setenv("XLA_FLAGS", "--xla_force_host_platform_device_count=2")
     assert xla_flags.apply_cpu_flags() == list(xla_flags.CPU_FLAGS)
-    assert os.environ["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=2", *xla_flags.CPU_FLAGS]
+    assert os.environ["XLA_FLAGS"].split() == [*xla_flags.CPU_FLAGS, "--xla_force_host_platform_device_count=2"]
     assert xla_flags.apply_cpu_flags() == []
     monkeypatch.setenv("XLA_FLAGS", mine)
     assert xla_flags.apply_cpu_flags() == [] and os.environ["XLA_FLAGS"] == mine

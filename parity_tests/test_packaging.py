@@ -298,7 +298,7 @@ def test_apply_cpu_flags_adds_its_flags_before_jax_starts_and_only_then(tmp_path
     flags = out["cpu_flags"]
     assert flags, "CPU_FLAGS is empty"
     assert out["unset"] == [flags, " ".join(flags)]
-    assert out["again"] == [flags, [], " ".join(["--xla_force_host_platform_device_count=2", *flags])]
+    assert out["again"] == [flags, [], " ".join([*flags, "--xla_force_host_platform_device_count=2"])]
     assert out["user's own"] == [[], f"--{YNN_FLAG}=individual_dot,individual_convolution"]
     assert out["devices"] == 2 and out["sum"] == 3.0
     assert out["after start"] == [[], "--xla_force_host_platform_device_count=2"]
