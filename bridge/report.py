@@ -41,7 +41,8 @@ TRAJECTORY_LR = {
 }
 
 STEPS = 100
-CONTROL_SEEDS = 4  # torch runs, each with every weight nudged 1 ulp, for a preset over the loss tolerance
+CONTROL_SEEDS = 4  # runs of each twin, every weight nudged 1 ulp, for a preset over the loss tolerance
+CONTROL_SEEDS_FULL = 2  # at full size (a 100-step float32 run of ViT-B/16 takes 3-4 minutes a framework)
 
 
 def full_size(names) -> list[str]:
@@ -84,6 +85,8 @@ class PresetResult:
     error: str | None = None          # what a preset that could not be measured raised
     loss_control: float | None = None  # over the loss tolerance: torch against itself 1 ulp apart (`rounding_control`)
     loss_control_flax: float | None = None  # and Flax against itself (`flax_rounding_control`)
+    losses_torch_f64: list[float] | None = None   # the float64 trajectories' losses (the float32 runs' drift)
+    losses_flax_f64: list[float] | None = None
 
     @classmethod
     def broken(cls, name: str, steps: int, error: BaseException, seconds: float) -> "PresetResult":
@@ -108,6 +111,16 @@ class PresetResult:
         """Per step: |torch - flax| over the largest torch loss (the tolerance's scale)."""
         t, f = np.asarray(self.losses_torch, np.float64), np.asarray(self.losses_flax, np.float64)
         return np.abs(t - f) / (np.max(np.abs(t)) or 1.0)
+
+    def drift(self, framework: str) -> np.ndarray | None:
+        """Per step: that framework's float32 loss against its own float64 loss, over the largest
+        torch loss: how far float32 rounding alone carries each twin (None without float64 losses)."""
+        f32, f64 = ((self.losses_torch, self.losses_torch_f64) if framework == "torch"
+                    else (self.losses_flax, self.losses_flax_f64))
+        if not f64:
+            return None
+        scale = np.max(np.abs(np.asarray(self.losses_torch, np.float64))) or 1.0
+        return np.abs(np.asarray(f32, np.float64) - np.asarray(f64, np.float64)) / scale
 
     def as_json(self) -> dict:
         return {**dataclasses.asdict(self), "ok": self.ok, "failures": self.failures}
@@ -173,9 +186,9 @@ def check_preset(name: str, steps: int = STEPS, batch_size: int | None = None, s
             log(f"{name}: {steps} steps in float32, losses {losses_t[0]:.4f} -> {losses_t[-1]:.4f}")
             control = control_flax = None
             if np.max(np.abs(losses_t - losses_f)) > REPORT_LOSS_TOL * (np.max(np.abs(losses_t)) or 1.0):
-                control = rounding_control(fresh, losses[0], tbs, seeds=CONTROL_SEEDS, **kwargs)
-                control_flax = flax_rounding_control(fresh, flax_model, f_in, losses[1], fbs, seeds=CONTROL_SEEDS,
-                                                     **kwargs)
+                seeds = CONTROL_SEEDS_FULL if large else CONTROL_SEEDS
+                control = rounding_control(fresh, losses[0], tbs, seeds=seeds, **kwargs)
+                control_flax = flax_rounding_control(fresh, flax_model, f_in, losses[1], fbs, seeds=seeds, **kwargs)
                 log(f"{name}: over the loss tolerance; each against itself, weights 1 ulp apart: "
                     f"torch {control:.2e}, Flax {control_flax:.2e}")
             l64_t, l64_f, w_t, w_f = adamw_trajectories(fresh(), flax_model, variables, losses[0], losses[1],
@@ -191,7 +204,8 @@ def check_preset(name: str, steps: int = STEPS, batch_size: int | None = None, s
         loss_float64=float(np.max(np.abs(l64_t - l64_f)) / (np.max(np.abs(l64_t)) or 1.0)),
         weights_param=weights_param, seconds=0.0, steps=steps, lr=lr, batch_size=batch_size,
         losses_torch=[float(x) for x in losses_t], losses_flax=[float(x) for x in losses_f],
-        tolerances=tolerances(), loss_control=control, loss_control_flax=control_flax)
+        tolerances=tolerances(), loss_control=control, loss_control_flax=control_flax,
+        losses_torch_f64=[float(x) for x in l64_t], losses_flax_f64=[float(x) for x in l64_f])
     diffs = result.loss_differences()
     result.loss, result.loss_step = float(np.max(diffs)), int(np.argmax(diffs)) + 1
     result.seconds = time.perf_counter() - start
@@ -219,8 +233,12 @@ def markdown(results: list[PresetResult], header: str = "") -> str:
         verdict = "pass" if r.ok else "FAIL: " + (r.error or ", ".join(r.failures))
         if "loss" in r.failures and r.loss_control is not None:
             flax = "" if r.loss_control_flax is None else f", Flax {_e(r.loss_control_flax)}"
-            verdict += (f" (in float64 {_e(r.loss_float64)}; each against itself, every weight 1 ulp apart: "
-                        f"torch {_e(r.loss_control)}{flax})")
+            drift = ""
+            if r.losses_torch_f64 and r.losses_flax_f64:
+                drift = (f"; float32 against its own float64: torch {_e(float(np.max(r.drift('torch'))))}, "
+                         f"Flax {_e(float(np.max(r.drift('flax'))))}")
+            verdict += (f" (in float64 {_e(r.loss_float64)}{drift}; each against itself, every weight 1 ulp "
+                        f"apart: torch {_e(r.loss_control)}{flax})")
         lines.append(f"| `{r.preset}` | {forward} | {_e(r.gradient)} (`{r.gradient_param}`) "
                      f"| {_e(r.loss)} (step {r.loss_step} of {r.steps}) | {_e(r.weights)} | {verdict} "
                      f"| {r.seconds:.0f} s |")
@@ -246,6 +264,11 @@ def plot(result: PresetResult, path: str) -> str:
         diffs = result.loss_differences()
         shown = diffs > 0
         bottom.semilogy(steps[shown], diffs[shown], ".-", ms=3, color="tab:purple", label="|torch - flax| / max loss")
+        for framework, color in (("torch", "tab:orange"), ("flax", "tab:blue")):
+            drift = result.drift(framework)
+            if drift is not None and (drift > 0).any():
+                bottom.semilogy(steps[drift > 0], drift[drift > 0], lw=0.8, alpha=0.7, color=color,
+                                label=f"{'PyTorch' if framework == 'torch' else 'JAX/Flax'} float32 vs its float64")
         bottom.axhline(result.tolerances["loss"], color="tab:red", ls=":", label="tolerance")
         bottom.set_xlabel("step")
         bottom.set_ylabel("relative difference")
@@ -266,7 +289,8 @@ def earlier(out: str, steps: int) -> dict[str, PresetResult]:
     except (OSError, ValueError, KeyError, TypeError):
         return {}
     fields = {f.name for f in dataclasses.fields(PresetResult)}
-    optional = {"first_divergent", "error", "loss_control", "loss_control_flax"}   # None in the JSON is None; elsewhere not finite
+    optional = {"first_divergent", "error", "loss_control", "loss_control_flax", "losses_torch_f64",
+                "losses_flax_f64"}   # None in the JSON is None; elsewhere not finite
     kept = {}
     for row in rows:
         try:

@@ -24,6 +24,9 @@ def test_one_preset_for_a_few_steps(tmp_path, capsys):
     (row,) = data["presets"]
     assert data["ok"] and row["preset"] == "vit-tiny-digits" and row["ok"] and row["steps"] == 3
     assert len(row["losses_torch"]) == len(row["losses_flax"]) == 3 and 1 <= row["loss_step"] <= 3
+    assert len(row["losses_torch_f64"]) == len(row["losses_flax_f64"]) == 3
+    drift = report.PresetResult(**{k: v for k, v in row.items() if k not in ("ok", "failures")}).drift("flax")
+    assert drift is not None and 0 <= drift.max() < report.REPORT_LOSS_TOL
     assert 0 < row["forward"] <= report.REPORT_FORWARD_TOL and 0 < row["gradient"] <= report.REPORT_GRAD_TOL
     assert row["gradient_param"].endswith((".weight", ".bias", "cls_token", "pos_embed"))
     table = (tmp_path / "report.md").read_text()
@@ -116,12 +119,13 @@ def test_resume_keeps_what_an_earlier_report_holds_and_runs_the_rest(tmp_path, c
 
 def test_a_loss_over_tolerance_is_shown_beside_its_float64_run_and_its_rounding_control():
     r = dataclasses.replace(failing(forward=1e-7, first=None), loss=5e-4, loss_control=7e-5,
-                            loss_control_flax=9e-5)
+                            loss_control_flax=9e-5, losses_torch_f64=[2.0, 1.9], losses_flax_f64=[2.0, 1.9 - 6e-4])
     row = report.markdown([r]).splitlines()[-1]
-    assert "FAIL: loss (in float64 1.0e-15; each against itself, every weight 1 ulp apart: torch 7.0e-05, " \
-           "Flax 9.0e-05)" in row
-    older = dataclasses.replace(r, loss_control_flax=None)   # a report.json written before the Flax control
-    assert "apart: torch 7.0e-05)" in report.markdown([older]).splitlines()[-1]
+    assert "FAIL: loss (in float64 1.0e-15; float32 against its own float64: torch 0.0e+00, Flax 3.0e-04; " \
+           "each against itself, every weight 1 ulp apart: torch 7.0e-05, Flax 9.0e-05)" in row
+    older = dataclasses.replace(r, loss_control_flax=None, losses_torch_f64=None, losses_flax_f64=None)
+    assert "(in float64 1.0e-15; each against itself, every weight 1 ulp apart: torch 7.0e-05)" in \
+        report.markdown([older]).splitlines()[-1]     # a report.json written before the Flax control
 
 
 def test_nudge_moves_every_weight_one_ulp_up_or_down():
