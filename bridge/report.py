@@ -33,12 +33,24 @@ FULL_SIZE = {
     "ddpm-cifar10": "the source's U-Net 64-128-256-512 at 32x32x3 (~34M)",
 }
 
-# The full-size trajectory steps at a lower rate where the recipe's diverges without warm-up.
-TRAJECTORY_LR = {
-    "clip-b16": (1e-5, "at 1e-3 without warm-up on 2 pairs a batch its 150M weights diverge (loss "
-                       "0.7 -> 5.7, in float64 too); 1e-5 is still above what CLIP's own recipe "
-                       "(5e-4 after 2000 warm-up steps) reaches by step 20"),
-}
+def trajectory_lr(name: str, steps: int) -> float:
+    """The constant learning rate of a `steps`-step parity trajectory: the recipe's peak rate, or,
+    for a full-size preset whose recipe warms up over more steps than that, the rate its warm-up
+    reaches at the trajectory's last step (peak x steps / warmup_steps; `vit-b16`: 3e-4 x 100 /
+    10,000 = 3e-6), held from the first step.
+
+    At their peak rates from step 0, on batches of 2 and without the warm-up, the full-size models
+    diverge (`vit-b16` at 3e-4: loss 6.89 -> 7.64 over 100 steps, past ln 1000; `clip-b16` at
+    5e-4: 0.7 -> 5.7, in float64 too), and a diverging run amplifies float32 rounding past any
+    tolerance. Their recipes never run at those rates that early."""
+    from twin_models.presets import get_preset
+
+    train = get_preset(name).train
+    warmup = train.get("warmup_steps", 0) or 0
+    if full_size([name]) and warmup > steps:
+        return train["lr"] * steps / warmup
+    return train["lr"]
+
 
 STEPS = 100
 CONTROL_SEEDS = 4  # runs of each twin, every weight nudged 1 ulp, for a preset over the loss tolerance
@@ -178,7 +190,7 @@ def check_preset(name: str, steps: int = STEPS, batch_size: int | None = None, s
             param = max(errs, key=errs.get)
             log(f"{name}: worst gradient {param} {errs[param]:.2e}")
 
-            lr = TRAJECTORY_LR.get(name, (preset.train["lr"], ""))[0]
+            lr = trajectory_lr(name, steps)
             tbs, fbs = task.parity.batches(preset, steps, batch_size, seed=1)
             kwargs = dict(lr=lr, weight_decay=preset.train["weight_decay"])
             losses_t, losses_f, _, _ = adamw_trajectories(fresh(), flax_model, variables, losses[0],

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import pytest
 
-from bridge.report import FULL_SIZE, TRAJECTORY_LR  # noqa: F401  (one definition, shared with verify --all)
+from bridge.report import FULL_SIZE, trajectory_lr  # noqa: F401  (one definition, shared with verify --all)
 from bridge.verify import FORWARD_TOL, GRAD_TOL, TRAJECTORY_TOL  # noqa: F401  (one definition)
 from train.tasks import TASKS
 from twin_models.presets import PRESETS, matching
@@ -96,8 +96,8 @@ def small_cases(check: str | None = None):
 
 # --- test_presets.py ------------------------------------------------------------------------------
 
-# TRAJECTORY_LR (`bridge.report`): the full-size trajectory steps at a lower rate where the recipe's
-# diverges in 20 steps, {preset: (lr, reason)}.
+# trajectory_lr (`bridge.report`): a full-size trajectory steps at the rate its recipe's warm-up
+# reaches by its last step, where the peak rate from step 0 makes the model diverge.
 
 # ReLU feed-forward at full size: float32 rounding puts some pre-activations on opposite sides of
 # the kink in the two frameworks; each flips a unit's derivative, so the float32 gradient and

@@ -17,7 +17,7 @@ import pytest
 import bridge
 from bridge.verify import build_twins
 from parity_tests import harness
-from parity_tests.cases import RELU_TIES, SLOW, SMALL, TRAJECTORY_LR, preset_cases
+from parity_tests.cases import RELU_TIES, SLOW, SMALL, preset_cases, trajectory_lr
 from twin_models.presets import get_preset, without_dropout
 from train.tasks import get_task
 
@@ -84,7 +84,7 @@ def test_adamw_trajectory(name, float64):
     why the float32 weights are not held to it)."""
     preset, tm, fm, variables, task = twins(name)
     tb, fb = task.parity.batches(preset, 20, 8 if name not in SLOW else 2, seed=1)
-    lr = TRAJECTORY_LR.get(name, (preset.train["lr"], ""))[0]
+    lr = trajectory_lr(name, 20)
     flips = 0 if float64 else relu_flips(name, tm, fm, variables, tb[0], fb[0])
     xfail_if = (lambda err: f"{flips} ReLU pre-activations at step 0 tie at the kink ({RELU_TIES[name]}) "
                             f"and send the float32 trajectories apart (loss rel err {err:.2e})") if flips else None

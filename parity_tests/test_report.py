@@ -224,3 +224,14 @@ def test_an_activation_as_wide_as_it_is_deep_is_compared_in_the_right_layout():
     assert _diff("init_conv", ref, ref.transpose(0, 2, 3, 1), 2e-6).rel == 0.0
     assert _diff("channels_last", ref, ref.copy(), 2e-6).rel == 0.0
     assert _diff("wrong", ref, ref[::-1].copy(), 2e-6).over
+
+
+def test_a_full_size_trajectory_steps_at_the_rate_its_recipe_warms_up_to():
+    """Small presets keep their recipe's peak rate; a full-size one whose warm-up outlasts the
+    trajectory holds the rate that warm-up reaches at the trajectory's last step."""
+    assert report.trajectory_lr("vit-digits", 100) == 1e-3
+    assert report.trajectory_lr("caption-scenes", 100) == 1e-3          # small: its 200 warm-up steps do not apply
+    assert report.trajectory_lr("vit-b16", 100) == pytest.approx(3e-4 * 100 / 10_000)
+    assert report.trajectory_lr("swin-t", 20) == pytest.approx(1e-3 * 20 / 25_000)
+    assert report.trajectory_lr("clip-b16", 20) == pytest.approx(5e-4 * 20 / 2000)
+    assert report.trajectory_lr("ddpm-cifar10", 100) == 2e-4            # no warm-up
