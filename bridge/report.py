@@ -293,8 +293,9 @@ def plot(result: PresetResult, path: str) -> str:
 
 
 def earlier(out: str, steps: int) -> dict[str, PresetResult]:
-    """The presets OUT/report.json holds that were measured with `steps` steps, the current
-    tolerances and no error (what `--resume` keeps); {} without a readable report."""
+    """The presets OUT/report.json holds that were measured with `steps` steps at the current
+    `trajectory_lr`, the current tolerances and no error (what `--resume` keeps); {} without a
+    readable report."""
     try:
         with open(os.path.join(out, "report.json")) as f:
             rows = json.load(f)["presets"]
@@ -310,7 +311,11 @@ def earlier(out: str, steps: int) -> dict[str, PresetResult]:
                                 for k, v in row.items() if k in fields})
         except TypeError:
             continue
-        if r.steps == steps and r.error is None and r.tolerances == tolerances():
+        try:
+            same_rate = r.lr == trajectory_lr(r.preset, steps)
+        except KeyError:    # a preset no longer defined
+            continue
+        if r.steps == steps and r.error is None and r.tolerances == tolerances() and same_rate:
             kept[r.preset] = r
     return kept
 

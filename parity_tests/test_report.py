@@ -95,8 +95,8 @@ def test_usage_errors(argv, message, capsys):
 
 
 def test_resume_keeps_what_an_earlier_report_holds_and_runs_the_rest(tmp_path, capsys, monkeypatch):
-    """`--resume` runs only the presets OUT/report.json lacks, or holds with an error or with
-    another number of steps; the table then holds every preset."""
+    """`--resume` runs only the presets OUT/report.json lacks, or holds with an error, another
+    number of steps or another learning rate; the table then holds every preset."""
     ran = []
 
     def check(name, steps, log=None):
@@ -115,6 +115,11 @@ def test_resume_keeps_what_an_earlier_report_holds_and_runs_the_rest(tmp_path, c
     assert table.count("| pass |") == 2 and "(1 kept from an earlier run" in table
     assert main(argv[:-4] + ["--steps", "4", "--out", str(tmp_path), "--resume"]) == 0
     assert ran[-2:] == [("vit-digits", 4), ("swin-digits", 4)]
+    data = json.loads((tmp_path / "report.json").read_text())
+    data["presets"][0]["lr"] = 3e-4                         # measured at another rate: run again
+    (tmp_path / "report.json").write_text(json.dumps(data))
+    assert main(argv[:-4] + ["--steps", "4", "--out", str(tmp_path), "--resume"]) == 0
+    assert ran[-1:] == [("vit-digits", 4)]
 
 
 def test_a_loss_over_tolerance_is_shown_beside_its_float64_run_and_its_rounding_control():
