@@ -39,10 +39,11 @@ def trajectory_lr(name: str, steps: int) -> float:
     reaches at the trajectory's last step (peak x steps / warmup_steps; `vit-b16`: 3e-4 x 100 /
     10,000 = 3e-6), held from the first step.
 
-    At their peak rates from step 0, on batches of 2 and without the warm-up, the full-size models
-    diverge (`vit-b16` at 3e-4: loss 6.89 -> 7.64 over 100 steps, past ln 1000; `clip-b16` at
-    5e-4: 0.7 -> 5.7, in float64 too), and a diverging run amplifies float32 rounding past any
-    tolerance. Their recipes never run at those rates that early."""
+    At their peak rates from step 0, on batches of 2 and without the warm-up, the large models'
+    training amplifies float32 rounding step after step: `vit-b16` at 3e-4, its losses swinging
+    from 5.7 to 9.1 (chance is ln 1000 = 6.9), had its float32 twins 1e-7 apart at step 10, 6e-6 at
+    step 70 and 1.1e-4 at step 93, their float64 runs 1.5e-13; `clip-b16` at 5e-4 diverged (loss
+    0.7 -> 5.7, in float64 too). Their recipes never run at those rates that early."""
     from twin_models.presets import get_preset
 
     train = get_preset(name).train
