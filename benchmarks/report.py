@@ -134,7 +134,6 @@ def plot(records: list[dict], path: str, info: dict):
             ax.set_xlim(10 ** math.floor(math.log10(min(speeds) / 2)), 10 ** math.ceil(math.log10(max(speeds) * 1.5)))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_yticks(range(len(labels)), labels, fontsize=8)
-        ax.invert_yaxis()
         ax.set_xlabel("examples / s (log scale, higher is better)")
         ax.set_title(f"{mode}  (right: XLA time / eager time)", fontsize=10)
         ax.grid(axis="x", which="both", alpha=0.3)
@@ -190,20 +189,20 @@ def plot_compare(rows: list[dict], path: str, title: str, before: str = "before"
             ys = [i + offset for i, lab in enumerate(labels) if by.get(lab, {}).get(key)]
             xs = [by[lab][key] for lab in labels if by.get(lab, {}).get(key)]
             ax.barh(ys, xs, height=0.4, color=color, label=name)
-            if key == "after":
-                for y, x in zip(ys, xs):
-                    ax.text(x + 0.02, y, f"{x:.2f}", va="center", fontsize=7)
+            for y, x in zip(ys, xs):
+                ax.text(x + 0.02, y, f"{x:.2f}", va="center", fontsize=7 if key == "after" else 6,
+                        color="black" if key == "after" else "#777777")
         ax.axvline(1.0, color="black", lw=1, label="even with eager")
         if goal:
             ax.axvline(goal, color="tab:green", ls=":", lw=1, label=f"goal {goal:g}")
         ax.set_yticks(range(len(labels)), labels, fontsize=8)
-        ax.invert_yaxis()
         ax.set_xlabel("XLA time / eager torch time (below 1: XLA faster)")
         ax.set_title(mode, fontsize=10)
         ax.grid(axis="x", alpha=0.3)
-    axes[0][0].legend(loc="lower right", fontsize=7)
+    axes[0][0].invert_yaxis()  # the axes share y: once puts the first preset on top in every panel
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path

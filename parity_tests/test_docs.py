@@ -44,6 +44,7 @@ pytestmark = pytest.mark.xdist_group(name="docs")
 
 ROOT = Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", ROOT / "benchmarks" / "RESULTS.md",
+         ROOT / "benchmarks" / "HISTORY.md",
          *sorted((ROOT / "docs").glob("*.md"))]
 SHELL_LANGS = {"bash", "sh", "shell", "console"}
 PYTHON_LANGS = {"python", "py"}
