@@ -288,3 +288,19 @@ def test_sincos2d_image_positions_start_alike_in_both_twins():
     init = np.asarray(fm.init(jax.random.key(0), x, q)["params"]["transformer"]["image_pos_embed"])
     np.testing.assert_array_equal(init, tm.transformer.image_pos_embed.detach().numpy())
     assert init.shape == (1, 16, 64) and abs(init.std() - 1.0) < 1e-5
+
+
+@pytest.mark.slow
+def test_cross_attention_layer_compiles_under_torch_compile():
+    """The modality mask once tripped inductor (`==` of two bool tensors: "A Boolean argument can
+    only be used in Eq and Ne"), so `python -m benchmarks --frameworks torch-compile` failed on
+    `mmt-vqa-scenes`; the compiled layer gives the eager layer's outputs."""
+    torch.manual_seed(0)
+    layer = tm_.MultimodalTransformerLayer(32, 4, dropout=0.0, cross_attention=True).eval()
+    x = torch.randn(3, 12, 32)
+    mask = torch.ones(3, 12, dtype=torch.bool)
+    mask[1, 5:8] = False
+    with torch.no_grad():
+        want = layer(x, mask, 8)
+        got = torch.compile(layer)(x, mask, 8)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)

@@ -25,8 +25,9 @@ PAD_ID = 0
 
 
 def modality_mask(num_text: int, num_image: int, device=None) -> torch.Tensor:
-    """(L, L) bool, True where query and key are of the same modality (blocked in `cross_attn`)."""
-    is_text = torch.arange(num_text + num_image, device=device) < num_text
+    """(L, L) bool, True where query and key are of the same modality (blocked in `cross_attn`).
+    Compared as integers: `torch.compile` (inductor, torch 2.13) fails on `==` of two bool tensors."""
+    is_text = (torch.arange(num_text + num_image, device=device) < num_text).to(torch.int32)
     return is_text[:, None] == is_text[None, :]
 
 
