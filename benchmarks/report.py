@@ -134,6 +134,7 @@ def plot(records: list[dict], path: str, info: dict):
             ax.set_xlim(10 ** math.floor(math.log10(min(speeds) / 2)), 10 ** math.ceil(math.log10(max(speeds) * 1.5)))
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_yticks(range(len(labels)), labels, fontsize=8)
+        ax.invert_yaxis()
         ax.set_xlabel("examples / s (log scale, higher is better)")
         ax.set_title(f"{mode}  (right: XLA time / eager time)", fontsize=10)
         ax.grid(axis="x", which="both", alpha=0.3)
